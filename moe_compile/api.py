@@ -1,0 +1,87 @@
+"""Python API: `build(...)` a checkpoint and `load(OUT)` the result to generate text."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .build import build
+from .errors import RequestError
+from .export.manifest import read_manifest
+from .runtime import BACKENDS, Sampling, Stats, generate
+
+
+@dataclasses.dataclass
+class Generation:
+    token_ids: list[int]  # the new tokens only (an EOS that stopped it is kept)
+    text: str | None  # decoded new tokens, where the build has a tokenizer
+
+
+class CompiledModel:
+    def __init__(self, out: str | Path, backend: str = "ort"):
+        self.out = Path(out)
+        self.manifest = read_manifest(self.out)
+        if backend not in BACKENDS:
+            raise RequestError(f"unknown backend '{backend}'; choose one of {', '.join(sorted(BACKENDS))}")
+        self.backend = BACKENDS[backend](self.out, self.manifest).activate()
+        self.tokenizer = None
+        if self.manifest.tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.out / "tokenizer")
+        self.last_stats: Stats | None = None
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"{self.out} has no tokenizer: give prompts as token ids")
+            if not prompt:
+                raise RequestError("empty prompt: give some text")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.manifest.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary 0..{self.manifest.vocab_size - 1}")
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str | None:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        stream: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        """Generate for prompts of any lengths (batched up to the build's max_batch at a time).
+        `stream(prompt_index, token_id)` is called for each token as it is produced."""
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encoded = [self.encode(p) for p in prompts]
+        eos = self.manifest.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        )
+        results: list[list[int]] = []
+        size = self.manifest.max_batch
+        for first in range(0, len(encoded), size):
+            on_token = (lambda row, tok, base=first: stream(base + row, tok)) if stream else None
+            tokens, self.last_stats = generate(
+                self.backend, encoded[first : first + size], max_new_tokens, sampling, eos, self.manifest.pad_token_id, on_token
+            )
+            results += tokens
+        return [Generation(ids, self.decode(ids)) for ids in results]
+
+
+def load(out: str | Path, backend: str = "ort") -> CompiledModel:
+    return CompiledModel(out, backend)
+
+
+__all__ = ["CompiledModel", "Generation", "build", "load"]

@@ -1,0 +1,177 @@
+"""`build`: checkpoint -> OUT/{model.onnx, manifest.json, program.pt2, tokenizer/}.
+
+Stages: load, capture, passes, export, check. OUT is written atomically: everything goes to a
+temporary sibling directory that replaces OUT only once complete, so a failed or interrupted
+build leaves no half-written OUT and a previous good build stays until the new one is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .capture import capture
+from .capture.trace import MIN_MAX_SEQ, sample_inputs
+from .errors import ArtifactError, MoeCompileError, RequestError
+from .export.manifest import MANIFEST, ONNX_FILE, Manifest, io_signature, tool_versions
+from .export.onnx_export import IR_VERSION, OPSET, export_onnx
+from .models.loading import DTYPES, load_model, read_family, resolve_checkpoint
+from .passes import LOWERINGS, PassManager, lowering_pipeline
+from .passes.auto import DEFAULT_THRESHOLD
+from .runtime.torch_backend import PROGRAM_FILE
+
+log = logging.getLogger("moe_compile")
+
+
+def build(
+    model: str,
+    out: str | Path,
+    dtype: str = "fp32",
+    lowering: str = "auto",
+    max_batch: int = 8,
+    max_seq: int = 2048,
+    auto_threshold: int = DEFAULT_THRESHOLD,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
+    out = Path(out)
+    check_request(out, dtype, lowering, max_batch, max_seq)
+    stages = _Stages(progress)
+    with stages("load"):
+        path = resolve_checkpoint(model)
+        _, family = read_family(path)
+        torch_model = load_model(path, dtype, trust_remote_code)
+    with stages("capture"):
+        captured = capture(torch_model, max_batch, max_seq)
+    with stages("passes"):
+        program, _ = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold).run(captured.program)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        with stages("export"):
+            export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE)
+            torch.export.save(program, str(tmp / PROGRAM_FILE))
+            has_tokenizer = save_tokenizer(path, tmp / "tokenizer", trust_remote_code)
+        inputs, outputs = io_signature(tmp / ONNX_FILE)
+        config = torch_model.config
+        eos = torch_model.generation_config.eos_token_id
+        eos = eos if eos is not None else config.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = torch_model.generation_config.pad_token_id
+        manifest = Manifest(
+            family={
+                "model_type": family.model_type,
+                "routing": family.routing.value,
+                "renormalize": family.renormalize(config),
+                "attention": family.attention,
+                "shared_expert": family.shared_expert,
+            },
+            source=model,
+            dtype=dtype,
+            lowering=lowering,
+            auto_threshold=auto_threshold,
+            layers={name: lowering for name in captured.moe_layers},
+            max_batch=max_batch,
+            max_seq=max_seq,
+            vocab_size=config.vocab_size,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad if pad is not None else (eos_ids[0] if eos_ids else 0),
+            kv={"layout": "past_present_concat", "axes": ["batch_size", "kv_heads", "sequence", "head_dim"],
+                "num_layers": len(captured.kv_shapes), "layers": [list(map(list, s)) for s in captured.kv_shapes]},
+            inputs=inputs,
+            outputs=outputs,
+            opset=OPSET,
+            ir_version=IR_VERSION,
+            files=sorted(p.name for p in tmp.iterdir() if p.is_file()),
+            tokenizer=has_tokenizer,
+            tool_versions=tool_versions(),
+        )
+        manifest.write(tmp)
+        with stages("check"):
+            check_build(tmp, manifest, program, captured)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq: int) -> None:
+    """Refuse bad arguments before any work."""
+    if dtype not in DTYPES:
+        raise RequestError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if lowering not in LOWERINGS:
+        raise RequestError(f"unknown lowering '{lowering}'; choose one of {', '.join(LOWERINGS)}")
+    if max_batch < 1:
+        raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_seq < MIN_MAX_SEQ:
+        raise RequestError(f"--max-seq must be >= {MIN_MAX_SEQ}, got {max_seq}")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ArtifactError(f"'{out}' exists and is not a previous moe-compile build; choose another -o")
+
+
+def check_build(out: Path, manifest: Manifest, program, captured) -> None:
+    """One sample step through ONNX Runtime against the lowered torch program."""
+    from .runtime.ort_backend import OrtBackend
+
+    args = sample_inputs(captured.kv_shapes, captured.dtype, 1, 3, 2, manifest.vocab_size)
+    with torch.no_grad():
+        expected = program.module(check_guards=False)(*args)[0].numpy()
+    backend = OrtBackend(out, manifest).activate()
+    feeds = {name: a.numpy() for name, a in zip(captured.input_names[:3], args[:3])}
+    if manifest.dtype != "bf16":  # numpy cannot carry bf16 feeds; bf16 is checked by the tests
+        feeds.update({n: a.numpy() for n, a in zip(captured.input_names[3:], args[3:])})
+        got = backend.session.run(["logits"], feeds)[0]
+        scale = max(float(np.abs(expected).max()), 1e-6)
+        error = float(np.abs(got - expected).max()) / scale
+        tolerance = 1e-4 if manifest.dtype == "fp32" else 5e-2
+        if error > tolerance:
+            raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program by {error:.2e} (relative)")
+
+
+def save_tokenizer(checkpoint: Path, target: Path, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return False
+    tokenizer.save_pretrained(target)
+    return True
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Swap `new` in as `out`; the old `out` is removed only after the swap succeeded."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Stages:
+    """Per-stage progress: a spinner while a stage runs, one line with its time when it ends."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True) if enabled else None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        if self.console is None:
+            yield
+            return
+        with self.console.status(f"[bold]{name}[/bold] ..."):
+            yield
+        self.console.print(f"[green]✓[/green] {name:<8} {time.perf_counter() - start:6.1f} s")

@@ -1,0 +1,88 @@
+"""The decoder step with explicit KV tensors: what `torch.export` captures.
+
+    input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
+    past_key_values.{i}.key/value [B, kv_heads, P, head_dim]
+        -> logits [B, S, V] (fp32), present.{i}.key/value [B, kv_heads, P+S, head_dim]
+
+`present = concat(past, new)`: the portable KV form every runtime reads. The additive attention
+mask is built here from the 2D padding mask rather than by transformers' mask helpers, whose
+fast paths branch on data; a padded query row may attend to itself so that no row is fully
+masked (a fully masked row gives NaN in fp16, and NaN in a padded slot of the cache would leak
+into later steps through 0 * NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..errors import UnsupportedModelError
+
+
+class _ConcatLayer(DynamicLayer):
+    """A DynamicLayer whose length is read from the shape alone: `numel() == 0` would be a
+    data-dependent branch under export."""
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """optimum's KV naming: `past_key_values.{i}.key/value` in, `present.{i}.key/value` out."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return past, present
+
+
+def kv_shapes(model: torch.nn.Module) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per layer ((kv_heads, key_dim), (kv_heads, value_dim)), read off one eager step: no config
+    field guessing, and families whose K and V differ (latent attention) need nothing special."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    shapes = []
+    for layer in out.past_key_values.layers:
+        k, v = layer.keys, layer.values
+        shapes.append(((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])))
+    return shapes
+
+
+def check_attention(config) -> None:
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types:
+        raise UnsupportedModelError(
+            f"{config.model_type}: sliding-window attention layers are not supported yet (use_sliding_window)"
+        )
+
+
+class DecoderStep(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        check_attention(model.config)
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = Cache(layers=[_ConcatLayer() for _ in range(self.num_layers)])
+        for i, layer in enumerate(cache.layers):
+            layer.update(past[2 * i], past[2 * i + 1])
+        mask = additive_mask(attention_mask, past[0].shape[-2], input_ids.shape[1], self.model.dtype)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        # Logits leave in fp32 whatever the model dtype: the host samples from them (numpy has no bf16).
+        return (out.logits.float(), *present)
+
+
+def additive_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, S, P+S]: 0 where query i may attend key j (causal, not padding, or itself), else min."""
+    query = torch.arange(new, device=attention_mask.device) + past
+    key = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = key[None, :] <= query[:, None]
+    visible = attention_mask[:, None, None, :].bool() | (key[None, :] == query[:, None])
+    allowed = causal[None, None] & visible
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,74 @@
+"""Capture the decoder step with `torch.export`, dynamic in batch, new tokens and past length."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from .decoder_step import DecoderStep, kv_names, kv_shapes
+from .experts_op import traceable
+
+INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
+# Sample sizes for tracing: none may be 0 or 1 (export specialises those), all distinct.
+_SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST = 2, 3, 5
+MIN_MAX_SEQ = _SAMPLE_NEW + _SAMPLE_PAST
+
+
+@dataclasses.dataclass
+class Captured:
+    program: ExportedProgram
+    input_names: list[str]
+    output_names: list[str]
+    kv_shapes: list  # per layer ((heads, key_dim), (heads, value_dim))
+    moe_layers: list[str]  # qualified names of the experts modules routed through the op
+    max_batch: int
+    max_seq: int
+
+    def sample_inputs(self, batch: int = _SAMPLE_BATCH, new: int = _SAMPLE_NEW, past: int = _SAMPLE_PAST):
+        return sample_inputs(self.kv_shapes, self.dtype, batch, new, past)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(t.dtype for t in self.program.state_dict.values() if t.is_floating_point())
+
+
+def sample_inputs(shapes, dtype, batch, new, past, vocab: int = 2):
+    input_ids = torch.randint(0, vocab, (batch, new))
+    attention_mask = torch.ones(batch, past + new, dtype=torch.long)
+    position_ids = (torch.arange(new) + past).expand(batch, new).contiguous()
+    kv = []
+    for (kh, kd), (vh, vd) in shapes:
+        kv += [torch.randn(batch, kh, past, kd).to(dtype), torch.randn(batch, vh, past, vd).to(dtype)]
+    return (input_ids, attention_mask, position_ids, *kv)
+
+
+def capture(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
+    """Export the model's decoder step. Sizes up to max_batch/max_seq are served by the graph."""
+    shapes = kv_shapes(model)
+    past_names, present_names = kv_names(len(shapes))
+    # Export needs ranges that admit the traced sample; the runtime enforces the real bounds.
+    batch = Dim("batch_size", min=1, max=max(max_batch, _SAMPLE_BATCH))
+    new = Dim("sequence_length", min=1, max=max_seq)
+    past = Dim("past_sequence_length", min=0, max=max_seq - 1)
+    # The mask spans past + new; derived dims can only be `a*x + b` of one dim, so it gets its own.
+    # Its bound is one above max_seq: the solver reasons about it apart from past and new.
+    total = Dim("total_sequence_length", min=1, max=max_seq + 1)
+    # The last entry covers DecoderStep's *past varargs.
+    dynamic = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new}, ({0: batch, 2: past},) * len(past_names))
+    args = sample_inputs(shapes, model.dtype, _SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST, model.config.vocab_size)
+    step = DecoderStep(model)
+    with traceable(model) as modules, torch.no_grad():
+        # Size-oblivious reasoning keeps 0 (empty past) and 1 (one new token, batch 1) in range.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
+    return Captured(
+        program=program,
+        input_names=INPUT_NAMES + past_names,
+        output_names=["logits"] + present_names,
+        kv_shapes=shapes,
+        moe_layers=list(modules),
+        max_batch=max_batch,
+        max_seq=max_seq,
+    )

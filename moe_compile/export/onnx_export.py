@@ -1,0 +1,83 @@
+"""FX -> ONNX through torch.onnx (dynamo path), then small clean-ups on the ONNX IR:
+readable dimension names and an IR version every target runtime reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import MoeCompileError
+
+OPSET = 18
+# onnxruntime 1.30 and TensorRT's parser both read IR 10 (ONNX 1.16); newer writers default higher.
+IR_VERSION = 10
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a file at 2 GB; split well before it
+DIM_NAMES = {  # (input, axis) -> symbolic dimension name in the ONNX file
+    ("input_ids", 0): "batch_size",
+    ("input_ids", 1): "sequence_length",
+    ("attention_mask", 1): "total_sequence_length",
+    ("past_key_values.0.key", 2): "past_sequence_length",
+}
+
+
+def export_onnx(program: ExportedProgram, input_names: list[str], output_names: list[str], path: Path) -> Path:
+    """Write `path` (plus `path.data` when the weights exceed 1 GB) and check it."""
+    args = tuple(spec.arg for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT")
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    user_inputs = [placeholders[a.name].meta["val"] for a in args]
+    try:
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as exc:
+        raise MoeCompileError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
+    model = onnx_program.model
+    rename_dims(model, symbol_names(dict(zip(input_names, user_inputs))))
+    model.ir_version = IR_VERSION
+    weight_bytes = sum(t.nbytes for t in program.state_dict.values()) + sum(
+        t.nbytes for t in program.constants.values() if isinstance(t, torch.Tensor)
+    )
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    onnx_program.save(path, external_data=external)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def symbol_names(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Map torch's shape symbols (s26, ...) to the names in DIM_NAMES."""
+    names = {}
+    for (input_name, axis), name in DIM_NAMES.items():
+        if input_name in inputs:
+            names[str(inputs[input_name].shape[axis])] = name
+    return names
+
+
+def rename_dims(model: ir.Model, names: dict[str, str]) -> None:
+    """Rewrite every symbolic dim (inputs, outputs, intermediate values, subgraphs)."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
+
+    def rename(dim):
+        if isinstance(dim, ir.SymbolicDim) and dim.value and pattern:
+            return ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], dim.value))
+        return dim
+
+    def fix(value: ir.Value) -> None:
+        if value.shape is not None:
+            value.shape = ir.Shape([rename(d) for d in value.shape])
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        fix(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            fix(value)

@@ -1,0 +1,120 @@
+"""Embedded models: configs shipped in the package, materialised on first use as ordinary HF
+checkpoint directories (random weights from a fixed seed, safetensors, a small byte-level BPE
+tokenizer) so that every later step goes through the real loading code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .spec import FAMILIES
+
+SEED = 0
+
+# name -> (config fields, tokenizer vocabulary size)
+_DEMO = dict(
+    model_type="qwen2_moe",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=256,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=False,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+# The CPU benchmark model (issue 3): the shape llama.cpp and the other peers are measured on.
+_BENCH = dict(
+    model_type="qwen2_moe",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=1024,
+    num_experts=32,
+    num_experts_per_tok=4,
+    norm_topk_prob=False,
+    max_position_embeddings=4096,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+)
+
+EMBEDDED: dict[str, dict] = {"qwen2-moe-demo": _DEMO, "qwen2-moe-bench": _BENCH}
+EMBEDDED.update({f"tiny-{name.replace('_', '-')}": spec.tiny_config for name, spec in FAMILIES.items()})
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOE_COMPILE_CACHE") or Path.home() / ".cache" / "moe-compile"
+    return Path(root) / "embedded"
+
+
+def materialize(name: str) -> Path:
+    """Create the embedded checkpoint once (atomically) and return its directory."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        write_checkpoint(EMBEDDED[name], tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: its copy is identical
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_checkpoint(fields: dict, out: Path, seed: int = SEED) -> None:
+    """Save a random-weight model of this config plus a tokenizer as a HF checkpoint directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(fields)
+    tokenizer = build_tokenizer(min(fields["vocab_size"], 1024))
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    fields.setdefault("eos_token_id", eos)
+    fields.setdefault("bos_token_id", eos)
+    fields.setdefault("pad_token_id", eos)
+    config = AutoConfig.for_model(**fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = fields["eos_token_id"]
+    model.generation_config.pad_token_id = fields["pad_token_id"]
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on a small text shipped with the package: any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = resources.files(__package__).joinpath("corpus.txt").read_text().splitlines()
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)

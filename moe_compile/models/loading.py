@@ -1,0 +1,96 @@
+"""Resolve a model argument (embedded name, local directory, hub id) and load it safely.
+
+Safety: weights load from safetensors only and `trust_remote_code` stays off unless the user asks;
+the architecture is checked against the family registry from `config.json` before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .embedded import EMBEDDED, materialize
+from .spec import FamilySpec, family_for
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+
+
+def resolve_checkpoint(source: str) -> Path:
+    """Return a local checkpoint directory for an embedded name, a local path or a hub id."""
+    if source in EMBEDDED:
+        return materialize(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"'{source}' is a directory without config.json: not a HF checkpoint")
+        return path
+    if path.exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"'{source}' is not a checkpoint directory, a hub id (org/name) or an embedded model "
+            f"({', '.join(sorted(EMBEDDED))})"
+        )
+    return _download(source)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot fetch '{repo_id}' from the Hugging Face Hub ({reason[:160]}); "
+            "if you have it on disk, pass the local checkpoint directory instead"
+        ) from None
+
+
+def read_family(path: Path) -> tuple[dict, FamilySpec]:
+    """Read config.json as plain JSON (no code runs) and find its family, or raise naming it."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {exc}") from None
+    model_type = config.get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{path / 'config.json'} has no model_type")
+    return config, family_for(model_type)
+
+
+def check_weights_are_safe(path: Path, trust_remote_code: bool) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
+    if pickles and not trust_remote_code:
+        raise CheckpointError(
+            f"{path} has only pickle weights ({pickles[0]}): loading them could run code from the checkpoint; "
+            "convert them to safetensors, or pass --trust-remote-code if you trust this checkpoint"
+        )
+    if not pickles:
+        raise CheckpointError(f"{path} has no weights (*.safetensors)")
+
+
+def load_model(path: Path, dtype: str = "fp32", trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
+    """Load a causal LM from a resolved checkpoint directory in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    read_family(path)
+    check_weights_are_safe(path, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=DTYPES[dtype],
+            use_safetensors=not trust_remote_code,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()

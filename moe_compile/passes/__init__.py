@@ -1,0 +1,14 @@
+"""FX passes over the captured program. Importing the modules registers the passes."""
+
+from . import auto, dense, gather  # noqa: F401
+from .base import PASSES, PassManager, PassResult, data_dependent_nodes, list_passes
+
+LOWERINGS = ("auto", "gather", "dense")
+
+
+def lowering_pipeline(lowering: str) -> list[str]:
+    """The ordered pass list for a lowering choice (more passes join here, ordered by need)."""
+    return [lowering]
+
+
+__all__ = ["LOWERINGS", "PASSES", "PassManager", "PassResult", "data_dependent_nodes", "list_passes", "lowering_pipeline"]

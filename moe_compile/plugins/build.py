@@ -1,0 +1,109 @@
+"""Build the fused-MoE kernels into one shared library with nvcc (no torch, no TensorRT headers).
+
+    python -m moe_compile.plugins.build [--arch 80,86,89,90] [--out DIR] [--jobs N] [--force]
+
+Writes ``libmoe_compile_kernels.so`` into ``moe_compile/plugins/_build/`` (or ``--out`` /
+``$MOE_COMPILE_KERNELS_DIR``). Each ``.cu`` compiles to an object in parallel; a stamp of the
+sources and flags skips rebuilds that would change nothing. CUDA's runtime is linked statically,
+so the library needs only the driver where it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+DEFAULT_ARCHS = ("80", "86", "89", "90")
+LIBRARY_NAME = "libmoe_compile_kernels.so"
+NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo")
+
+
+class BuildError(RuntimeError):
+    """nvcc is missing or failed; the message carries its output."""
+
+
+def default_build_dir() -> Path:
+    env = os.environ.get("MOE_COMPILE_KERNELS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent / "_build"
+
+
+def find_nvcc() -> str | None:
+    for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    # SASS for each listed arch, plus PTX of the newest so later GPUs can JIT it.
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
+
+
+def _stamp(nvcc: str, archs: tuple[str, ...]) -> str:
+    digest = hashlib.sha256(" ".join((nvcc, *archs, *NVCC_FLAGS)).encode())
+    for path in sorted(SOURCE_DIR.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+
+
+def build(out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS, jobs: int | None = None,
+          force: bool = False, verbose: bool = False) -> Path:
+    """Compile (if needed) and return the path of the shared library."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
+    out_dir = Path(out_dir) if out_dir else default_build_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    library, stamp_file = out_dir / LIBRARY_NAME, out_dir / "stamp"
+    stamp = _stamp(nvcc, archs)
+    if not force and library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        return library
+
+    sources = sorted(SOURCE_DIR.glob("*.cu"))
+    objects = [out_dir / (src.stem + ".o") for src in sources]
+    arch_flags = _gencode_flags(archs)
+    commands = [[nvcc, *NVCC_FLAGS, *arch_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects)]
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        for cmd in commands:
+            if verbose:
+                print(" ".join(cmd), flush=True)
+        list(pool.map(_run, commands))
+    _run([nvcc, "-shared", *arch_flags, *map(str, objects), "-o", str(library)])
+    stamp_file.write_text(stamp)
+    return library
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS), help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: %(default)s -> _build/)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.out, tuple(args.arch.split(",")), args.jobs, args.force, args.verbose)
+    except BuildError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

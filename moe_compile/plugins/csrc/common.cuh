@@ -1,0 +1,64 @@
+// Small device helpers shared by the kernels: element types, 16-byte vectors, warp reductions.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace moe {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// 16 bytes of T: the unit every streaming kernel loads (one LDG.128 per lane).
+template <typename T> struct Vec {
+  static constexpr int kElems = 16 / sizeof(T);
+  uint4 raw;
+  __device__ __forceinline__ float get(int i) const {
+    return to_float(reinterpret_cast<const T*>(&raw)[i]);
+  }
+};
+
+template <typename T> __device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  v.raw = *reinterpret_cast<const uint4*>(p);
+  return v;
+}
+
+// Weights are read exactly once per launch: don't let them evict reused activations from L1.
+template <typename T> __device__ __forceinline__ Vec<T> load_vec_stream(const T* p) {
+  Vec<T> v;
+  v.raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  return v;
+}
+
+template <typename T> __device__ __forceinline__ float dot_vec(const Vec<T>& a, const Vec<T>& b) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kElems; ++i) s = fmaf(a.get(i), b.get(i), s);
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float silu_mul(float gate, float up) {
+  return gate / (1.f + __expf(-gate)) * up;
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace moe

@@ -1,0 +1,202 @@
+// Decode path (T <= kDecodeMaxTokens): GEMV kernels that stream each selected expert's weights
+// exactly once, whatever number of tokens chose it.
+//   gate_up: block (expert tile, 8 output columns), warp = one gate row + its up row, all the
+//            expert's tokens at once                                   -> act [P, I]
+//   down+sum: block = 4 rows of H over every active expert; warps take (expert, 2 rows) items,
+//            weight by the routing weight, sum per token in a fixed order -> out [T, H]
+#include "common.cuh"
+#include "kernels.h"
+
+namespace moe {
+
+constexpr int kDecodeWarps = 8;
+constexpr int kCols = 1;      // gate_up: output columns per warp (measured: 2 halves the warps and
+                              // lost 20-40% at T=1 on the H100)
+constexpr int kDownRows = 4;  // down: rows of H per block
+constexpr int kRowsPerItem = 2;  // down: rows of H per warp work item (shares each act load)
+
+// 16-byte weight loads in flight per lane per row before the first use: at T=1 a whole 2048-wide
+// row per warp in one round trip; fewer with more tokens so everything stays in registers.
+template <int NMAX> __host__ __device__ constexpr int unroll() { return NMAX == 1 ? 8 : NMAX <= 8 ? 4 : 2; }
+
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kDecodeWarps* kWarp)
+    decode_gate_up_kernel(Problem p, const T* __restrict__ x, const T* __restrict__ w, Workspace ws) {
+  constexpr int V = Vec<T>::kElems, U = unroll<NMAX>(), R = 2 * kCols;
+  if ((int)blockIdx.x >= *ws.num_tiles) return;
+  const int e = ws.tile_expert[blockIdx.x];
+  const int row0 = ws.expert_offsets[e];
+  const int n = ws.expert_offsets[e + 1] - row0;
+  const int lane = threadIdx.x % kWarp;
+  const int j0 = (blockIdx.y * kDecodeWarps + threadIdx.x / kWarp) * kCols;
+  if (j0 >= p.I) return;  // I % 8 == 0, so j0 < I covers all kCols columns
+
+  const T* xs[NMAX];
+#pragma unroll
+  for (int s = 0; s < NMAX; ++s) xs[s] = x + (size_t)(ws.perm_entry[row0 + min(s, n - 1)] / p.K) * p.H;
+  const T* rows[R];  // gate rows j0.., then up rows I+j0..
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    rows[r] = w + ((size_t)e * 2 * p.I + (r < kCols ? j0 + r : p.I + j0 + r - kCols)) * p.H;
+
+  float acc[R][NMAX];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int s = 0; s < NMAX; ++s) acc[r][s] = 0.f;
+  for (int h0 = lane * V; h0 < p.H; h0 += kWarp * V * U) {
+    Vec<T> wv[U][R];
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int h = h0 + q * kWarp * V;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wv[q][r].raw = make_uint4(0, 0, 0, 0);
+        if (h < p.H) wv[q][r] = load_vec_stream(rows[r] + h);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int h = h0 + q * kWarp * V;
+      if (h >= p.H) break;
+#pragma unroll
+      for (int s = 0; s < NMAX; ++s) {
+        if (s < n) {
+          const Vec<T> xv = load_vec(xs[s] + h);
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r][s] += dot_vec(wv[q][r], xv);
+        }
+      }
+    }
+  }
+  T* act = static_cast<T*>(ws.act);
+#pragma unroll
+  for (int s = 0; s < NMAX; ++s) {
+    if (s < n) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float g = warp_sum(acc[c][s]), u = warp_sum(acc[kCols + c][s]);
+        if (lane == 0) act[(size_t)(row0 + s) * p.I + j0 + c] = from_float<T>(silu_mul(g, u));
+      }
+    }
+  }
+}
+
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kDecodeWarps* kWarp)
+    decode_down_sum_kernel(Problem p, const T* __restrict__ w, Workspace ws, T* __restrict__ out) {
+  constexpr int V = Vec<T>::kElems, U = unroll<NMAX>(), R = kRowsPerItem;
+  constexpr int kItemsPerTile = kDownRows / R;
+  __shared__ float partial[kDecodeWarps][kDownRows][NMAX];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int i = threadIdx.x; i < kDecodeWarps * kDownRows * NMAX; i += blockDim.x)
+    (&partial[0][0][0])[i] = 0.f;
+  __syncthreads();
+
+  const int h_base = blockIdx.x * kDownRows;
+  const int items = *ws.num_tiles * kItemsPerTile;
+  const T* act = static_cast<const T*>(ws.act);
+  for (int item = warp; item < items; item += kDecodeWarps) {
+    const int r0 = (item % kItemsPerTile) * R, h0 = h_base + r0;
+    if (h0 >= p.H) continue;  // H % 8 == 0: the item's R rows are all in range
+    const int e = ws.tile_expert[item / kItemsPerTile];
+    const int row0 = ws.expert_offsets[e];
+    const int n = ws.expert_offsets[e + 1] - row0;
+    const T* wrow = w + ((size_t)e * p.H + h0) * p.I;
+    float acc[R][NMAX];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int s = 0; s < NMAX; ++s) acc[r][s] = 0.f;
+    for (int i0 = lane * V; i0 < p.I; i0 += kWarp * V * U) {
+      Vec<T> wv[U][R];
+#pragma unroll
+      for (int q = 0; q < U; ++q) {
+        const int i = i0 + q * kWarp * V;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          wv[q][r].raw = make_uint4(0, 0, 0, 0);
+          if (i < p.I) wv[q][r] = load_vec_stream(wrow + (size_t)r * p.I + i);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < U; ++q) {
+        const int i = i0 + q * kWarp * V;
+        if (i >= p.I) break;
+#pragma unroll
+        for (int s = 0; s < NMAX; ++s) {
+          if (s < n) {
+            const Vec<T> av = load_vec(act + (size_t)(row0 + s) * p.I + i);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][s] += dot_vec(wv[q][r], av);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < NMAX; ++s) {
+      if (s < n) {
+        const int entry = ws.perm_entry[row0 + s];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float v = warp_sum(acc[r][s]);
+          if (lane == 0) partial[warp][r0 + r][entry / p.K] += ws.topk_w[entry] * v;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kDownRows * p.T; i += blockDim.x) {
+    const int r = i / p.T, t = i % p.T, h = h_base + r;
+    if (h >= p.H) continue;
+    float s = 0.f;
+    for (int wp = 0; wp < kDecodeWarps; ++wp) s += partial[wp][r][t];  // fixed order
+    out[(size_t)t * p.H + h] = from_float<T>(s);
+  }
+}
+
+template <typename T, int NMAX>
+void launch_decode(const Problem& p, const void* x, const void* w_gate_up, const void* w_down,
+                   const Workspace& ws, void* out, cudaStream_t s, bool gate_up) {
+  const int threads = kDecodeWarps * kWarp;
+  if (gate_up) {
+    const dim3 grid(min(p.E, p.P), ceil_div(p.I, kDecodeWarps * kCols));
+    decode_gate_up_kernel<T, NMAX><<<grid, threads, 0, s>>>(p, static_cast<const T*>(x),
+                                                            static_cast<const T*>(w_gate_up), ws);
+  } else {
+    decode_down_sum_kernel<T, NMAX><<<ceil_div(p.H, kDownRows), threads, 0, s>>>(
+        p, static_cast<const T*>(w_down), ws, static_cast<T*>(out));
+  }
+}
+
+// Smallest instantiated token capacity that holds T.
+template <typename T>
+void dispatch_tokens(const Problem& p, const void* x, const void* wgu, const void* wd,
+                     const Workspace& ws, void* out, cudaStream_t s, bool gate_up) {
+  if (p.T <= 1) launch_decode<T, 1>(p, x, wgu, wd, ws, out, s, gate_up);
+  else if (p.T <= 2) launch_decode<T, 2>(p, x, wgu, wd, ws, out, s, gate_up);
+  else if (p.T <= 4) launch_decode<T, 4>(p, x, wgu, wd, ws, out, s, gate_up);
+  else if (p.T <= 8) launch_decode<T, 8>(p, x, wgu, wd, ws, out, s, gate_up);
+  else launch_decode<T, kDecodeMaxTokens>(p, x, wgu, wd, ws, out, s, gate_up);
+}
+
+template <typename... Args>
+void dispatch_dtype(const Problem& p, Args... args) {
+  switch (p.dtype) {
+    case MOE_DTYPE_F32: dispatch_tokens<float>(p, args...); break;
+    case MOE_DTYPE_F16: dispatch_tokens<__half>(p, args...); break;
+    case MOE_DTYPE_BF16: dispatch_tokens<__nv_bfloat16>(p, args...); break;
+  }
+}
+
+void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up,
+                           const Workspace& ws, cudaStream_t s) {
+  dispatch_dtype(p, x, w_gate_up, (const void*)nullptr, ws, (void*)nullptr, s, true);
+}
+
+void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, void* out,
+                            cudaStream_t s) {
+  dispatch_dtype(p, (const void*)nullptr, (const void*)nullptr, w_down, ws, out, s, false);
+}
+
+}  // namespace moe

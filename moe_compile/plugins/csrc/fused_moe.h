@@ -1,0 +1,69 @@
+// C ABI of the fused MoE kernels: the one contract shared by the torch binding (ctypes) and,
+// later, the TensorRT plugin. Raw device pointers in, no allocation inside: the caller owns the
+// workspace, sized by moe_compile_workspace_size().
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { MOE_DTYPE_F32 = 0, MOE_DTYPE_F16 = 1, MOE_DTYPE_BF16 = 2 } moe_dtype;
+
+typedef enum {
+  // probs = softmax(logits); top-k by logit; weights = probs of the chosen (optionally renormalised)
+  MOE_ROUTING_SOFTMAX_TOPK = 0,
+  // DeepSeek-V3: scores = sigmoid(logits); choice = scores + bias; keep topk_group groups by the
+  // sum of each group's top-2 choice; top-k over kept experts by choice; weights = scores of the
+  // chosen, optionally renormalised
+  MOE_ROUTING_SIGMOID_GROUP_TOPK = 1,
+} moe_routing_kind;
+
+typedef struct {
+  int64_t num_tokens;    // T
+  int64_t hidden;        // H, multiple of 8
+  int64_t intermediate;  // I, multiple of 8
+  int64_t num_experts;   // E, <= 1024
+  int32_t dtype;         // moe_dtype of hidden, weights and output
+} moe_shape;
+
+typedef struct {
+  int32_t kind;                  // moe_routing_kind
+  int32_t top_k;                 // 1..32
+  int32_t renormalize;           // 0/1
+  int32_t n_group;               // sigmoid mode: groups (E % n_group == 0, <= 32); 1 = no grouping
+  int32_t topk_group;            // sigmoid mode: groups kept
+  float routed_scaling_factor;   // multiplies the final weights (1.0 = none)
+} moe_routing;
+
+enum {
+  MOE_OK = 0,
+  MOE_ERR_INVALID_ARGUMENT = 1,
+  MOE_ERR_WORKSPACE_TOO_SMALL = 2,
+  MOE_ERR_CUDA = 3,  // cudaGetLastError after a launch; see moe_compile_last_cuda_error()
+};
+
+// Bytes of workspace moe_compile_forward needs for this shape (256-byte aligned pieces).
+size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing);
+
+// out[T,H] = sum_k w_k * down_e(silu(gate_e x) * up_e x), e = the k-th routed expert.
+//   hidden [T,H], gate_up [E,2I,H] (rows 0..I-1 gate, I..2I-1 up), down [E,H,I]: dtype
+//   router_logits [T,E] float32; expert_bias [E] float32 or NULL (sigmoid mode only)
+// Deterministic: no float atomics; two runs give bitwise-identical outputs.
+int moe_compile_forward(const moe_shape* shape, const moe_routing* routing, const void* hidden,
+                        const float* router_logits, const float* expert_bias, const void* gate_up,
+                        const void* down, void* out, void* workspace, size_t workspace_bytes,
+                        void* cuda_stream);
+
+// Routing alone (the same kernel the forward uses): topk_ids [T,K] int32, topk_weights [T,K] f32.
+int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
+                      const float* router_logits, const float* expert_bias, int32_t* topk_ids,
+                      float* topk_weights, void* cuda_stream);
+
+// Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
+const char* moe_compile_status_string(int status);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,61 @@
+// Host-side launchers of the individual kernels, shared by launcher.cu. Internal: the public
+// contract is fused_moe.h.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "fused_moe.h"
+
+namespace moe {
+
+constexpr int kDecodeMaxTokens = 16;     // the GEMV kernels handle up to this many tokens
+constexpr int kDecodeDefaultTokens = 4;  // T at or below this takes them by default: measured on the
+                                         // H100, the grouped GEMM streams weights faster from T=8 on
+constexpr int kPermuteChunk = 256;    // routing entries per block in the prefill permutation
+
+struct Problem {
+  int T, H, I, E, K;
+  int P;  // T*K routed (token, expert) entries
+  moe_dtype dtype;
+  moe_routing routing;
+};
+
+// Views into the caller's workspace. Permuted row p (grouped by expert) holds routing entry
+// perm_entry[p] = t*K + k; entry_pos is the inverse map.
+struct Workspace {
+  int32_t* topk_ids;        // [P]
+  float* topk_w;            // [P]
+  int32_t* chunk_counts;    // [ceil(P/kPermuteChunk) * E]
+  int32_t* expert_offsets;  // [E+1] first permuted row of each expert
+  int32_t* tile_expert;     // [max_tiles] expert of each GEMM row tile
+  int32_t* tile_row;        // [max_tiles] first permuted row of each tile
+  int32_t* num_tiles;       // [1]
+  int32_t* perm_entry;      // [P]
+  int32_t* entry_pos;       // [P]
+  void* act;                // [P, I] silu(gate)*up, dtype
+  void* y;                  // [P, H] unweighted expert outputs, dtype (prefill only)
+};
+
+int max_tiles(const Problem& p, int tile_m);
+int gemm_tile_m(const Problem& p);
+
+void launch_route(const Problem& p, const float* logits, const float* bias, int32_t* ids,
+                  float* w, cudaStream_t s);
+// Decode: routing + permutation + tile table in one block.
+void launch_route_permute_small(const Problem& p, const float* logits, const float* bias,
+                                const Workspace& ws, int tile_m, cudaStream_t s);
+// Prefill: permutation + tile table from ws.topk_ids, three launches, no host sync.
+void launch_permute(const Problem& p, const Workspace& ws, int tile_m, cudaStream_t s);
+
+void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up,
+                           const Workspace& ws, cudaStream_t s);
+void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, void* out,
+                            cudaStream_t s);
+
+void launch_gemm_gate_up(const Problem& p, const void* x, const void* w_gate_up,
+                         const Workspace& ws, int tile_m, cudaStream_t s);
+void launch_gemm_down(const Problem& p, const void* w_down, const Workspace& ws, int tile_m,
+                      cudaStream_t s);
+void launch_unpermute(const Problem& p, const Workspace& ws, void* out, cudaStream_t s);
+
+}  // namespace moe

@@ -1,0 +1,179 @@
+// The C ABI (fused_moe.h): argument checks, workspace carving, and the choice of path.
+//
+//   router_logits [T,E] f32                 hidden [T,H]
+//        |                                      |
+//   route (warp/token) --> topk_ids, topk_w     |
+//        |                                      |
+//   permute: count | scan -> tile table | place (stable, no host sync)
+//        |                                      |
+//        +--- T <= 4 (decode; up to 16 by env) -----------------------------+
+//        |  route+permute fused in 1 block                                  |
+//        |  decode_gate_up: stream each chosen expert's [2I,H] once -> act  |
+//        |  decode_down_sum: stream [H,I] once, weight, sum per token -> out|
+//        |                                                                  |
+//        +--- otherwise (prefill) ------------------------------------------+
+//           gemm gate_up (rows gathered via perm_entry, silu*up epilogue) -> act [P,I]
+//           gemm down                                                     -> y   [P,H]
+//           unpermute: out[t] = sum_k w[t,k] y[pos(t,k)], fixed k order   -> out [T,H]
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace moe {
+
+// T at or below which the GEMV path runs: kDecodeDefaultTokens, or MOE_COMPILE_DECODE_MAX_TOKENS
+// (0..kDecodeMaxTokens; read per call, so that one process can sweep the crossover).
+int decode_max_tokens() {
+  const char* env = getenv("MOE_COMPILE_DECODE_MAX_TOKENS");
+  const int n = env ? atoi(env) : kDecodeDefaultTokens;
+  return n < 0 ? 0 : n > kDecodeMaxTokens ? kDecodeMaxTokens : n;
+}
+
+bool use_decode_path(const Problem& p) { return p.T <= decode_max_tokens(); }
+
+int gemm_tile_m(const Problem& p) {
+  if (use_decode_path(p)) return kDecodeMaxTokens;  // one tile per active expert
+  if (p.dtype == MOE_DTYPE_F32) return 64;
+  return p.P >= 256 * p.E ? 128 : 64;  // big tiles only when experts fill them
+}
+
+int max_tiles(const Problem& p, int tile_m) { return p.P / tile_m + (p.E < p.P ? p.E : p.P); }
+
+namespace {
+
+thread_local char g_cuda_error[256] = "";
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+size_t dtype_bytes(int d) { return d == MOE_DTYPE_F32 ? 4 : 2; }
+
+// Lays the pieces out from base (nullptr = only count bytes).
+size_t carve(const Problem& p, char* base, Workspace* ws) {
+  const int tile_m = gemm_tile_m(p);
+  const size_t chunks = ceil_div(p.P, kPermuteChunk);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = base ? base + off : nullptr;
+    off += align_up(bytes);
+    return ptr;
+  };
+  Workspace w;
+  w.topk_ids = reinterpret_cast<int32_t*>(take(4 * p.P));
+  w.topk_w = reinterpret_cast<float*>(take(4 * p.P));
+  w.chunk_counts = reinterpret_cast<int32_t*>(take(4 * chunks * p.E));
+  w.expert_offsets = reinterpret_cast<int32_t*>(take(4 * (p.E + 1)));
+  w.tile_expert = reinterpret_cast<int32_t*>(take(4 * max_tiles(p, tile_m)));
+  w.tile_row = reinterpret_cast<int32_t*>(take(4 * max_tiles(p, tile_m)));
+  w.num_tiles = reinterpret_cast<int32_t*>(take(4));
+  w.perm_entry = reinterpret_cast<int32_t*>(take(4 * p.P));
+  w.entry_pos = reinterpret_cast<int32_t*>(take(4 * p.P));
+  w.act = take(dtype_bytes(p.dtype) * p.P * p.I);
+  w.y = !use_decode_path(p) ? take(dtype_bytes(p.dtype) * p.P * p.H) : nullptr;
+  if (ws) *ws = w;
+  return off;
+}
+
+bool valid_routing(const moe_routing& r, int E) {
+  if (r.top_k < 1 || r.top_k > 32 || r.top_k > E) return false;
+  if (r.kind == MOE_ROUTING_SOFTMAX_TOPK) return true;
+  if (r.kind != MOE_ROUTING_SIGMOID_GROUP_TOPK) return false;
+  if (r.n_group < 1 || r.n_group > 32 || E % r.n_group) return false;
+  if (r.topk_group < 1 || r.topk_group > r.n_group) return false;
+  return r.top_k <= r.topk_group * (E / r.n_group);
+}
+
+// Checks arguments and fills the problem description; false = MOE_ERR_INVALID_ARGUMENT.
+bool make_problem(const moe_shape* s, const moe_routing* r, Problem* p) {
+  if (!s || !r) return false;
+  if (s->num_tokens < 0 || s->num_tokens * (int64_t)r->top_k > INT32_MAX) return false;
+  if (s->hidden < 8 || s->hidden % 8 || s->intermediate < 8 || s->intermediate % 8) return false;
+  if (s->hidden > INT32_MAX || s->intermediate > INT32_MAX) return false;
+  if (s->num_experts < 1 || s->num_experts > 1024) return false;
+  if (s->dtype != MOE_DTYPE_F32 && s->dtype != MOE_DTYPE_F16 && s->dtype != MOE_DTYPE_BF16) return false;
+  if (!valid_routing(*r, (int)s->num_experts)) return false;
+  p->T = (int)s->num_tokens;
+  p->H = (int)s->hidden;
+  p->I = (int)s->intermediate;
+  p->E = (int)s->num_experts;
+  p->K = r->top_k;
+  p->P = p->T * p->K;
+  p->dtype = static_cast<moe_dtype>(s->dtype);
+  p->routing = *r;
+  return true;
+}
+
+int check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return MOE_OK;
+  snprintf(g_cuda_error, sizeof g_cuda_error, "CUDA error: %s", cudaGetErrorString(err));
+  return MOE_ERR_CUDA;
+}
+
+}  // namespace
+}  // namespace moe
+
+using namespace moe;
+
+extern "C" size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing) {
+  Problem p;
+  if (!make_problem(shape, routing, &p)) return 0;
+  return carve(p, nullptr, nullptr);
+}
+
+extern "C" int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
+                                 const float* router_logits, const float* expert_bias,
+                                 int32_t* topk_ids, float* topk_weights, void* cuda_stream) {
+  Problem p;
+  if (!make_problem(shape, routing, &p)) return MOE_ERR_INVALID_ARGUMENT;
+  if (p.T == 0) return MOE_OK;
+  if (!router_logits || !topk_ids || !topk_weights) return MOE_ERR_INVALID_ARGUMENT;
+  launch_route(p, router_logits, expert_bias, topk_ids, topk_weights,
+               static_cast<cudaStream_t>(cuda_stream));
+  return check_launch();
+}
+
+extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* routing,
+                                   const void* hidden, const float* router_logits,
+                                   const float* expert_bias, const void* gate_up, const void* down,
+                                   void* out, void* workspace, size_t workspace_bytes,
+                                   void* cuda_stream) {
+  Problem p;
+  if (!make_problem(shape, routing, &p)) return MOE_ERR_INVALID_ARGUMENT;
+  if (p.T == 0) return MOE_OK;
+  if (!hidden || !router_logits || !gate_up || !down || !out || !workspace)
+    return MOE_ERR_INVALID_ARGUMENT;
+  if (workspace_bytes < carve(p, nullptr, nullptr)) return MOE_ERR_WORKSPACE_TOO_SMALL;
+  Workspace ws;
+  carve(p, static_cast<char*>(workspace), &ws);
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+  const int tile_m = gemm_tile_m(p);
+
+  if (use_decode_path(p)) {
+    launch_route_permute_small(p, router_logits, expert_bias, ws, tile_m, s);
+    launch_decode_gate_up(p, hidden, gate_up, ws, s);
+    launch_decode_down_sum(p, down, ws, out, s);
+  } else {
+    launch_route(p, router_logits, expert_bias, ws.topk_ids, ws.topk_w, s);
+    launch_permute(p, ws, tile_m, s);
+    launch_gemm_gate_up(p, hidden, gate_up, ws, tile_m, s);
+    launch_gemm_down(p, down, ws, tile_m, s);
+    launch_unpermute(p, ws, out, s);
+  }
+  return check_launch();
+}
+
+extern "C" const char* moe_compile_status_string(int status) {
+  switch (status) {
+    case MOE_OK: return "ok";
+    case MOE_ERR_INVALID_ARGUMENT:
+      return "invalid argument (H and I multiples of 8, 1 <= E <= 1024, 1 <= top_k <= min(32, E), "
+             "sigmoid mode: E % n_group == 0, n_group <= 32, topk_group <= n_group, "
+             "top_k <= topk_group * E / n_group; non-null pointers)";
+    case MOE_ERR_WORKSPACE_TOO_SMALL: return "workspace smaller than moe_compile_workspace_size()";
+    case MOE_ERR_CUDA: return g_cuda_error;
+    default: return "unknown status";
+  }
+}

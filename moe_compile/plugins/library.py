@@ -1,0 +1,120 @@
+"""ctypes view of the kernel library's C ABI (csrc/fused_moe.h). No torch here: pointers are ints.
+
+The TensorRT plugin will call the same four functions; keep this file a 1:1 mirror of the header.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_compile.plugins.build import LIBRARY_NAME, build, default_build_dir, find_nvcc
+
+
+class Dtype(enum.IntEnum):
+    F32 = 0
+    F16 = 1
+    BF16 = 2
+
+
+class RoutingKind(enum.IntEnum):
+    SOFTMAX_TOPK = 0
+    SIGMOID_GROUP_TOPK = 1
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    INVALID_ARGUMENT = 1
+    WORKSPACE_TOO_SMALL = 2
+    CUDA = 3
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("num_tokens", ctypes.c_int64), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("num_experts", ctypes.c_int64), ("dtype", ctypes.c_int32)]
+
+
+class _Routing(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("top_k", ctypes.c_int32), ("renormalize", ctypes.c_int32),
+                ("n_group", ctypes.c_int32), ("topk_group", ctypes.c_int32),
+                ("routed_scaling_factor", ctypes.c_float)]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How router logits become (expert ids, weights); mirrors ``moe_routing``."""
+
+    kind: RoutingKind = RoutingKind.SOFTMAX_TOPK
+    top_k: int = 2
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def as_c(self) -> _Routing:
+        return _Routing(int(self.kind), self.top_k, int(self.renormalize), self.n_group, self.topk_group,
+                        self.routed_scaling_factor)
+
+
+class KernelError(RuntimeError):
+    """A launcher call returned a non-OK status; the message is the library's own text."""
+
+
+def shape_c(num_tokens: int, hidden: int, intermediate: int, num_experts: int, dtype: Dtype) -> _Shape:
+    return _Shape(num_tokens, hidden, intermediate, num_experts, int(dtype))
+
+
+def library_path() -> Path:
+    env = os.environ.get("MOE_COMPILE_KERNELS_LIB")
+    return Path(env) if env else default_build_dir() / LIBRARY_NAME
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """Load the library, building it first when it is missing or stale (where nvcc exists)."""
+    path = library_path()
+    if not os.environ.get("MOE_COMPILE_KERNELS_LIB") and (find_nvcc() is not None or not path.exists()):
+        path = build()
+    lib = ctypes.CDLL(str(path))
+    p, vp = ctypes.POINTER, ctypes.c_void_p
+    lib.moe_compile_workspace_size.argtypes = [p(_Shape), p(_Routing)]
+    lib.moe_compile_workspace_size.restype = ctypes.c_size_t
+    lib.moe_compile_forward.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp, vp, vp, ctypes.c_size_t, vp]
+    lib.moe_compile_forward.restype = ctypes.c_int
+    lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
+    lib.moe_compile_route.restype = ctypes.c_int
+    lib.moe_compile_status_string.argtypes = [ctypes.c_int]
+    lib.moe_compile_status_string.restype = ctypes.c_char_p
+    return lib
+
+
+def check(status: int, what: str) -> None:
+    if status != Status.OK:
+        text = load().moe_compile_status_string(status).decode()
+        raise KernelError(f"{what}: {Status(status).name}: {text}")
+
+
+def workspace_size(shape: _Shape, routing: Routing) -> int:
+    """Workspace bytes for this shape; raises on arguments the kernels reject."""
+    size = load().moe_compile_workspace_size(ctypes.byref(shape), ctypes.byref(routing.as_c()))
+    if size == 0:
+        check(Status.INVALID_ARGUMENT, "moe_compile_workspace_size")
+    return size
+
+
+def forward(shape: _Shape, routing: Routing, hidden: int, logits: int, bias: int | None, gate_up: int, down: int,
+            out: int, workspace: int, workspace_bytes: int, stream: int) -> None:
+    status = load().moe_compile_forward(ctypes.byref(shape), ctypes.byref(routing.as_c()), hidden, logits, bias,
+                                        gate_up, down, out, workspace, workspace_bytes, stream)
+    check(status, "moe_compile_forward")
+
+
+def route(shape: _Shape, routing: Routing, logits: int, bias: int | None, ids: int, weights: int,
+          stream: int) -> None:
+    status = load().moe_compile_route(ctypes.byref(shape), ctypes.byref(routing.as_c()), logits, bias, ids,
+                                      weights, stream)
+    check(status, "moe_compile_route")

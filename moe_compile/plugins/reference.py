@@ -1,0 +1,60 @@
+"""Float64 reference of the fused MoE op, written for clarity (an expert loop), not speed.
+
+Routing selects exactly as the kernels do: stable descending order, so equal values go to the
+lower expert index; softmax mode ranks the logits themselves (same order as the probabilities).
+"""
+
+import torch
+
+from moe_compile.plugins.library import Routing, RoutingKind
+
+
+def _topk_stable(values: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route_reference(logits: torch.Tensor, routing: Routing,
+                    expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids [T,K] int64, weights [T,K] float64)."""
+    logits = logits.double()
+    if routing.kind == RoutingKind.SOFTMAX_TOPK:
+        ids = _topk_stable(logits, routing.top_k)
+        weights = torch.softmax(logits, dim=-1).gather(-1, ids)
+        if routing.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+    else:
+        scores = torch.sigmoid(logits)
+        choice = scores + (0 if expert_bias is None else expert_bias.double())
+        num_tokens, num_experts = choice.shape
+        grouped = choice.view(num_tokens, routing.n_group, num_experts // routing.n_group)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        kept = torch.zeros_like(group_score, dtype=torch.bool)
+        kept.scatter_(1, _topk_stable(group_score, routing.topk_group), True)
+        masked = choice.masked_fill(~kept.repeat_interleave(num_experts // routing.n_group, dim=1), float("-inf"))
+        ids = _topk_stable(masked, routing.top_k)
+        weights = scores.gather(-1, ids)
+        if routing.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * routing.routed_scaling_factor
+
+
+def experts_reference(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                      down_proj: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k weights[t,k] * down_e(silu(gate_e x) * up_e x), in float64."""
+    x = hidden.double()
+    out = torch.zeros_like(x)
+    intermediate = down_proj.shape[-1]
+    for e in torch.unique(ids).tolist():
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        gate_up = x[token] @ gate_up_proj[e].double().T
+        act = torch.nn.functional.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        y = act @ down_proj[e].double().T
+        out.index_add_(0, token, y * weights[token, slot].double().unsqueeze(-1))
+    return out
+
+
+def fused_moe_reference(hidden: torch.Tensor, logits: torch.Tensor, gate_up_proj: torch.Tensor,
+                        down_proj: torch.Tensor, routing: Routing,
+                        expert_bias: torch.Tensor | None = None) -> torch.Tensor:
+    ids, weights = route_reference(logits, routing, expert_bias)
+    return experts_reference(hidden, ids, weights, gate_up_proj, down_proj)

@@ -1,0 +1,8 @@
+"""Backends (ONNX Runtime, torch reference) and the shared decode loop."""
+
+from . import ort_backend, torch_backend  # noqa: F401  (register the backends)
+from .backend import BACKENDS, Backend
+from .generate import Stats, generate
+from .sampling import Sampling
+
+__all__ = ["BACKENDS", "Backend", "Sampling", "Stats", "generate"]

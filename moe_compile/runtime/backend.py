@@ -1,0 +1,81 @@
+"""One Backend interface: activate, reset the KV cache for a batch, run one decoder step.
+
+Subclasses write `_activate`, `_reset` and `_step`; the public methods check state and inputs
+(Polygraphy's runner template), so every backend rejects the same bad requests the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RequestError
+from ..export.manifest import Manifest
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+class Backend:
+    name: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            BACKENDS[cls.name] = cls
+
+    def __init__(self, out: Path, manifest: Manifest):
+        self.out, self.manifest = Path(out), manifest
+        self.active = False
+        self.batch = 0
+        self.length = 0  # tokens in the KV cache
+
+    def activate(self) -> Backend:
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def reset(self, batch: int) -> None:
+        """Start a new sequence batch with an empty KV cache."""
+        if not 1 <= batch <= self.manifest.max_batch:
+            raise RequestError(f"batch of {batch} is outside this build's 1..{self.manifest.max_batch} (--max-batch)")
+        self.activate()
+        self.batch, self.length = batch, 0
+        self._reset(batch)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Feed [B, S] new tokens; returns float32 logits [B, S, V] and extends the KV cache."""
+        batch, new = input_ids.shape
+        if batch != self.batch:
+            raise RequestError(f"step got batch {batch} but the cache was reset for {self.batch}")
+        if self.length + new > self.manifest.max_seq:
+            raise RequestError(
+                f"{self.length + new} tokens exceed this build's max_seq {self.manifest.max_seq}; "
+                "rebuild with a larger --max-seq"
+            )
+        if attention_mask.shape != (batch, self.length + new):
+            raise RequestError(f"attention_mask shape {attention_mask.shape} != {(batch, self.length + new)}")
+        logits = self._step(input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64))
+        self.length += new
+        return logits
+
+    def _activate(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self, batch: int) -> None:
+        raise NotImplementedError
+
+    def _step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        raise NotImplementedError
+
+    def kv_names(self) -> tuple[list[str], list[str]]:
+        past = [i["name"] for i in self.manifest.inputs if i["name"].startswith("past_key_values.")]
+        present = [o["name"] for o in self.manifest.outputs if o["name"].startswith("present.")]
+        return past, present
+
+    def empty_kv_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        shapes = []
+        for key, value in self.manifest.kv["layers"]:
+            shapes += [(batch, key[0], 0, key[1]), (batch, value[0], 0, value[1])]
+        return shapes

@@ -1,0 +1,89 @@
+"""The one decode loop every backend shares: left-padded batch prefill, then one token per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import RequestError
+from .backend import Backend
+from .sampling import Sampling, next_tokens
+
+
+@dataclasses.dataclass
+class Stats:
+    prefill_ms: float
+    decode_tokens_per_s: float  # all rows together
+    new_tokens: int
+
+
+def prefill(backend: Backend, prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad the prompts into one batch and run it; returns (last-position logits [B, V], mask)."""
+    length = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), length), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = prompt
+        mask[row, length - len(prompt) :] = 1
+    positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+    backend.reset(len(prompts))
+    return backend.step(ids, mask, positions)[:, -1], mask
+
+
+def decode_one(backend: Backend, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Feed one token per row; returns (logits [B, V], the extended mask)."""
+    mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+    positions = mask.sum(axis=1, keepdims=True) - 1
+    return backend.step(tokens[:, None], mask, positions)[:, -1], mask
+
+
+def generate(
+    backend: Backend,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_ids: list[int],
+    pad_id: int,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[int]], Stats]:
+    """New token ids per prompt (stopping after an EOS, which is kept), and timing."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise RequestError("empty prompt: give at least one token")
+    if max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > backend.manifest.max_seq:
+        raise RequestError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds this build's max_seq "
+            f"{backend.manifest.max_seq}; rebuild with a larger --max-seq or ask for fewer tokens"
+        )
+    rng = np.random.default_rng(sampling.seed)
+    history = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), dtype=bool)
+    start = time.perf_counter()
+    logits, mask = prefill(backend, prompts, pad_id)
+    prefill_s = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    steps = 0
+    while True:
+        tokens = next_tokens(logits, history, sampling, rng)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            outputs[row].append(token)
+            history[row].append(token)
+            if on_token:
+                on_token(row, token)
+            done[row] = token in eos_ids
+        if done.all() or max(len(o) for o in outputs) >= max_new_tokens:
+            break
+        tokens = np.where(done, pad_id, tokens)
+        logits, mask = decode_one(backend, tokens, mask)
+        steps += 1
+    decode_s = time.perf_counter() - decode_start
+    decoded = steps * len(prompts)
+    return outputs, Stats(prefill_s * 1e3, decoded / decode_s if decode_s > 0 and steps else 0.0, sum(map(len, outputs)))

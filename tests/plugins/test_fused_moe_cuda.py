@@ -1,0 +1,132 @@
+"""The fused MoE kernels against the float64 reference on a GPU.
+
+Per case: fresh random inputs; a quarter of the experts made unreachable (so some get no token);
+output and workspace poisoned before each run; every output element checked written; two runs
+bitwise identical; routing equal to the reference except at exact near-ties.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from moe_compile.plugins import library
+from moe_compile.plugins.library import Dtype, RoutingKind
+from moe_compile.plugins.reference import experts_reference, route_reference
+
+from moe_compile.plugins.model_shapes import SHAPES, SIGMOID_ROUTING, SOFTMAX_ROUTING
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+TOKENS = [1, 3, 16, 128, 1000, 4096]
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+DTYPE_ENUM = {torch.float32: Dtype.F32, torch.float16: Dtype.F16, torch.bfloat16: Dtype.BF16}
+
+
+@functools.lru_cache(maxsize=1)  # one shape's weights on the GPU at a time (Mixtral fp32: 5.6 GB)
+def _weights(shape_name, dtype):
+    s = SHAPES[shape_name]
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    gate_up = torch.randn(s.num_experts, 2 * s.intermediate, s.hidden, device="cuda", generator=g) / s.hidden**0.5
+    down = torch.randn(s.num_experts, s.hidden, s.intermediate, device="cuda", generator=g) / s.intermediate**0.5
+    return gate_up.to(dtype), down.to(dtype)
+
+
+def _run_kernel(hidden, logits, bias, gate_up, down, routing):
+    """One forward through the C ABI into a NaN-poisoned output and a 0xFF-poisoned workspace."""
+    num_experts, two_i, h = gate_up.shape
+    shape = library.shape_c(hidden.shape[0], h, two_i // 2, num_experts, DTYPE_ENUM[hidden.dtype])
+    size = library.workspace_size(shape, routing)
+    workspace = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
+    out = torch.full_like(hidden, float("nan"))
+    library.forward(shape, routing, hidden.data_ptr(), logits.data_ptr(), None if bias is None else bias.data_ptr(),
+                    gate_up.data_ptr(), down.data_ptr(), out.data_ptr(), workspace.data_ptr(), size,
+                    torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out
+
+
+def _weights_for(ids, logits, routing, bias):
+    """Float64 routing weights of the given choice (the reference's formula, the kernel's ids)."""
+    logits = logits.double()
+    if routing.kind == RoutingKind.SOFTMAX_TOPK:
+        w = torch.softmax(logits, -1).gather(-1, ids)
+        return (w / w.sum(-1, keepdim=True) if routing.renormalize else w) * routing.routed_scaling_factor
+    w = torch.sigmoid(logits).gather(-1, ids)
+    if routing.renormalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * routing.routed_scaling_factor
+
+
+def _check_routing(kernel_ids, logits, routing, bias):
+    ref_ids, _ = route_reference(logits, routing, bias)
+    differ = (kernel_ids.sort(-1).values != ref_ids.sort(-1).values).any(-1)
+    if differ.any():  # allowed only where the two choices score the same to fp32 rounding
+        score = logits.double() if routing.kind == RoutingKind.SOFTMAX_TOPK else \
+            torch.sigmoid(logits.double()) + (0 if bias is None else bias.double())
+        a = score[differ].gather(-1, kernel_ids[differ]).sort(-1).values
+        b = score[differ].gather(-1, ref_ids[differ]).sort(-1).values
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), f"{int(differ.sum())} tokens routed differently"
+    return ref_ids
+
+
+def _check_case(shape_name, num_tokens, dtype, routing):
+    s = SHAPES[shape_name]
+    gate_up, down = _weights(shape_name, dtype)
+    torch.manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, s.hidden, device="cuda").to(dtype)
+    logits = torch.randn(num_tokens, s.num_experts, device="cuda")
+    logits[:, -(s.num_experts // 4):] -= 30.0  # these experts never win: they must get no token
+    bias = None
+    if routing.kind == RoutingKind.SIGMOID_GROUP_TOPK:
+        bias = 0.1 * torch.randn(s.num_experts, device="cuda")
+        bias[-(s.num_experts // 4):] = -10.0
+
+    from moe_compile.plugins.torch_ops import route
+    kernel_ids, kernel_w = route(logits, routing, bias)
+    kernel_ids = kernel_ids.long()
+    ref_ids = _check_routing(kernel_ids, logits, routing, bias)
+    assert torch.bincount(ref_ids.flatten(), minlength=s.num_experts).eq(0).any()
+    weights = _weights_for(kernel_ids, logits, routing, bias)
+    torch.testing.assert_close(kernel_w.double(), weights, rtol=1e-5, atol=1e-6)
+
+    first = _run_kernel(hidden, logits, bias, gate_up, down, routing)
+    second = _run_kernel(hidden, logits, bias, gate_up, down, routing)
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} output elements not written"
+    assert torch.equal(first.view(torch.uint8) if dtype != torch.float32 else first.view(torch.int32),
+                       second.view(torch.uint8) if dtype != torch.float32 else second.view(torch.int32)), \
+        "two runs differ"
+    expected = experts_reference(hidden, kernel_ids, weights, gate_up, down)
+    rel = ((first.double() - expected).norm() / expected.norm()).item()
+    print(f"CASE {shape_name} T={num_tokens} {str(dtype).removeprefix('torch.')} {routing.kind.name} "
+          f"rel_err={rel:.2e}")
+    assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
+
+    # The torch binding runs the same kernels: same bits.
+    from moe_compile.plugins.torch_ops import fused_moe
+    assert torch.equal(fused_moe(hidden, logits, gate_up, down, routing, bias), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_softmax_routing_matches_reference(shape_name, num_tokens, dtype):
+    _check_case(shape_name, num_tokens, dtype, SOFTMAX_ROUTING[shape_name])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("shape_name", list(SIGMOID_ROUTING))
+def test_sigmoid_group_routing_matches_reference(shape_name, num_tokens, dtype):
+    _check_case(shape_name, num_tokens, dtype, SIGMOID_ROUTING[shape_name])
+
+
+def test_fake_kernel_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import moe_compile.plugins.torch_ops  # noqa: F401  (registers the op)
+    with FakeTensorMode():
+        out = torch.ops.moe_compile.fused_moe_cuda(torch.empty(5, 64, device="cuda"), torch.empty(5, 8, device="cuda"),
+                                                   torch.empty(8, 32, 64, device="cuda"),
+                                                   torch.empty(8, 64, 16, device="cuda"), None, 2, True)
+    assert out.shape == (5, 64)

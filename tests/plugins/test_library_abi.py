@@ -1,0 +1,39 @@
+"""The C ABI's host-side contract: workspace sizing and argument checks (no GPU needed)."""
+
+import pytest
+
+from moe_compile.plugins import build, library
+from moe_compile.plugins.library import Dtype, KernelError, Routing, RoutingKind
+
+pytestmark = pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not found (CUDA toolkit not installed)")
+
+ROUTING = Routing(RoutingKind.SOFTMAX_TOPK, top_k=4)
+
+
+def test_workspace_grows_with_tokens_and_prefill_adds_expert_outputs():
+    sizes = [library.workspace_size(library.shape_c(t, 2048, 1408, 60, Dtype.BF16), ROUTING) for t in (1, 4, 5, 4096)]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+    # Past the decode threshold (T=4 by default) the grouped-GEMM path also keeps y [T*K, H].
+    assert sizes[2] - sizes[1] >= 5 * 4 * 2048 * 2
+
+
+@pytest.mark.parametrize("shape, routing, reason", [
+    ((4, 2047, 1408, 60), ROUTING, "hidden not a multiple of 8"),
+    ((4, 2048, 1400 + 4, 60), ROUTING, "intermediate not a multiple of 8"),
+    ((4, 2048, 1408, 2000), ROUTING, "more than 1024 experts"),
+    ((4, 2048, 1408, 60), Routing(top_k=61), "top_k above E"),
+    ((4, 2048, 1408, 60), Routing(RoutingKind.SIGMOID_GROUP_TOPK, top_k=4, n_group=7, topk_group=2),
+     "E not divisible by n_group"),
+    ((4, 2048, 1408, 64), Routing(RoutingKind.SIGMOID_GROUP_TOPK, top_k=9, n_group=8, topk_group=1),
+     "top_k above the experts of the kept groups"),
+])
+def test_rejects_invalid_arguments(shape, routing, reason):
+    with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
+        library.workspace_size(library.shape_c(*shape, Dtype.BF16), routing)
+
+
+def test_forward_rejects_a_small_workspace_before_touching_the_gpu():
+    shape = library.shape_c(4, 2048, 1408, 60, Dtype.BF16)
+    need = library.workspace_size(shape, ROUTING)
+    with pytest.raises(KernelError, match="WORKSPACE_TOO_SMALL"):
+        library.forward(shape, ROUTING, 1, 1, None, 1, 1, 1, 1, need - 1, 0)
