@@ -46,18 +46,20 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[tuple[int, int], tuple[int, 
     return shapes
 
 
-def check_attention(config) -> None:
-    layer_types = getattr(config, "layer_types", None) or []
-    if "sliding_attention" in layer_types:
+def check_attention(config, max_seq: int) -> None:
+    """Sliding-window layers get the full causal mask, which is exact while max_seq fits the window."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and max_seq > window:
         raise UnsupportedModelError(
-            f"{config.model_type}: sliding-window attention layers are not supported yet (use_sliding_window)"
+            f"{config.model_type}: sliding-window attention (window {window}) is not supported yet beyond "
+            f"the window; build with --max-seq {window} or less"
         )
 
 
 class DecoderStep(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, max_seq: int):
         super().__init__()
-        check_attention(model.config)
+        check_attention(model.config, max_seq)
         self.model = model
         self.num_layers = model.config.num_hidden_layers
 
@@ -68,7 +70,7 @@ class DecoderStep(torch.nn.Module):
         mask = additive_mask(attention_mask, past[0].shape[-2], input_ids.shape[1], self.model.dtype)
         out = self.model(
             input_ids=input_ids,
-            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            attention_mask=mask,  # a 4D mask passes through transformers' mask helpers unchanged
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,

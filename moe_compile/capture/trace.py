@@ -58,7 +58,7 @@ def capture(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
     # The last entry covers DecoderStep's *past varargs.
     dynamic = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new}, ({0: batch, 2: past},) * len(past_names))
     args = sample_inputs(shapes, model.dtype, _SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST, model.config.vocab_size)
-    step = DecoderStep(model)
+    step = DecoderStep(model, max_seq)
     with traceable(model) as modules, torch.no_grad():
         # Size-oblivious reasoning keeps 0 (empty past) and 1 (one new token, batch 1) in range.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):

@@ -1,0 +1,168 @@
+"""`moe-compile`: a thin front over the Python API; each subcommand is one call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import MoeCompileError
+
+EPILOG = "MODEL is a hub id (org/name), a local HF checkpoint directory, or an embedded model: {embedded}."
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .models.embedded import EMBEDDED
+    from .passes import LOWERINGS
+    from .runtime import BACKENDS
+
+    parser = argparse.ArgumentParser(prog="moe-compile", description="Compile HuggingFace MoE models to ONNX and run them.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass and stage in detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="compile a checkpoint into OUT (model.onnx, manifest.json, ...)",
+                           epilog=EPILOG.format(embedded=", ".join(sorted(EMBEDDED))))
+    build.add_argument("model", metavar="MODEL", help="hub id, local checkpoint directory or embedded model name")
+    build.add_argument("-o", "--out", required=True, help="output directory (replaced atomically if it is a previous build)")
+    build.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights/activations dtype (default fp32)")
+    build.add_argument("--lowering", choices=LOWERINGS, default="auto", help="how the MoE experts are lowered (default auto)")
+    build.add_argument("--auto-threshold", type=int, default=None, help="auto: largest token count that uses gather (default 8)")
+    build.add_argument("--max-batch", type=int, default=8, help="largest batch the build serves (default 8)")
+    build.add_argument("--max-seq", type=int, default=2048, help="largest total sequence length, prompt + new tokens (default 2048)")
+    build.add_argument("--trust-remote-code", action="store_true", help="allow code and pickle weights from the checkpoint (off by default)")
+
+    run = sub.add_parser("run", help="generate from a build, streaming tokens")
+    run.add_argument("out", metavar="OUT", help="a build output directory")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (needs the build's tokenizer)")
+    source.add_argument("--input-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    run.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    run.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    run.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    run.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
+
+    verify = sub.add_parser("verify", help="compare a build with transformers eager; non-zero exit on mismatch")
+    verify.add_argument("out", metavar="OUT", help="a build output directory")
+    verify.add_argument("--model", help="reference checkpoint (default: the build's source)")
+    verify.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
+    verify.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
+
+    inspect = sub.add_parser("inspect", help="print a build's manifest, ONNX inputs/outputs and op histogram")
+    inspect.add_argument("out", metavar="OUT", help="a build output directory")
+
+    sub.add_parser("families", help="list the supported model families")
+    sub.add_parser("passes", help="list the registered passes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except MoeCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _build(args) -> None:
+    from .build import build
+    from .passes.auto import DEFAULT_THRESHOLD
+
+    start = time.perf_counter()
+    out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, max_batch=args.max_batch,
+                max_seq=args.max_seq, trust_remote_code=args.trust_remote_code,
+                auto_threshold=args.auto_threshold if args.auto_threshold is not None else DEFAULT_THRESHOLD)
+    print(f"built {out} in {time.perf_counter() - start:.1f} s")
+
+
+def _run(args) -> None:
+    from .api import load
+
+    model = load(args.out, args.backend)
+    prompt = args.prompt if args.prompt is not None else _token_ids(args.input_ids)
+    generated: list[int] = []
+    printed = ""
+
+    def stream(_row: int, token: int) -> None:
+        nonlocal printed
+        generated.append(token)
+        text = model.decode(generated)
+        if text is None:
+            print(token, end=" ", flush=True)
+        elif not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+
+    model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+    stats = model.last_stats
+    print()
+    print(f"[{args.backend}] prefill {stats.prefill_ms:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
+          f"{stats.new_tokens} new tokens", file=sys.stderr)
+
+
+def _token_ids(text: str) -> list[int]:
+    from .errors import RequestError
+
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise RequestError(f"--input-ids must be comma-separated integers, got '{text}'") from None
+    if not ids:
+        raise RequestError("empty prompt: --input-ids has no token ids")
+    return ids
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.out, model=args.model, new_tokens=args.new_tokens, backend=args.backend)
+    print("\n".join(report.lines()))
+    return 0 if report.passed else 1
+
+
+def _inspect(args) -> None:
+    import collections
+    import json
+
+    import onnx
+
+    from .export.manifest import read_manifest
+
+    manifest = read_manifest(args.out)
+    print(json.dumps({k: v for k, v in vars(manifest).items() if k not in ("inputs", "outputs")}, indent=2))
+    for kind, values in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for value in values:
+            print(f"{kind:6} {value['name']:32} {value['dtype']:8} {value['shape']}")
+    graph = onnx.load(f"{args.out}/{manifest.files[0]}", load_external_data=False).graph
+    histogram = collections.Counter(node.op_type for node in graph.node)
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in histogram.most_common()))
+
+
+def _families(_args) -> None:
+    from .models import FAMILIES
+
+    for name, spec in sorted(FAMILIES.items()):
+        print(f"{name:12} routing={spec.routing.value:14} attention={spec.attention:14} shared_expert={spec.shared_expert}")
+
+
+def _passes(_args) -> None:
+    from .passes import list_passes
+
+    for name, description in list_passes().items():
+        print(f"{name:8} {description}")
+
+
+COMMANDS = {"build": _build, "run": _run, "verify": _verify, "inspect": _inspect, "families": _families, "passes": _passes}
+
+if __name__ == "__main__":
+    sys.exit(main())
