@@ -1,0 +1,101 @@
+"""Bad input: one line naming the problem, non-zero exit, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, env=None):
+    result = subprocess.run([sys.executable, "-m", "moe_compile.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=600)
+    return result.returncode, result.stderr.strip()
+
+
+def assert_one_line_error(rc, stderr, *words):
+    assert rc != 0
+    last = stderr.splitlines()[-1]
+    assert "Traceback" not in stderr, stderr
+    assert last.startswith("error: "), stderr
+    for word in words:
+        assert word in last, last
+
+
+def test_unknown_hub_id_offline(tmp_path):
+    out = tmp_path / "out"
+    rc, err = cli("build", "nobody/no-such-model", "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(rc, err, "nobody/no-such-model", "local checkpoint directory")
+    assert not out.exists()
+
+
+def test_unsupported_family_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rc, err = cli("build", str(tmp_path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "llama", "qwen2_moe", "mixtral")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_checkpoint_is_refused(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("qwen2_moe"), ckpt)
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    rc, err = cli("build", str(ckpt), "-o", str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "pytorch_model.bin", "safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_not_a_build_is_kept(checkpoint, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, err = cli("build", str(checkpoint("qwen2_moe")), "-o", str(out))
+    assert_one_line_error(rc, err, "not a previous moe-compile build")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--prompt", ""], ["empty prompt"]),
+        (["--input-ids", "1," * 200], ["exceeds", "max_seq"]),
+        (["--input-ids", "1,2", "--top-p", "1.5"], ["top_p"]),
+        (["--input-ids", "1,2", "--top-p", "0"], ["top_p"]),
+        (["--input-ids", "1,2", "--temperature", "-1"], ["temperature"]),
+        (["--input-ids", "1,2", "--top-k", "-3"], ["top_k"]),
+        (["--input-ids", "1,x"], ["--input-ids"]),
+    ],
+    ids=["empty-prompt", "too-long", "top-p-high", "top-p-zero", "negative-temperature", "negative-top-k", "bad-ids"],
+)
+def test_bad_run_requests(built, args, words):
+    out = built("qwen2_moe", "auto")
+    rc, err = cli("run", str(out), *args)
+    assert_one_line_error(rc, err, *words)
+
+
+@pytest.mark.parametrize("damage", ["missing-manifest", "corrupt-manifest", "missing-onnx", "corrupt-onnx"])
+def test_damaged_build(built, tmp_path, damage):
+    out = tmp_path / "copy"
+    shutil.copytree(built("qwen2_moe", "auto"), out)
+    what, name = damage.split("-")
+    path = out / ("manifest.json" if name == "manifest" else "model.onnx")
+    if what == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"\x00garbage{")
+    rc, err = cli("run", str(out), "--input-ids", "1,2,3")
+    assert_one_line_error(rc, err, path.name)
+
+
+def test_failed_build_keeps_previous_good_build(built, tmp_path):
+    out = tmp_path / "good"
+    shutil.copytree(built("qwen2_moe", "auto"), out)
+    before = sorted(p.name for p in out.iterdir())
+    rc, err = cli("build", "nobody/no-such-model", "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
+    assert rc != 0
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]  # no temporary left behind
