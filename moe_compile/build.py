@@ -119,21 +119,23 @@ def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq:
 
 def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     """One sample step through ONNX Runtime against the lowered torch program."""
-    from .runtime.ort_backend import OrtBackend
+    from .runtime.ort_backend import OrtBackend, UnsupportedDtypeError
 
+    try:
+        backend = OrtBackend(out, manifest).activate()
+    except UnsupportedDtypeError as exc:  # bf16 on ONNX Runtime CPU: the ONNX is for GPU runtimes
+        log.warning("check skipped: %s", exc)
+        return
     args = sample_inputs(captured.kv_shapes, captured.dtype, 1, 3, 2, manifest.vocab_size)
     with torch.no_grad():
         expected = program.module(check_guards=False)(*args)[0].numpy()
-    backend = OrtBackend(out, manifest).activate()
-    feeds = {name: a.numpy() for name, a in zip(captured.input_names[:3], args[:3])}
-    if manifest.dtype != "bf16":  # numpy cannot carry bf16 feeds; bf16 is checked by the tests
-        feeds.update({n: a.numpy() for n, a in zip(captured.input_names[3:], args[3:])})
-        got = backend.session.run(["logits"], feeds)[0]
-        scale = max(float(np.abs(expected).max()), 1e-6)
-        error = float(np.abs(got - expected).max()) / scale
-        tolerance = 1e-4 if manifest.dtype == "fp32" else 5e-2
-        if error > tolerance:
-            raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program by {error:.2e} (relative)")
+    feeds = {name: a.numpy() for name, a in zip(captured.input_names, args)}
+    got = backend.session.run(["logits"], feeds)[0]
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    error = float(np.abs(got - expected).max()) / scale
+    tolerance = 1e-4 if manifest.dtype == "fp32" else 5e-2
+    if error > tolerance:
+        raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program by {error:.2e} (relative)")
 
 
 def save_tokenizer(checkpoint: Path, target: Path, trust_remote_code: bool) -> bool:

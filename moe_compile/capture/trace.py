@@ -26,9 +26,6 @@ class Captured:
     max_batch: int
     max_seq: int
 
-    def sample_inputs(self, batch: int = _SAMPLE_BATCH, new: int = _SAMPLE_NEW, past: int = _SAMPLE_PAST):
-        return sample_inputs(self.kv_shapes, self.dtype, batch, new, past)
-
     @property
     def dtype(self) -> torch.dtype:
         return next(t.dtype for t in self.program.state_dict.values() if t.is_floating_point())

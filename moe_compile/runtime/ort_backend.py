@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, MoeCompileError
 from .backend import Backend
 
 # numpy has no bfloat16: such tensors are created and read as ONNX element types.
 _BF16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+class UnsupportedDtypeError(MoeCompileError):
+    """The runtime's provider lacks kernels for the build's dtype."""
 
 
 class OrtBackend(Backend):
@@ -27,7 +31,13 @@ class OrtBackend(Backend):
                 str(self.out / self.manifest.files[0]), options, providers=self.providers
             )
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-            raise ArtifactError(f"ONNX Runtime cannot load {self.out / self.manifest.files[0]}: {str(exc).splitlines()[0][:200]}") from None
+            reason = str(exc).splitlines()[0][:200]
+            if "NOT_IMPLEMENTED" in reason and self.manifest.dtype == "bf16":
+                raise UnsupportedDtypeError(
+                    f"ONNX Runtime ({', '.join(self.providers)}) has no bf16 kernel for this graph ({reason.split(': ')[-1]}); "
+                    "run this build with --backend torch, or build with --dtype fp16 or fp32"
+                ) from None
+            raise ArtifactError(f"ONNX Runtime cannot load {self.out / self.manifest.files[0]}: {reason}") from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.past_names, self.present_names = self.kv_names()
         self.kv_dtype = self.manifest.dtype
