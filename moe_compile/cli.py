@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 
 from .errors import MoeCompileError
 
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch/transformers internals, not the user's
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args) or 0
