@@ -19,7 +19,7 @@ def test_serves_untraced_batch_and_lengths_up_to_bounds(built):
     model = load(built("qwen2_moe", "auto", max_batch=4, max_seq=64))
     prompts = [[7] * n for n in (1, 33, 5, 60)]  # batch 4 (traced with 2), lengths 1..60
     results = model.generate(prompts, max_new_tokens=4)
-    assert [len(r.token_ids) for r in results] <= [4] * 4
+    assert all(1 <= len(r.token_ids) <= 4 for r in results)
     model.backend.reset(1)
     ids = np.ones((1, 64), dtype=np.int64)
     assert model.backend.step(ids, ids, np.arange(64)[None]).shape == (1, 64, 512)  # exactly max_seq
