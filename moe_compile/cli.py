@@ -16,6 +16,7 @@ EPILOG = "MODEL is a hub id (org/name), a local HF checkpoint directory, or an e
 def _parser() -> argparse.ArgumentParser:
     from .models.embedded import EMBEDDED
     from .passes import LOWERINGS
+    from .passes.auto import DEFAULT_THRESHOLD
     from .runtime import BACKENDS
 
     parser = argparse.ArgumentParser(prog="moe-compile", description="Compile HuggingFace MoE models to ONNX and run them.")
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--out", required=True, help="output directory (replaced atomically if it is a previous build)")
     build.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights/activations dtype (default fp32)")
     build.add_argument("--lowering", choices=LOWERINGS, default="auto", help="how the MoE experts are lowered (default auto)")
-    build.add_argument("--auto-threshold", type=int, default=None, help="auto: largest token count that uses gather (default 8)")
+    build.add_argument("--auto-threshold", type=int, default=DEFAULT_THRESHOLD,
+                       help=f"auto: largest token count that uses gather (default {DEFAULT_THRESHOLD})")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the build serves (default 8)")
     build.add_argument("--max-seq", type=int, default=2048, help="largest total sequence length, prompt + new tokens (default 2048)")
     build.add_argument("--trust-remote-code", action="store_true", help="allow code and pickle weights from the checkpoint (off by default)")
@@ -78,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(args) -> None:
     from .build import build
-    from .passes.auto import DEFAULT_THRESHOLD
 
     start = time.perf_counter()
     out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, max_batch=args.max_batch,
-                max_seq=args.max_seq, trust_remote_code=args.trust_remote_code,
-                auto_threshold=args.auto_threshold if args.auto_threshold is not None else DEFAULT_THRESHOLD)
+                max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
 

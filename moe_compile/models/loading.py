@@ -7,7 +7,6 @@ the architecture is checked against the family registry from `config.json` befor
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -15,8 +14,6 @@ import torch
 from ..errors import CheckpointError
 from .embedded import EMBEDDED, materialize
 from .spec import FamilySpec, family_for
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]

@@ -21,7 +21,6 @@ class Routing(str, enum.Enum):
 
     NONE = "none"  # dense model: no router
     SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, then top-k (renormalise per config)
-    TOPK_SOFTMAX = "topk_softmax"  # top-k logits, then softmax over the k
 
 
 @dataclasses.dataclass(frozen=True)

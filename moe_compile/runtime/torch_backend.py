@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
+from ..models.loading import DTYPES
 from .backend import Backend
 
 PROGRAM_FILE = "program.pt2"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchBackend(Backend):
@@ -26,7 +26,7 @@ class TorchBackend(Backend):
         self.module = torch.export.load(str(path)).module(check_guards=False)
 
     def _reset(self, batch: int) -> None:
-        dtype = _DTYPES[self.manifest.dtype]
+        dtype = DTYPES[self.manifest.dtype]
         self.past = [torch.zeros(shape, dtype=dtype) for shape in self.empty_kv_shapes(batch)]
 
     @torch.no_grad()
