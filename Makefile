@@ -23,4 +23,4 @@ demo: install
 	$(VENV)/bin/moe-compile verify $(DEMO_OUT)
 
 test: install
-	$(PY) -m pytest -q -p no:logging tests
+	$(PY) -m pytest -q -p no:logging -n auto tests

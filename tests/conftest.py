@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints of every registered family, written with
 `save_pretrained` and loaded back through moe-compile's own loading code; builds cached per
-(family variant, lowering, dtype) for the session."""
+(family variant, lowering, dtype) once per test run, shared by pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from moe_compile.models import FAMILIES
 
@@ -18,23 +19,36 @@ VARIANTS["qwen2_moe-renorm"] = dict(FAMILIES["qwen2_moe"].tiny_config, norm_topk
                                     decoder_sparse_step=2)
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """One directory for every pytest-xdist worker of this run (the plain session dir without xdist),
+    so checkpoints and builds are made once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(path: Path, make) -> Path:
+    """Make `path` once across workers: the first takes the lock and builds, the others wait and reuse it."""
+    with FileLock(str(path) + ".lock"):
+        done = path.with_name(path.name + ".done")
+        if not done.exists():
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
-    os.environ["MOE_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["MOE_COMPILE_CACHE"] = str(_shared_root(tmp_path_factory) / "cache")
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     from moe_compile.models.embedded import write_checkpoint
 
-    made: dict[str, Path] = {}
+    root = _shared_root(tmp_path_factory)
 
     def make(variant: str) -> Path:
-        if variant not in made:
-            path = tmp_path_factory.mktemp(f"ckpt-{variant}")
-            write_checkpoint(VARIANTS[variant], path)
-            made[variant] = path
-        return made[variant]
+        return _once(root / f"ckpt-{variant}", lambda path: write_checkpoint(VARIANTS[variant], path))
 
     return make
 
@@ -43,14 +57,13 @@ def checkpoint(tmp_path_factory):
 def built(checkpoint, tmp_path_factory):
     from moe_compile import build
 
-    made: dict[tuple, Path] = {}
+    root = _shared_root(tmp_path_factory)
 
     def make(variant: str, lowering: str = "auto", dtype: str = "fp32", max_batch: int = 4, max_seq: int = 128) -> Path:
-        key = (variant, lowering, dtype, max_batch, max_seq)
-        if key not in made:
-            out = tmp_path_factory.mktemp("build") / f"{variant}-{lowering}-{dtype}"
-            made[key] = build(str(checkpoint(variant)), out, dtype=dtype, lowering=lowering, max_batch=max_batch,
-                              max_seq=max_seq, progress=False)
-        return made[key]
+        def run(out: Path) -> None:
+            build(str(checkpoint(variant)), out, dtype=dtype, lowering=lowering, max_batch=max_batch,
+                  max_seq=max_seq, progress=False)
+
+        return _once(root / f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}", run)
 
     return make
