@@ -1,12 +1,15 @@
 """CPU benchmark, side by side in one run: transformers eager `generate` vs moe-compile's ONNX
-Runtime backend with each lowering, on the embedded `qwen2-moe-bench` model (Qwen2-MoE: vocab
-32000, hidden 1024, 12 layers, 16/4 heads, 32 experts top-4, moe 512, shared 1024, std 0.02).
+Runtime backend with each lowering, on an embedded benchmark model:
+- `qwen2-moe-bench` (default; Qwen2-MoE: vocab 32000, hidden 1024, 12 layers, 16/4 heads, 32 experts
+  top-4, moe 512, shared 1024, std 0.02);
+- `deepseek-v3-bench` (DeepSeek-V3's shape scaled down: vocab 32000, hidden 1024, 8 layers, the first
+  dense, latent attention with 16 heads, 64 experts top-6 in 8 groups top-4, moe 256, 1 shared expert).
 
 Reports prefill ms (128-token prompt) and decode tokens/s (64 greedy tokens) at batch 1 and 4,
 median of 3, and the batch-1 decode floor: measured read bandwidth / bytes of weights a decode
-step must read (attention, shared expert, 4 routed experts, router, lm_head per token).
+step must read (attention, shared expert, top-k routed experts, router, lm_head per token).
 
-    python bench/bench_cpu.py [--lowerings auto,gather,dense] [--out build/bench] [--json results.json]
+    python bench/bench_cpu.py [--model qwen2-moe-bench] [--lowerings auto,gather,dense] [--out build/bench] [--json results.json]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from moe_compile.export.manifest import tool_versions
 from moe_compile.models.loading import load_model, resolve_checkpoint
 from moe_compile.runtime.generate import prefill
 
-MODEL = "qwen2-moe-bench"
+MODELS = ("qwen2-moe-bench", "deepseek-v3-bench")
 PROMPT_LEN, NEW_TOKENS, REPEATS = 128, 64, 3
 
 
@@ -43,13 +46,12 @@ def read_bandwidth_gbs() -> float:
 def active_weight_bytes(model) -> int:
     """Bytes a batch-1 decode step must read: everything except the unselected routed experts
     and the embedding table (one row is read)."""
-    config = model.config
     total = 0
     for name, p in model.named_parameters():
         if "embed_tokens" in name:
             continue
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            total += p.nbytes * config.num_experts_per_tok // config.num_experts
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [experts, ...]
+            total += p.nbytes * model.config.num_experts_per_tok // p.shape[0]
         else:
             total += p.nbytes
     return total
@@ -88,6 +90,7 @@ def bench_ours(compiled, batch: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
     parser.add_argument("--lowerings", default="auto,gather,dense")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--out", default="build/bench")
@@ -96,7 +99,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(torch.get_num_threads())
 
-    reference = load_model(resolve_checkpoint(MODEL))
+    reference = load_model(resolve_checkpoint(args.model))
     bandwidth = read_bandwidth_gbs()
     active = active_weight_bytes(reference)
     rows = [("floor (read bandwidth / active fp32 weights)", None, {1: (None, bandwidth * 1e9 / active)})]
@@ -105,13 +108,14 @@ def main() -> None:
     for lowering in args.lowerings.split(","):
         out = Path(args.out) / lowering
         start = time.perf_counter()
-        moe_compile.build(MODEL, out, lowering=lowering, max_batch=max(batches), max_seq=PROMPT_LEN + NEW_TOKENS)
+        moe_compile.build(args.model, out, lowering=lowering, max_batch=max(batches), max_seq=PROMPT_LEN + NEW_TOKENS,
+                          backend="onnx")
         build_s = time.perf_counter() - start
         compiled = moe_compile.load(out)
         rows.append((f"moe-compile ORT CPU, {lowering}", build_s, {b: bench_ours(compiled, b) for b in batches}))
         del compiled
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, "
+    print(f"\n{args.model}: {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s, active weights {active / 1e6:.0f} MB")
     print(f"versions: {tool_versions()}")
     header = "| implementation | build s | " + " | ".join(f"b{b} prefill ms | b{b} decode tok/s" for b in batches) + " |"

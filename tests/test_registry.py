@@ -22,3 +22,16 @@ def test_cli_lists_families(capsys):
     assert main(["families"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert listed == set(FAMILIES)
+
+
+def test_docs_tables_are_the_registry(capsys):
+    from pathlib import Path
+
+    from moe_compile.models.spec import families_table
+
+    root = Path(__file__).resolve().parent.parent
+    table = families_table()
+    for doc in ("README.md", "docs/FAMILIES.md"):
+        assert table in (root / doc).read_text(), f"{doc}: regenerate with `moe-compile families --markdown`"
+    assert main(["families", "--markdown"]) == 0
+    assert capsys.readouterr().out == table

@@ -4,7 +4,9 @@
     past_key_values.{i}.key/value [B, kv_heads, P, head_dim]
         -> logits [B, S, V] (fp32), present.{i}.key/value [B, kv_heads, P+S, head_dim]
 
-`present = concat(past, new)`: the portable KV form every runtime reads. The additive attention
+`present = concat(past, new)`: the portable KV form every runtime reads. A sliding-window layer's
+cache grows like the others and its mask hides what lies outside the window (exact; see
+docs/FAMILIES.md for why the cache is not trimmed). The additive attention
 mask is built here from the 2D padding mask rather than by transformers' mask helpers, whose
 fast paths branch on data; a padded query row may attend to itself so that no row is fully
 masked (a fully masked row gives NaN in fp16, and NaN in a padded slot of the cache would leak
@@ -46,8 +48,18 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[tuple[int, int], tuple[int, 
     return shapes
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def check_attention(config, max_seq: int) -> None:
-    """Sliding-window layers get the full causal mask, which is exact while max_seq fits the window."""
+    """Per-layer attention types (`config.layer_types`) get their own mask, which makes sliding-window
+    layers exact at any length; a model-wide window without layer types is exact only within it."""
+    types = set(getattr(config, "layer_types", None) or ())
+    unknown = sorted(types - set(LAYER_TYPES))
+    if unknown:
+        raise UnsupportedModelError(f"{config.model_type}: attention layer types {unknown} are not supported")
+    if types:
+        return
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window and max_seq > window:
         raise UnsupportedModelError(
@@ -67,10 +79,16 @@ class DecoderStep(torch.nn.Module):
         cache = Cache(layers=[_ConcatLayer() for _ in range(self.num_layers)])
         for i, layer in enumerate(cache.layers):
             layer.update(past[2 * i], past[2 * i + 1])
-        mask = additive_mask(attention_mask, past[0].shape[-2], input_ids.shape[1], self.model.dtype)
+        past_length, new = past[0].shape[-2], input_ids.shape[1]
+        mask = additive_mask(attention_mask, past_length, new, self.model.dtype)
+        if "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ()):
+            # transformers' models take a mask per layer type, as `generate` prepares them
+            window = self.model.config.sliding_window
+            sliding = additive_mask(attention_mask, past_length, new, self.model.dtype, window)
+            mask = {"full_attention": mask, "sliding_attention": sliding}
         out = self.model(
             input_ids=input_ids,
-            attention_mask=mask,  # a 4D mask passes through transformers' mask helpers unchanged
+            attention_mask=mask,  # 4D masks pass through transformers' mask helpers unchanged
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -80,11 +98,15 @@ class DecoderStep(torch.nn.Module):
         return (out.logits.float(), *present)
 
 
-def additive_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, S, P+S]: 0 where query i may attend key j (causal, not padding, or itself), else min."""
+def additive_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torch.dtype,
+                  window: int | None = None) -> torch.Tensor:
+    """[B, 1, S, P+S]: 0 where query i may attend key j (causal, within `window` of it if given, not
+    padding, or itself), else min. Positions are cache slots, as in transformers' sliding mask."""
     query = torch.arange(new, device=attention_mask.device) + past
     key = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     causal = key[None, :] <= query[:, None]
+    if window is not None:
+        causal = causal & (key[None, :] > query[:, None] - window)
     visible = attention_mask[:, None, None, :].bool() | (key[None, :] == query[:, None])
     allowed = causal[None, None] & visible
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)

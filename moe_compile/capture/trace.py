@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from ..errors import UnsupportedModelError
+from ..models import family_for
+from .complex_rope import real_rope
 from .decoder_step import DecoderStep, kv_names, kv_shapes
 from .experts_op import traceable
 
@@ -56,10 +61,17 @@ def capture(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
     dynamic = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new}, ({0: batch, 2: past},) * len(past_names))
     args = sample_inputs(shapes, model.dtype, _SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST, model.config.vocab_size)
     step = DecoderStep(model, max_seq)
-    with traceable(model) as modules, torch.no_grad():
+    complex_rope = family_for(model.config.model_type).complex_rope
+    with traceable(model) as modules, real_rope(model, complex_rope), torch.no_grad():
         # Size-oblivious reasoning keeps 0 (empty past) and 1 (one new token, batch 1) in range.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            program = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
+            try:
+                program = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
+            except GuardOnDataDependentSymNode as exc:
+                raise UnsupportedModelError(
+                    f"{model.config.model_type}: unsupported because its code branches on tensor values "
+                    f"({_model_frame(exc)}), which a static-shape graph cannot capture"
+                ) from exc
     return Captured(
         program=program,
         input_names=INPUT_NAMES + past_names,
@@ -69,3 +81,12 @@ def capture(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
         max_batch=max_batch,
         max_seq=max_seq,
     )
+
+
+def _model_frame(exc: BaseException) -> str:
+    """The innermost transformers source line in the traceback: where the model branched."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/transformers/" in f.filename]
+    if not frames:
+        return "location unknown"
+    frame = frames[-1]
+    return f"{frame.filename[frame.filename.rindex('/transformers/') + 1:]}:{frame.lineno} in {frame.name}: {frame.line}"

@@ -53,7 +53,40 @@ _BENCH = dict(
     tie_word_embeddings=False,
 )
 
-EMBEDDED: dict[str, dict] = {"qwen2-moe-demo": _DEMO, "qwen2-moe-bench": _BENCH}
+# DeepSeek-V3's shape scaled down to fit the CPU (issue 7): latent attention, sigmoid + bias routing
+# in 8 groups (top-4 groups, top-6 of 64 experts), one shared expert, the first layer dense.
+_DEEPSEEK_V3_BENCH = dict(
+    model_type="deepseek_v3",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    first_k_dense_replace=1,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    q_lora_rank=384,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    n_shared_experts=1,
+    n_group=8,
+    topk_group=4,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=4096,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+)
+
+EMBEDDED: dict[str, dict] = {
+    "qwen2-moe-demo": _DEMO,
+    "qwen2-moe-bench": _BENCH,
+    "deepseek-v3-bench": _DEEPSEEK_V3_BENCH,
+}
 EMBEDDED.update({f"tiny-{name.replace('_', '-')}": spec.tiny_config for name, spec in FAMILIES.items()})
 
 
@@ -94,10 +127,20 @@ def write_checkpoint(fields: dict, out: Path, seed: int = SEED) -> None:
     config = AutoConfig.for_model(**fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_zero_biases(model, config.initializer_range)
     model.generation_config.eos_token_id = fields["eos_token_id"]
     model.generation_config.pad_token_id = fields["pad_token_id"]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _randomize_zero_biases(model, std: float) -> None:
+    """transformers initialises biases (experts', QKV, routing correction) to zero; random ones make the
+    parity tests exercise them instead of adding zeros."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("bias") and tensor.is_floating_point() and not tensor.any():
+                tensor.normal_(0.0, std)
 
 
 def build_tokenizer(vocab_size: int):

@@ -21,6 +21,17 @@ class Routing(str, enum.Enum):
 
     NONE = "none"  # dense model: no router
     SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, then top-k (renormalise per config)
+    TOPK_SOFTMAX = "topk_softmax"  # top-k of the logits, then softmax over those k
+    # softmax, then top-k among the `topk_group` groups with the best expert (`topk_method`
+    # "group_limited_greedy"; plain top-k for "greedy"), times `routed_scaling_factor`
+    SOFTMAX_GROUP_TOPK = "softmax_group_topk"
+    # sigmoid scores; choice by score + `e_score_correction_bias` among the `topk_group` groups whose
+    # best two sum highest; weights are the sigmoid scores (renormalised per config) times
+    # `routed_scaling_factor`
+    SIGMOID_GROUP_TOPK = "sigmoid_group_topk"
+    # Phi-MoE's eval path: top-2, each weight a softmax over the experts within a relative
+    # `router_jitter_noise` margin of that round's best (the first winner masked in round two)
+    SPARSEMIXER = "sparsemixer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +42,11 @@ class FamilySpec:
     tiny_config: dict[str, Any]  # a tiny test/demo config (random weights)
     renormalize_field: str | None = None  # config field that turns on top-k renormalisation
     renormalize_default: bool = False  # value when the config lacks that field
-    shared_expert: str | None = None  # "sigmoid_gated" where the family has one
+    shared_expert: str | None = None  # "sigmoid_gated" or "ungated" where the family has one
+    experts_gate: str | None = None  # the gated unit its experts class overrides, one of experts_op.GATES
+    routing_fields: tuple[str, ...] = ()  # config fields that parameterise the routing (recorded in the manifest)
+    complex_rope: bool = False  # RoPE computed in complex numbers: captured in real arithmetic instead
+    examples: tuple[str, ...] = ()  # checkpoints of this family, for the docs
     min_transformers: str = "5.17"
 
     def derive(self, **changes: Any) -> FamilySpec:
@@ -42,6 +57,18 @@ class FamilySpec:
         if self.renormalize_field is None:
             return self.renormalize_default
         return bool(getattr(config, self.renormalize_field, self.renormalize_default))
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        """The manifest's `family` entry: what a runtime or a fused lowering must reproduce."""
+        return {
+            "model_type": self.model_type,
+            "routing": self.routing.value,
+            "renormalize": self.renormalize(config),
+            "routing_options": {name: getattr(config, name, None) for name in self.routing_fields},
+            "attention": self.attention,
+            "shared_expert": self.shared_expert,
+            "experts_gate": self.experts_gate,
+        }
 
 
 FAMILIES: dict[str, FamilySpec] = {}
@@ -54,6 +81,20 @@ def register(spec: FamilySpec) -> FamilySpec:
 
 def supported_families() -> list[str]:
     return sorted(FAMILIES)
+
+
+def families_table() -> str:
+    """The supported-families table of README.md and docs/FAMILIES.md (`moe-compile families --markdown`);
+    a test checks that both carry it verbatim."""
+    rows = ["| model_type | routing | renormalise | shared expert | experts gate | attention | e.g. |", "|---|---|---|---|---|---|---|"]
+    for name in supported_families():
+        spec = FAMILIES[name]
+        renorm = spec.renormalize_field or ("always" if spec.renormalize_default else "no")
+        rows.append(
+            f"| `{name}` | {spec.routing.value} | {renorm} | {spec.shared_expert or '-'} | {spec.experts_gate or '-'} "
+            f"| {spec.attention} | {', '.join(spec.examples) or '-'} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def family_for(model_type: str) -> FamilySpec:
