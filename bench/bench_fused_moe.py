@@ -7,13 +7,17 @@ flushed before every repetition), weight bytes of the selected experts over time
 expert FLOPs over time (TFLOP/s), next to the ceilings measured in the same run: a device-to-device
 copy (bytes read + written) and an 8192^3 bf16 matmul. Compared: transformers' `batched_mm` and
 `grouped_mm` experts forwards (integrations/moe.py) on a Qwen2MoeExperts module holding the same
-weights, with torch routing (softmax -> top-k -> renorm) in front, as the model runs it; ours takes
-the router logits and routes inside.
+weights, with torch routing (softmax -> top-k -> renorm) in front, as the model runs it; ONNX
+Runtime's com.microsoft:MoE on the CUDA provider (one-node model, weights as initializers, inputs
+and output bound to torch's buffers; its time includes ORT's per-run host work, as a session runs
+it); ours takes the router logits and routes inside, as does ORT's.
 """
 
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton.testing
@@ -65,7 +69,58 @@ def transformers_experts(shape, routing, gate_up, down):
     return run
 
 
-def bench_shape(name, tokens, rows, ours_only=False):
+def ort_moe(shape, routing, gate_up, down, workdir):
+    """ONNX Runtime's com.microsoft:MoE on the CUDA provider holding the same weights as
+    initializers (external data: Mixtral's are 2.8 GB), fed through IOBinding from torch's
+    buffers. Returns run(hidden, logits, out), or None with the reason when it cannot run."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, f"onnxruntime {ort.__version__} has no CUDA provider"
+    e, i, h = shape.num_experts, shape.intermediate, shape.hidden
+    fc1 = gate_up.view(e, 2, i, h).transpose(1, 2).reshape(e, 2 * i, h)  # interleaved rows (swiglu_fusion=1)
+
+    def initializer(name, t):
+        proto = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(t.shape))
+        proto.raw_data = t.contiguous().view(torch.int16).cpu().numpy().tobytes()
+        return proto
+
+    node = helper.make_node("MoE", ["x", "r", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=routing.top_k,
+                            normalize_routing_weights=int(routing.renormalize), activation_type="swiglu",
+                            swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, use_sparse_mixer=0)
+    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["T", h]),
+                                              helper.make_tensor_value_info("r", TensorProto.BFLOAT16, ["T", e])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["T", h])],
+                              [initializer("fc1", fc1), initializer("fc2", down)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    path = Path(workdir) / f"moe-{shape.name}.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    del model, graph
+    try:
+        options = ort.SessionOptions()
+        # The GPU does the work: idle ORT threads must not spin on the cores the other rows' hosts use.
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  (ORT raises its own types; the reason goes in the table)
+        return None, str(exc).splitlines()[0][:200]
+    bf16 = TensorProto.BFLOAT16
+
+    def run(hidden, logits, out):
+        binding = session.io_binding()
+        binding.bind_input("x", "cuda", 0, bf16, list(hidden.shape), hidden.data_ptr())
+        binding.bind_input("r", "cuda", 0, bf16, list(logits.shape), logits.data_ptr())
+        binding.bind_output("y", "cuda", 0, bf16, list(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    return run, None
+
+
+def bench_shape(name, tokens, rows, ours_only=False, workdir=None):
     shape, routing = SHAPES[name], SOFTMAX_ROUTING[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     gate_up = (torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, device="cuda", generator=gen)
@@ -73,6 +128,10 @@ def bench_shape(name, tokens, rows, ours_only=False):
     down = (torch.randn(shape.num_experts, shape.hidden, shape.intermediate, device="cuda", generator=gen)
             / shape.intermediate**0.5).bfloat16()
     theirs = transformers_experts(shape, routing, gate_up, down)
+    ort_run, ort_reason = (None, "not asked") if ours_only or workdir is None else ort_moe(shape, routing, gate_up,
+                                                                                           down, workdir)
+    if ort_reason and ort_reason != "not asked":
+        print(f"ORT com.microsoft:MoE ({name}): not timed: {ort_reason}", flush=True)
     expert_bytes = 3 * shape.hidden * shape.intermediate * 2
     for t in tokens:
         hidden = torch.randn(t, shape.hidden, device="cuda", generator=gen).bfloat16()
@@ -88,6 +147,13 @@ def bench_shape(name, tokens, rows, ours_only=False):
         if t * routing.top_k * expert_bytes <= BATCHED_MM_GATHER_LIMIT:
             row["batched_mm_ms"] = bench(lambda: theirs("batched_mm", hidden, logits))
         row["grouped_mm_ms"] = bench(lambda: theirs("grouped_mm", hidden, logits))
+        if ort_run is not None:
+            ort_out = torch.empty_like(hidden)
+            ours_out = fused_moe(hidden, logits, gate_up, down, routing)
+            # Same weights, same routing: the two must agree before their times mean anything.
+            row["ort_rel_err"] = ((ort_run(hidden, logits, ort_out).float() - ours_out.float()).norm()
+                                  / ours_out.float().norm()).item()
+            row["ort_moe_ms"] = bench(lambda: ort_run(hidden, logits, ort_out))
         rows.append(row)
         print_row(row)
     del gate_up, down
@@ -119,12 +185,13 @@ def kernel_breakdown(name, t):
 
 def print_row(r):
     ms = r["ours_ms"]
-    others = {k: r[k] for k in ("batched_mm_ms", "grouped_mm_ms") if k in r}
+    others = {k: r[k] for k in ("batched_mm_ms", "grouped_mm_ms", "ort_moe_ms") if k in r}
     best_other = min(others.values())
     fmt = lambda k: f"{r[k] * 1e3:9.1f}" if k in r else "     skip"
+    ort_err = f"{r['ort_rel_err']:.1e}" if "ort_rel_err" in r else "-"
     print(f"| {r['shape']:18s} | {r['T']:5d} | {ms * 1e3:9.1f} | {r['weight_bytes'] / ms / 1e6:7.0f} | "
-          f"{r['flops'] / ms / 1e9:7.1f} | {fmt('batched_mm_ms')} | {fmt('grouped_mm_ms')} | "
-          f"{best_other / ms:6.2f}x |", flush=True)
+          f"{r['flops'] / ms / 1e9:7.1f} | {fmt('batched_mm_ms')} | {fmt('grouped_mm_ms')} | {fmt('ort_moe_ms')} "
+          f"({ort_err}) | {best_other / ms:6.2f}x |", flush=True)
 
 
 def main(argv=None):
@@ -133,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None, help="also write the rows and ceilings here")
     parser.add_argument("--ours-only", action="store_true", help="time only the fused kernels")
+    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's com.microsoft:MoE (CUDA provider)")
+    parser.add_argument("--workdir", default=None, help="where the ORT models' weights are written (default: tmp)")
     parser.add_argument("--breakdown", default="", help="shape:T pairs to profile per kernel, e.g. qwen1.5-moe-a2.7b:1")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -142,10 +211,13 @@ def main(argv=None):
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__}"
           f" | triton {triton.__version__}")
     print(f"ceilings: copy {bandwidth:.0f} GB/s (read+write), bf16 matmul 8192^3 {rate:.0f} TFLOP/s")
-    print("| shape              |     T |  ours µs |    GB/s | TFLOP/s | batched_mm µs | grouped_mm µs | vs best |")
+    print("| shape              |     T |  ours µs |    GB/s | TFLOP/s | batched_mm µs | grouped_mm µs | "
+          "ORT MoE µs (rel. diff to ours) | vs best |")
     rows = []
-    for name in args.shapes.split(","):
-        bench_shape(name, [int(t) for t in args.tokens.split(",")], rows, args.ours_only)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for name in args.shapes.split(","):
+            bench_shape(name, [int(t) for t in args.tokens.split(",")], rows, args.ours_only,
+                        None if args.no_ort else workdir)
     if args.ours_only:
         return 0
     a27 = {r["T"]: r for r in rows if r["shape"] == "qwen1.5-moe-a2.7b"}

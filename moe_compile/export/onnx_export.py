@@ -12,6 +12,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ..errors import MoeCompileError
+from .fused_moe_onnx import TRANSLATIONS
 
 OPSET = 18
 # onnxruntime 1.30 and TensorRT's parser both read IR 10 (ONNX 1.16); newer writers default higher.
@@ -38,6 +39,7 @@ def export_onnx(program: ExportedProgram, input_names: list[str], output_names: 
             output_names=output_names,
             opset_version=OPSET,
             optimize=True,
+            custom_translation_table=TRANSLATIONS,  # moe_compile::fused_moe -> com.microsoft:MoE
             verbose=False,
         )
     except Exception as exc:

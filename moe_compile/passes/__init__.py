@@ -1,9 +1,9 @@
 """FX passes over the captured program. Importing the modules registers the passes."""
 
-from . import auto, dense, gather  # noqa: F401
+from . import auto, dense, fused, gather  # noqa: F401
 from .base import PASSES, PassManager, PassResult, data_dependent_nodes, list_passes
 
-LOWERINGS = ("auto", "gather", "dense")
+LOWERINGS = ("auto", "gather", "dense", "fused")
 
 
 def lowering_pipeline(lowering: str) -> list[str]:

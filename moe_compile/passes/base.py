@@ -29,6 +29,10 @@ class PassResult:
     program: ExportedProgram
     matches: int
     skipped: str | None = None
+    # Per MoE layer (experts module path), for a pass that chooses per layer: the lowering it got,
+    # and why it did not get the pass's own one (a fallback).
+    layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Pass:
@@ -84,12 +88,16 @@ class PassManager:
             raise MoeCompileError(f"unknown pass(es) {unknown}; registered passes: {', '.join(sorted(PASSES))}")
         self.pipeline = pipeline
         self.options = options
+        self.layers: dict[str, str] = {}  # MoE layer -> lowering, where a pass chose per layer
+        self.reasons: dict[str, str] = {}  # MoE layer -> why it fell back
 
     def run(self, program: ExportedProgram) -> tuple[ExportedProgram, dict[str, int]]:
         matches = {}
         for name in self.pipeline:
             result = PASSES[name](**self.options)(program)
             program, matches[name] = result.program, result.matches
+            self.layers.update(result.layers)
+            self.reasons.update(result.reasons)
         leftovers = op_nodes(program, torch.ops.moe_compile.experts.default) + data_dependent_nodes(program)
         if leftovers:
             raise MoeCompileError(f"after passes {self.pipeline} the graph still has data-dependent nodes: {leftovers}")

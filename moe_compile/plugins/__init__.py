@@ -1,4 +1,4 @@
-"""The fused MoE op: CUDA kernels behind a C ABI (csrc/), their build, and a torch binding.
-
-Import ``moe_compile.plugins.torch_ops`` to register ``torch.ops.moe_compile.fused_moe_cuda``.
+"""The fused MoE op: CUDA kernels behind a C ABI (csrc/), their build, a torch binding
+(``torch_ops``: ``torch.ops.moe_compile.fused_moe_cuda``), the graph op the `fused` lowering emits
+(``fused_op``: ``torch.ops.moe_compile.fused_moe``) and the TensorRT plugin (``trt_plugin``).
 """

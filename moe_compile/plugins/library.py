@@ -1,6 +1,6 @@
 """ctypes view of the kernel library's C ABI (csrc/fused_moe.h). No torch here: pointers are ints.
 
-The TensorRT plugin will call the same four functions; keep this file a 1:1 mirror of the header.
+The TensorRT plugin (trt_plugin.py) calls the same functions; keep this file a 1:1 mirror of the header.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ class Dtype(enum.IntEnum):
     BF16 = 2
 
 
+class GateUpLayout(enum.IntEnum):
+    CONCATENATED = 0  # gate rows, then up rows (transformers 5.x)
+    INTERLEAVED = 1  # g0, u0, g1, u1, ... (com.microsoft:MoE swiglu_fusion=1)
+
+
 class RoutingKind(enum.IntEnum):
     SOFTMAX_TOPK = 0
     SIGMOID_GROUP_TOPK = 1
@@ -35,7 +40,7 @@ class Status(enum.IntEnum):
 
 class _Shape(ctypes.Structure):
     _fields_ = [("num_tokens", ctypes.c_int64), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
-                ("num_experts", ctypes.c_int64), ("dtype", ctypes.c_int32)]
+                ("num_experts", ctypes.c_int64), ("dtype", ctypes.c_int32), ("gate_up_layout", ctypes.c_int32)]
 
 
 class _Routing(ctypes.Structure):
@@ -64,8 +69,9 @@ class KernelError(RuntimeError):
     """A launcher call returned a non-OK status; the message is the library's own text."""
 
 
-def shape_c(num_tokens: int, hidden: int, intermediate: int, num_experts: int, dtype: Dtype) -> _Shape:
-    return _Shape(num_tokens, hidden, intermediate, num_experts, int(dtype))
+def shape_c(num_tokens: int, hidden: int, intermediate: int, num_experts: int, dtype: Dtype,
+            gate_up_layout: GateUpLayout = GateUpLayout.CONCATENATED) -> _Shape:
+    return _Shape(num_tokens, hidden, intermediate, num_experts, int(dtype), int(gate_up_layout))
 
 
 def library_path() -> Path:
@@ -87,6 +93,8 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_forward.restype = ctypes.c_int
     lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
     lib.moe_compile_route.restype = ctypes.c_int
+    lib.moe_compile_to_float.argtypes = [vp, ctypes.c_int32, vp, ctypes.c_int64, vp]
+    lib.moe_compile_to_float.restype = ctypes.c_int
     lib.moe_compile_status_string.argtypes = [ctypes.c_int]
     lib.moe_compile_status_string.restype = ctypes.c_char_p
     return lib
@@ -118,3 +126,7 @@ def route(shape: _Shape, routing: Routing, logits: int, bias: int | None, ids: i
     status = load().moe_compile_route(ctypes.byref(shape), ctypes.byref(routing.as_c()), logits, bias, ids,
                                       weights, stream)
     check(status, "moe_compile_route")
+
+
+def to_float(src: int, dtype: Dtype, dst: int, count: int, stream: int) -> None:
+    check(load().moe_compile_to_float(src, int(dtype), dst, count, stream), "moe_compile_to_float")

@@ -32,6 +32,14 @@ def test_rejects_invalid_arguments(shape, routing, reason):
         library.workspace_size(library.shape_c(*shape, Dtype.BF16), routing)
 
 
+def test_gate_up_layouts():
+    """Both layouts size the same workspace; an unknown layout value is refused."""
+    shapes = [library.shape_c(4, 2048, 1408, 60, Dtype.BF16, layout) for layout in library.GateUpLayout]
+    assert len({library.workspace_size(s, ROUTING) for s in shapes}) == 1
+    with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
+        library.workspace_size(library.shape_c(4, 2048, 1408, 60, Dtype.BF16, 2), ROUTING)
+
+
 def test_forward_rejects_a_small_workspace_before_touching_the_gpu():
     shape = library.shape_c(4, 2048, 1408, 60, Dtype.BF16)
     need = library.workspace_size(shape, ROUTING)

@@ -34,10 +34,10 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
   const T* xs[NMAX];
 #pragma unroll
   for (int s = 0; s < NMAX; ++s) xs[s] = x + (size_t)(ws.perm_entry[row0 + min(s, n - 1)] / p.K) * p.H;
-  const T* rows[R];  // gate rows j0.., then up rows I+j0..
+  const T* rows[R];  // gate rows of columns j0.., then their up rows
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    rows[r] = w + ((size_t)e * 2 * p.I + (r < kCols ? j0 + r : p.I + j0 + r - kCols)) * p.H;
+    rows[r] = w + ((size_t)e * 2 * p.I + gate_up_row(p, j0 + r % kCols, r >= kCols)) * p.H;
 
   float acc[R][NMAX];
 #pragma unroll

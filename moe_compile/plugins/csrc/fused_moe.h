@@ -20,12 +20,18 @@ typedef enum {
   MOE_ROUTING_SIGMOID_GROUP_TOPK = 1,
 } moe_routing_kind;
 
+typedef enum {
+  MOE_GATE_UP_CONCATENATED = 0,  // gate_up rows: gate 0..I-1, then up 0..I-1 (transformers 5.x)
+  MOE_GATE_UP_INTERLEAVED = 1,   // gate_up rows: g0, u0, g1, u1, ... (com.microsoft:MoE swiglu_fusion=1)
+} moe_gate_up_layout;
+
 typedef struct {
   int64_t num_tokens;    // T
   int64_t hidden;        // H, multiple of 8
   int64_t intermediate;  // I, multiple of 8
   int64_t num_experts;   // E, <= 1024
   int32_t dtype;         // moe_dtype of hidden, weights and output
+  int32_t gate_up_layout;  // moe_gate_up_layout
 } moe_shape;
 
 typedef struct {
@@ -48,7 +54,7 @@ enum {
 size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing);
 
 // out[T,H] = sum_k w_k * down_e(silu(gate_e x) * up_e x), e = the k-th routed expert.
-//   hidden [T,H], gate_up [E,2I,H] (rows 0..I-1 gate, I..2I-1 up), down [E,H,I]: dtype
+//   hidden [T,H], gate_up [E,2I,H] (row order: shape->gate_up_layout), down [E,H,I]: dtype
 //   router_logits [T,E] float32; expert_bias [E] float32 or NULL (sigmoid mode only)
 // Deterministic: no float atomics; two runs give bitwise-identical outputs.
 int moe_compile_forward(const moe_shape* shape, const moe_routing* routing, const void* hidden,
@@ -60,6 +66,10 @@ int moe_compile_forward(const moe_shape* shape, const moe_routing* routing, cons
 int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
                       const float* router_logits, const float* expert_bias, int32_t* topk_ids,
                       float* topk_weights, void* cuda_stream);
+
+// dst[i] = (float)src[i] for n elements of moe_dtype `dtype` (router logits arrive in the model's
+// dtype through the TensorRT plugin). MOE_ERR_CUDA carries no text here: see the launch error.
+int moe_compile_to_float(const void* src, int32_t dtype, float* dst, int64_t n, void* cuda_stream);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(256)
   const bool b_ok = n0 + lr < nout;
   const float* b_ptr[2];
   for (int h = 0; h < (GATED ? 2 : 1); ++h)
-    b_ptr[h] = w + ((size_t)e * (GATED ? 2 * p.I : p.H) + (b_ok ? n0 + lr : 0) + h * p.I) * kdim;
+    b_ptr[h] = w + ((size_t)e * (GATED ? 2 * p.I : p.H) +
+                    (GATED ? gate_up_row(p, b_ok ? n0 + lr : 0, h) : (b_ok ? n0 + lr : 0))) * kdim;
 
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   float acc[GATED ? 2 : 1][4][4] = {};

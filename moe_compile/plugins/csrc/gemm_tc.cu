@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     int wrow = GATED ? n0 + (r / 16) * 8 + r % 8 : n0 + r;
     b_ok[i] = wrow < nout;
     if (!b_ok[i]) wrow = 0;
-    if (GATED && (r % 16) >= 8) wrow += p.I;
+    if (GATED) wrow = gate_up_row(p, wrow, (r % 16) >= 8);
     b_ptr[i] = w + ((size_t)e * (GATED ? 2 * p.I : p.H) + wrow) * kdim + chunk * 8;
   }
 

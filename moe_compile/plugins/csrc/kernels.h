@@ -18,7 +18,13 @@ struct Problem {
   int P;  // T*K routed (token, expert) entries
   moe_dtype dtype;
   moe_routing routing;
+  bool gate_up_interleaved;  // moe_gate_up_layout
 };
+
+// Row of gate_up_proj[e] holding gate (up = 0) or up (up = 1) output column j.
+__host__ __device__ inline int gate_up_row(const Problem& p, int j, int up) {
+  return p.gate_up_interleaved ? 2 * j + up : j + up * p.I;
+}
 
 // Views into the caller's workspace. Permuted row p (grouped by expert) holds routing entry
 // perm_entry[p] = t*K + k; entry_pos is the inverse map.

@@ -94,6 +94,7 @@ bool make_problem(const moe_shape* s, const moe_routing* r, Problem* p) {
   if (s->num_experts < 1 || s->num_experts > 1024) return false;
   if (s->dtype != MOE_DTYPE_F32 && s->dtype != MOE_DTYPE_F16 && s->dtype != MOE_DTYPE_BF16) return false;
   if (!valid_routing(*r, (int)s->num_experts)) return false;
+  if (s->gate_up_layout != MOE_GATE_UP_CONCATENATED && s->gate_up_layout != MOE_GATE_UP_INTERLEAVED) return false;
   p->T = (int)s->num_tokens;
   p->H = (int)s->hidden;
   p->I = (int)s->intermediate;
@@ -102,6 +103,7 @@ bool make_problem(const moe_shape* s, const moe_routing* r, Problem* p) {
   p->P = p->T * p->K;
   p->dtype = static_cast<moe_dtype>(s->dtype);
   p->routing = *r;
+  p->gate_up_interleaved = s->gate_up_layout == MOE_GATE_UP_INTERLEAVED;
   return true;
 }
 
