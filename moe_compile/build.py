@@ -1,8 +1,9 @@
-"""`build`: checkpoint -> OUT/{model.onnx, manifest.json, program.pt2, tokenizer/}.
+"""`build`: checkpoint -> OUT/{model.onnx, manifest.json, program.pt2, tokenizer/, engine.plan}.
 
-Stages: load, capture, passes, export, check. OUT is written atomically: everything goes to a
-temporary sibling directory that replaces OUT only once complete, so a failed or interrupted
-build leaves no half-written OUT and a previous good build stays until the new one is whole.
+Stages: load, capture, passes, export, check, engine (TensorRT: moe_compile/trt/). OUT is written
+atomically: everything goes to a temporary sibling directory that replaces OUT only once complete,
+so a failed or interrupted build leaves no half-written OUT and a previous good build stays until
+the new one is whole.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from .models.loading import DTYPES, load_model, read_family, resolve_checkpoint
 from .passes import LOWERINGS, PassManager, lowering_pipeline
 from .passes.auto import DEFAULT_THRESHOLD
 from .runtime.torch_backend import PROGRAM_FILE
+from .trt.engine import build_engine
 
 log = logging.getLogger("moe_compile")
+BUILD_BACKENDS = ("auto", "onnx", "trt")
 
 
 def build(
@@ -40,9 +43,14 @@ def build(
     auto_threshold: int = DEFAULT_THRESHOLD,
     trust_remote_code: bool = False,
     progress: bool = True,
+    backend: str = "auto",
+    timing_cache: str | Path | None = None,
 ) -> Path:
+    """`backend`: "auto" builds engine.plan when a TensorRT package is installed, "trt" requires one,
+    "onnx" skips the engine."""
     out = Path(out)
     check_request(out, dtype, lowering, max_batch, max_seq)
+    tensorrt = engine_builder(backend, lowering)
     stages = _Stages(progress)
     with stages("load"):
         path = resolve_checkpoint(model)
@@ -51,7 +59,8 @@ def build(
     with stages("capture"):
         captured = capture(torch_model, max_batch, max_seq)
     with stages("passes"):
-        program, _ = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold).run(captured.program)
+        passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold)
+        program, _ = passes.run(captured.program)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -66,18 +75,13 @@ def build(
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad = torch_model.generation_config.pad_token_id
         manifest = Manifest(
-            family={
-                "model_type": family.model_type,
-                "routing": family.routing.value,
-                "renormalize": family.renormalize(config),
-                "attention": family.attention,
-                "shared_expert": family.shared_expert,
-            },
+            family=family.describe(config),
             source=model,
             dtype=dtype,
             lowering=lowering,
             auto_threshold=auto_threshold,
-            layers={name: lowering for name in captured.moe_layers},
+            layers={name: per_layer(name, passes.layers, lowering) for name in captured.moe_layers},
+            fallbacks={name: why for name in captured.moe_layers if (why := per_layer(name, passes.reasons, None))},
             max_batch=max_batch,
             max_seq=max_seq,
             vocab_size=config.vocab_size,
@@ -96,6 +100,11 @@ def build(
         manifest.write(tmp)
         with stages("check"):
             check_build(tmp, manifest, program, captured)
+        if tensorrt is not None:
+            with stages("engine"):
+                manifest.engine = build_engine(tmp, manifest, tensorrt, Path(timing_cache) if timing_cache else None)
+            manifest.files.append(manifest.engine["file"])  # after model.onnx: files[0] stays the ONNX
+            manifest.write(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,6 +126,30 @@ def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq:
         raise ArtifactError(f"'{out}' exists and is not a previous moe-compile build; choose another -o")
 
 
+def engine_builder(backend: str, lowering: str):
+    """The TensorRT to build engine.plan with, or None to skip it; refuses before any work."""
+    from .trt import compat
+
+    if backend not in BUILD_BACKENDS:
+        raise RequestError(f"unknown backend '{backend}'; choose one of {', '.join(BUILD_BACKENDS)}")
+    if backend == "onnx" or (backend == "auto" and compat.find() is None):
+        return None
+    try:
+        tensorrt = compat.load()
+    except compat.TensorRTMissing as exc:
+        if backend == "trt":
+            raise
+        log.warning("engine skipped: %s", exc)  # auto: an installed but broken TensorRT is reported, not fatal
+        return None
+    if lowering == "fused" and tensorrt.rtx:
+        reason = "the fused lowering's MoE node needs moe-compile's TensorRT plugin, which tensorrt_rtx cannot run"
+        if backend == "trt":
+            raise RequestError(f"{reason}: build with --lowering auto, or install full tensorrt")
+        log.warning("engine skipped: %s (--lowering auto builds one)", reason)
+        return None
+    return tensorrt
+
+
 def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     """One sample step through ONNX Runtime against the lowered torch program."""
     from .runtime.ort_backend import OrtBackend, UnsupportedDtypeError
@@ -136,6 +169,13 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     tolerance = 1e-4 if manifest.dtype == "fp32" else 5e-2
     if error > tolerance:
         raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program by {error:.2e} (relative)")
+
+
+def per_layer(name: str, by_path: dict[str, str], default):
+    """The pass's entry for an experts module. Passes see paths from the captured root (the decoder
+    step wrapping the model), the model names them from its own root: match the longest suffix."""
+    hits = [path for path in by_path if path == name or path.endswith("." + name)]
+    return by_path[max(hits, key=len)] if hits else default
 
 
 def save_tokenizer(checkpoint: Path, target: Path, trust_remote_code: bool) -> bool:

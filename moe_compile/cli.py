@@ -27,16 +27,23 @@ def _parser() -> argparse.ArgumentParser:
                            epilog=EPILOG.format(embedded=", ".join(sorted(EMBEDDED))))
     build.add_argument("model", metavar="MODEL", help="hub id, local checkpoint directory or embedded model name")
     build.add_argument("-o", "--out", required=True, help="output directory (replaced atomically if it is a previous build)")
-    build.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights/activations dtype (default fp32)")
+    dtype = build.add_mutually_exclusive_group()
+    dtype.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights/activations dtype (default fp32)")
+    for name in ("fp32", "fp16", "bf16"):
+        dtype.add_argument(f"--{name}", dest="dtype", action="store_const", const=name, help=f"--dtype {name}")
     build.add_argument("--lowering", choices=LOWERINGS, default="auto", help="how the MoE experts are lowered (default auto)")
     build.add_argument("--auto-threshold", type=int, default=DEFAULT_THRESHOLD,
                        help=f"auto: largest token count that uses gather (default {DEFAULT_THRESHOLD})")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the build serves (default 8)")
     build.add_argument("--max-seq", type=int, default=2048, help="largest total sequence length, prompt + new tokens (default 2048)")
     build.add_argument("--trust-remote-code", action="store_true", help="allow code and pickle weights from the checkpoint (off by default)")
+    build.add_argument("--backend", choices=["auto", "onnx", "trt"], default="auto",
+                       help="trt: also build engine.plan (TensorRT required); onnx: skip it; auto (default): trt when "
+                            "tensorrt or tensorrt_rtx is installed")
+    build.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to reuse and update across builds")
 
     run = sub.add_parser("run", help="generate from a build, streaming tokens")
-    run.add_argument("out", metavar="OUT", help="a build output directory")
+    run.add_argument("out", metavar="OUT", help="a build output directory, or its engine.plan (runs with --backend trt)")
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs the build's tokenizer)")
     source.add_argument("--input-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -46,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     run.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     run.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    run.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
+    run.add_argument("--backend", choices=sorted(BACKENDS), help="runtime backend (default ort; trt for a .plan)")
 
     verify = sub.add_parser("verify", help="compare a build with transformers eager; non-zero exit on mismatch")
     verify.add_argument("out", metavar="OUT", help="a build output directory")
@@ -54,10 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
     verify.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
 
-    inspect = sub.add_parser("inspect", help="print a build's manifest, ONNX inputs/outputs and op histogram")
-    inspect.add_argument("out", metavar="OUT", help="a build output directory")
+    bench = sub.add_parser("bench", help="prefill latency, decode tokens/s and peak memory of a build")
+    bench.add_argument("out", metavar="OUT", help="a build output directory")
+    bench.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
+    bench.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1), e.g. 1,8,32")
+    bench.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths (default 128), e.g. 128,2048")
+    bench.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps timed per setting (default 128)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed prefills per setting, median reported (default 3)")
+    bench.add_argument("--json", action="store_true", help="print one machine-readable JSON record instead of the table")
 
-    sub.add_parser("families", help="list the supported model families")
+    inspect = sub.add_parser("inspect", help="print a build's manifest, ONNX inputs/outputs and op histogram")
+    inspect.add_argument("out", metavar="OUT", help="a build output directory, or its engine.plan")
+
+    families = sub.add_parser("families", help="list the supported model families")
+    families.add_argument("--markdown", action="store_true", help="print the docs' table (README.md, docs/FAMILIES.md)")
     sub.add_parser("passes", help="list the registered passes")
     return parser
 
@@ -83,14 +100,16 @@ def _build(args) -> None:
 
     start = time.perf_counter()
     out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, max_batch=args.max_batch,
-                max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold)
+                max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
+                backend=args.backend, timing_cache=args.timing_cache)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
 
 def _run(args) -> None:
     from .api import load
 
-    model = load(args.out, args.backend)
+    out, backend = _target(args.out, args.backend)
+    model = load(out, backend)
     prompt = args.prompt if args.prompt is not None else _token_ids(args.input_ids)
     generated: list[int] = []
     printed = ""
@@ -109,8 +128,28 @@ def _run(args) -> None:
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
     stats = model.last_stats
     print()
-    print(f"[{args.backend}] prefill {stats.prefill_ms:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
+    print(f"[{backend}] prefill {stats.prefill_ms:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
           f"{stats.new_tokens} new tokens", file=sys.stderr)
+
+
+def _target(path: str, backend: str | None) -> tuple[str, str]:
+    """OUT or OUT/engine.plan -> (OUT, backend): a plan runs with TensorRT, from the manifest beside it."""
+    from pathlib import Path
+
+    from .errors import ArtifactError, RequestError
+    from .export.manifest import MANIFEST
+
+    if not path.endswith(".plan"):
+        return path, backend or "ort"
+    plan = Path(path)
+    if not plan.is_file():
+        raise ArtifactError(f"{plan} does not exist")
+    if not (plan.parent / MANIFEST).is_file():
+        raise ArtifactError(f"{plan} has no {MANIFEST} beside it: a plan runs only with the manifest (and tokenizer) "
+                            "that 'moe-compile build' wrote with it; rebuild, or copy the whole build directory")
+    if backend not in (None, "trt"):
+        raise RequestError(f"{plan} is a TensorRT engine: run it with --backend trt, or give the directory for --backend {backend}")
+    return str(plan.parent), "trt"
 
 
 def _token_ids(text: str) -> list[int]:
@@ -133,6 +172,28 @@ def _verify(args) -> int:
     return 0 if report.passed else 1
 
 
+def _bench(args) -> None:
+    import json
+
+    from .runtime.benchmark import bench, table
+
+    batches, prompt_lens = _int_list(args.batch, "--batch"), _int_list(args.prompt_len, "--prompt-len")
+    record = bench(args.out, args.backend, batches, prompt_lens, args.new_tokens, args.repeats)
+    print(json.dumps(record, indent=2) if args.json else "\n".join(table(record)))
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from .errors import RequestError
+
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise RequestError(f"{flag} must be comma-separated integers, got '{text}'") from None
+    if not values:
+        raise RequestError(f"{flag} is empty")
+    return values
+
+
 def _inspect(args) -> None:
     import collections
     import json
@@ -141,21 +202,30 @@ def _inspect(args) -> None:
 
     from .export.manifest import read_manifest
 
-    manifest = read_manifest(args.out)
-    print(json.dumps({k: v for k, v in vars(manifest).items() if k not in ("inputs", "outputs")}, indent=2))
+    out, _ = _target(args.out, None)
+    manifest = read_manifest(out)
+    print(json.dumps({k: v for k, v in vars(manifest).items() if k not in ("inputs", "outputs", "engine")}, indent=2))
     for kind, values in (("input", manifest.inputs), ("output", manifest.outputs)):
         for value in values:
             print(f"{kind:6} {value['name']:32} {value['dtype']:8} {value['shape']}")
-    graph = onnx.load(f"{args.out}/{manifest.files[0]}", load_external_data=False).graph
+    graph = onnx.load(f"{out}/{manifest.files[0]}", load_external_data=False).graph
     histogram = collections.Counter(node.op_type for node in graph.node)
     print("ops: " + ", ".join(f"{op} {n}" for op, n in histogram.most_common()))
+    if manifest.engine:
+        from .trt.inspect import describe
+
+        print("\n".join(describe(out, manifest)))
 
 
-def _families(_args) -> None:
+def _families(args) -> None:
     from .models import FAMILIES
+    from .models.spec import families_table
 
+    if args.markdown:
+        print(families_table(), end="")
+        return
     for name, spec in sorted(FAMILIES.items()):
-        print(f"{name:12} routing={spec.routing.value:14} attention={spec.attention:14} shared_expert={spec.shared_expert}")
+        print(f"{name:17} routing={spec.routing.value:19} attention={spec.attention:25} shared_expert={spec.shared_expert}")
 
 
 def _passes(_args) -> None:
@@ -165,7 +235,7 @@ def _passes(_args) -> None:
         print(f"{name:8} {description}")
 
 
-COMMANDS = {"build": _build, "run": _run, "verify": _verify, "inspect": _inspect, "families": _families, "passes": _passes}
+COMMANDS = {"build": _build, "run": _run, "verify": _verify, "inspect": _inspect, "bench": _bench, "families": _families, "passes": _passes}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,11 +59,14 @@ def built(checkpoint, tmp_path_factory):
 
     root = _shared_root(tmp_path_factory)
 
-    def make(variant: str, lowering: str = "auto", dtype: str = "fp32", max_batch: int = 4, max_seq: int = 128) -> Path:
+    # backend="onnx" by default: no engine.plan unless a test asks (tests/test_trt.py builds engines itself).
+    def make(variant: str, lowering: str = "auto", dtype: str = "fp32", max_batch: int = 4, max_seq: int = 128,
+             backend: str = "onnx") -> Path:
         def run(out: Path) -> None:
             build(str(checkpoint(variant)), out, dtype=dtype, lowering=lowering, max_batch=max_batch,
-                  max_seq=max_seq, progress=False)
+                  max_seq=max_seq, progress=False, backend=backend)
 
-        return _once(root / f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}", run)
+        engine = "" if backend == "onnx" else f"-{backend}"
+        return _once(root / f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}{engine}", run)
 
     return make

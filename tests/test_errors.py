@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def cli(*args, env=None):
@@ -68,8 +69,11 @@ def test_out_that_is_not_a_build_is_kept(checkpoint, tmp_path):
         (["--input-ids", "1,2", "--temperature", "-1"], ["temperature"]),
         (["--input-ids", "1,2", "--top-k", "-3"], ["top_k"]),
         (["--input-ids", "1,x"], ["--input-ids"]),
+        pytest.param(["--input-ids", "1,2", "--backend", "torch-cuda"], ["torch-cuda", "CUDA GPU"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")),
     ],
-    ids=["empty-prompt", "too-long", "top-p-high", "top-p-zero", "negative-temperature", "negative-top-k", "bad-ids"],
+    ids=["empty-prompt", "too-long", "top-p-high", "top-p-zero", "negative-temperature", "negative-top-k", "bad-ids",
+         "torch-cuda-without-gpu"],
 )
 def test_bad_run_requests(built, args, words):
     out = built("qwen2_moe", "auto")

@@ -16,7 +16,8 @@ from moe_compile.export.onnx_export import export_onnx
 from moe_compile.models.loading import load_model
 from moe_compile.passes import PASSES, PassManager
 
-LOWERING_OPS = {"gather": ("Gather", "ScatterElements"), "dense": ("ScatterElements", "If"), "auto": ("If", None)}
+LOWERING_OPS = {"gather": ("Gather", "ScatterElements"), "dense": ("ScatterElements", "If"), "auto": ("If", None),
+                "fused": ("MoE", "If")}
 
 
 @pytest.fixture(scope="module")

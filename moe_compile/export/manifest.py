@@ -39,6 +39,9 @@ class Manifest:
     tokenizer: bool
     tool_versions: dict[str, str]
     format: str = FORMAT
+    fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # experts module -> why it did not get `lowering`
+    # engine.plan's record (moe_compile/trt/engine.py: package, version, profiles, ...); None without an engine
+    engine: dict[str, Any] | None = None
 
     def write(self, out: Path) -> None:
         (out / MANIFEST).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""Backends (ONNX Runtime, torch reference) and the shared decode loop."""
+"""Backends (ONNX Runtime, TensorRT, torch reference) and the shared decode loop."""
 
-from . import ort_backend, torch_backend  # noqa: F401  (register the backends)
+from . import ort_backend, torch_backend, trt_backend  # noqa: F401  (register the backends)
 from .backend import BACKENDS, Backend
 from .generate import Stats, generate
 from .sampling import Sampling

@@ -46,6 +46,14 @@ class Backend:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Feed [B, S] new tokens; returns float32 logits [B, S, V] and extends the KV cache."""
+        return self._checked(self._step, input_ids, attention_mask, position_ids)
+
+    def step_last(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Like `step`, but returns only the last position's logits [B, V]: what the decode loop samples
+        from. Backends that keep logits on a device copy only these rows to the host."""
+        return self._checked(self._step_last, input_ids, attention_mask, position_ids)
+
+    def _checked(self, run, input_ids, attention_mask, position_ids) -> np.ndarray:
         batch, new = input_ids.shape
         if batch != self.batch:
             raise RequestError(f"step got batch {batch} but the cache was reset for {self.batch}")
@@ -56,7 +64,7 @@ class Backend:
             )
         if attention_mask.shape != (batch, self.length + new):
             raise RequestError(f"attention_mask shape {attention_mask.shape} != {(batch, self.length + new)}")
-        logits = self._step(input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64))
+        logits = run(input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64))
         self.length += new
         return logits
 
@@ -68,6 +76,9 @@ class Backend:
 
     def _step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         raise NotImplementedError
+
+    def _step_last(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        return self._step(input_ids, attention_mask, position_ids)[:, -1]
 
     def kv_names(self) -> tuple[list[str], list[str]]:
         past = [i["name"] for i in self.manifest.inputs if i["name"].startswith("past_key_values.")]

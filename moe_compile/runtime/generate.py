@@ -30,14 +30,14 @@ def prefill(backend: Backend, prompts: list[list[int]], pad_id: int) -> tuple[np
         mask[row, length - len(prompt) :] = 1
     positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
     backend.reset(len(prompts))
-    return backend.step(ids, mask, positions)[:, -1], mask
+    return backend.step_last(ids, mask, positions), mask
 
 
 def decode_one(backend: Backend, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Feed one token per row; returns (logits [B, V], the extended mask)."""
     mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
     positions = mask.sum(axis=1, keepdims=True) - 1
-    return backend.step(tokens[:, None], mask, positions)[:, -1], mask
+    return backend.step_last(tokens[:, None], mask, positions), mask
 
 
 def generate(

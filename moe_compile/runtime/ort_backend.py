@@ -1,69 +1,154 @@
-"""ONNX Runtime backend. The KV cache stays in OrtValues between steps: each step binds the
-previous step's `present.*` outputs as its `past_key_values.*` inputs through IOBinding, so the
-cache is never copied through numpy; only the logits come back to the host."""
+"""ONNX Runtime backends: `ort` (CPU provider) and `ort-cuda` (CUDA provider), one code path.
+
+The KV cache lives where the provider computes, for the whole generation. `reset` allocates two
+buffers per KV tensor, each long enough for `max_seq` tokens, on the provider's device; every step
+binds the first `P` positions of one as `past_key_values.*` and lets the graph write `present.*`
+(`P + S` positions) straight into the other, then the two swap roles. No allocation, no copy and no
+host round trip of the cache between steps: IOBinding with raw buffer pointers, the same calls on
+'cpu' and 'cuda'. A `[B, H, P, D]` tensor is contiguous, so any `P <= max_seq` is a prefix of the
+buffer. Logits stay on the device too; only the rows asked for (the last position, for the decode
+loop) are copied to the host.
+
+    step t:   past ── buffer A[:B·H·P·D]  ──▶ graph ──▶ present ── buffer B[:B·H·(P+S)·D]
+    step t+1: past ── buffer B             ──▶ graph ──▶ present ── buffer A
+
+The portable past/present form copies the cache once per step inside the graph (the concat); an
+in-place form (a shared KV buffer, ONNX Runtime's GroupQueryAttention) would also fix every
+address and shape, which CUDA-graph replay needs: not done here (docs/BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import ArtifactError, MoeCompileError
+from ..export.manifest import ONNX_FILE
 from .backend import Backend
+from .memory import memory_for
 
-# numpy has no bfloat16: such tensors are created and read as ONNX element types.
-_BF16 = 16  # onnx.TensorProto.BFLOAT16
+# ONNX element types (onnx.TensorProto): numpy has no bfloat16, so buffers are typed by these.
+_ONNX_TYPES = {"fp32": (1, 4), "fp16": (10, 2), "bf16": (16, 2)}
 
 
 class UnsupportedDtypeError(MoeCompileError):
     """The runtime's provider lacks kernels for the build's dtype."""
 
 
+class ProviderUnavailableError(MoeCompileError):
+    """The installed onnxruntime lacks the execution provider this backend needs."""
+
+
 class OrtBackend(Backend):
     name = "ort"
-    providers = ["CPUExecutionProvider"]
+    provider = "CPUExecutionProvider"
+    device = "cpu"
+
+    def provider_options(self) -> dict:
+        return {}
+
+    def session_options(self, options) -> None:
+        """Hook for subclasses (profiling, thread counts); the defaults are ONNX Runtime's."""
 
     def _activate(self) -> None:
         import onnxruntime as ort
 
+        if self.provider not in ort.get_available_providers():
+            raise ProviderUnavailableError(
+                f"backend '{self.name}' needs ONNX Runtime's {self.provider}, but onnxruntime {ort.__version__} here offers "
+                f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu on a CUDA machine or use --backend ort"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        self.session_options(options)
+        providers = [(self.provider, self.provider_options())]
+        if self.provider != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")  # for the shape arithmetic ONNX Runtime keeps on the host
+        path = self.out / ONNX_FILE
         try:
-            self.session = ort.InferenceSession(
-                str(self.out / self.manifest.files[0]), options, providers=self.providers
-            )
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
             reason = str(exc).splitlines()[0][:200]
             if "NOT_IMPLEMENTED" in reason and self.manifest.dtype == "bf16":
                 raise UnsupportedDtypeError(
-                    f"ONNX Runtime ({', '.join(self.providers)}) has no bf16 kernel for this graph ({reason.split(': ')[-1]}); "
+                    f"ONNX Runtime ({self.provider}) has no bf16 kernel for this graph ({reason.split(': ')[-1]}); "
                     "run this build with --backend torch, or build with --dtype fp16 or fp32"
                 ) from None
-            raise ArtifactError(f"ONNX Runtime cannot load {self.out / self.manifest.files[0]}: {reason}") from None
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {reason}") from None
+        if self.session.get_providers()[0] != self.provider:
+            raise ProviderUnavailableError(f"backend '{self.name}': ONNX Runtime could not start {self.provider} (no device?)")
+        self.memory = memory_for(self.device)
         self.past_names, self.present_names = self.kv_names()
-        self.kv_dtype = self.manifest.dtype
+        self.kv_type, self.kv_itemsize = _ONNX_TYPES[self.manifest.dtype]
+        self.kv_dims = [dims for layer in self.manifest.kv["layers"] for dims in layer]  # (heads, head_dim) per tensor
+        self.buffers: list[list] = [[], []]
+        self.capacity = 0  # batch rows the buffers hold at max_seq
 
     def _reset(self, batch: int) -> None:
         import onnxruntime as ort
 
-        self.past = [self._empty(ort, shape) for shape in self.empty_kv_shapes(batch)]
+        if batch > self.capacity:
+            self.buffers = [[], []]  # free the old ones first
+            self.buffers = [
+                [
+                    ort.OrtValue.ortvalue_from_shape_and_type((batch * heads * self.manifest.max_seq * dim,),
+                                                              self.kv_type, self.device, 0)
+                    for heads, dim in self.kv_dims
+                ]
+                for _ in range(2)
+            ]
+            self.capacity = batch
+        self.current = 0  # which buffer set holds the past
 
-    def _empty(self, ort, shape):
-        if self.kv_dtype == "bf16":
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, _BF16, self.device, 0)
-        dtype = np.float16 if self.kv_dtype == "fp16" else np.float32
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
-
-    def _step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+    def _run(self, input_ids, attention_mask, position_ids):
+        """One graph run; returns the logits OrtValue (on the device) and its shape."""
+        batch, new = input_ids.shape
+        past, present = self.buffers[self.current], self.buffers[1 - self.current]
         binding = self.session.io_binding()
+        binding.bind_output("logits", self.device)  # first: get_outputs()[0]
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
-        for name, value in zip(self.past_names, self.past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for name, buffer, (heads, dim) in zip(self.past_names, past, self.kv_dims):
+            binding.bind_input(name, self.device, 0, self.kv_type, [batch, heads, self.length, dim], buffer.data_ptr())
+        for name, buffer, (heads, dim) in zip(self.present_names, present, self.kv_dims):
+            shape = [batch, heads, self.length + new, dim]
+            binding.bind_output(name, self.device, 0, self.kv_type, shape, buffer.data_ptr())
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.past = outputs[1:]
-        return outputs[0].numpy()
+        binding.synchronize_outputs()  # the provider's stream is done before anything reads the buffers
+        self.current = 1 - self.current
+        logits = binding.get_outputs()[0]
+        return logits, logits.shape()
+
+    def _step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        logits, (batch, new, vocab) = self._run(input_ids, attention_mask, position_ids)
+        out = np.empty((batch * new, vocab), np.float32)
+        return self.memory.copy_rows(out, logits.data_ptr(), vocab * 4, batch * new).reshape(batch, new, vocab)
+
+    def _step_last(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        logits, (batch, new, vocab) = self._run(input_ids, attention_mask, position_ids)
+        out = np.empty((batch, vocab), np.float32)
+        return self.memory.copy_rows(out, logits.data_ptr() + (new - 1) * vocab * 4, new * vocab * 4, batch)
+
+    def kv_buffer(self, index: int) -> np.ndarray:
+        """The cache tensor `index` (past/present order) as the next step will read it, copied to the host
+        as raw ONNX-typed elements (for tests and debugging)."""
+        heads, dim = self.kv_dims[index]
+        shape = (self.batch, heads, self.length, dim)
+        raw = np.empty((int(np.prod(shape[:3])), dim * self.kv_itemsize), np.uint8)
+        self.memory.copy_rows(raw, self.buffers[self.current][index].data_ptr(), raw.strides[0], raw.shape[0])
+        dtype = {1: np.float32, 10: np.float16}.get(self.kv_type, np.uint16)
+        return raw.view(dtype).reshape(shape)
+
+
+class OrtCudaBackend(OrtBackend):
+    name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+    device = "cuda"
+
+    def provider_options(self) -> dict:
+        return {
+            "device_id": 0,
+            # fp32 builds promise fp32 arithmetic (parity with transformers); TF32 matmuls would not keep it.
+            "use_tf32": 0 if self.manifest.dtype == "fp32" else 1,
+            "arena_extend_strategy": "kSameAsRequested",  # grow by what is asked: peak memory stays meaningful
+        }
