@@ -45,9 +45,11 @@ def build(
     progress: bool = True,
     backend: str = "auto",
     timing_cache: str | Path | None = None,
+    torch_program: bool = True,
 ) -> Path:
     """`backend`: "auto" builds engine.plan when a TensorRT package is installed, "trt" requires one,
-    "onnx" skips the engine."""
+    "onnx" skips the engine. `torch_program=False` leaves out program.pt2 (the torch backends' input),
+    which holds a second copy of the weights."""
     out = Path(out)
     check_request(out, dtype, lowering, max_batch, max_seq)
     tensorrt = engine_builder(backend, lowering)
@@ -66,7 +68,8 @@ def build(
     try:
         with stages("export"):
             export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE)
-            torch.export.save(program, str(tmp / PROGRAM_FILE))
+            if torch_program:
+                torch.export.save(program, str(tmp / PROGRAM_FILE))
             has_tokenizer = save_tokenizer(path, tmp / "tokenizer", trust_remote_code)
         inputs, outputs = io_signature(tmp / ONNX_FILE)
         config = torch_model.config
@@ -159,16 +162,20 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     except UnsupportedDtypeError as exc:  # bf16 on ONNX Runtime CPU: the ONNX is for GPU runtimes
         log.warning("check skipped: %s", exc)
         return
-    args = sample_inputs(captured.kv_shapes, captured.dtype, 1, 3, 2, manifest.vocab_size)
+    args = sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)
     with torch.no_grad():
-        expected = program.module(check_guards=False)(*args)[0].numpy()
+        expected = program.module(check_guards=False)(*args)[0].float().numpy()
     feeds = {name: a.numpy() for name, a in zip(captured.input_names, args)}
-    got = backend.session.run(["logits"], feeds)[0]
+    got = backend.session.run(["logits"], feeds)[0].astype(np.float32)
     scale = max(float(np.abs(expected).max()), 1e-6)
-    error = float(np.abs(got - expected).max()) / scale
-    tolerance = 1e-4 if manifest.dtype == "fp32" else 5e-2
-    if error > tolerance:
-        raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program by {error:.2e} (relative)")
+    errors = np.abs(got - expected).max(axis=-1).ravel() / scale  # per position
+    # In 16 bits a near-tie in a router can pick another expert at one position: that is rounding,
+    # not a wrong graph, which moves most positions.
+    tolerance, allowed = (1e-4, 0) if manifest.dtype == "fp32" else (5e-2, 1)
+    bad = int((errors > tolerance).sum())
+    if bad > allowed:
+        raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program at {bad} of "
+                              f"{errors.size} positions (worst {errors.max():.2e} relative, tolerance {tolerance:g})")
 
 
 def per_layer(name: str, by_path: dict[str, str], default):

@@ -103,3 +103,44 @@ def test_failed_build_keeps_previous_good_build(built, tmp_path):
     assert rc != 0
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]  # no temporary left behind
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_build_check_catches_a_wrong_graph(built, dtype):
+    """The build's check stage passes on a good build and fails when the ONNX and the program disagree."""
+    from types import SimpleNamespace
+
+    from moe_compile.build import check_build
+    from moe_compile.capture.decoder_step import kv_names
+    from moe_compile.capture.trace import INPUT_NAMES
+    from moe_compile.errors import MoeCompileError
+    from moe_compile.export.manifest import read_manifest
+    from moe_compile.runtime.torch_backend import PROGRAM_FILE
+
+    out = built("qwen2_moe", "auto", dtype)
+    manifest = read_manifest(out)
+    program = torch.export.load(str(out / PROGRAM_FILE))
+    kv_shapes = [tuple(map(tuple, layer)) for layer in manifest.kv["layers"]]
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16}
+    captured = SimpleNamespace(kv_shapes=kv_shapes, dtype=dtypes[dtype],
+                               input_names=INPUT_NAMES + kv_names(len(kv_shapes))[0])
+    check_build(out, manifest, program, captured)
+    norm = next(t for name, t in program.state_dict.items() if name.endswith("model.norm.weight"))
+    with torch.no_grad():
+        norm.mul_(1.5)  # a wrong graph moves every position
+    with pytest.raises(MoeCompileError, match="check failed"):
+        check_build(out, manifest, program, captured)
+
+
+def test_build_without_torch_program(checkpoint, tmp_path):
+    """--no-torch-program: no program.pt2 (nor in the manifest); ONNX Runtime runs it, the torch backend says why not."""
+    out = tmp_path / "out"
+    rc, err = cli("build", str(checkpoint("qwen2_moe")), "-o", str(out), "--max-seq", "32", "--backend", "onnx",
+                  "--no-torch-program")
+    assert rc == 0, err
+    assert not (out / "program.pt2").exists()
+    assert "program.pt2" not in json.loads((out / "manifest.json").read_text())["files"]
+    rc, _ = cli("run", str(out), "--input-ids", "1,2,3", "--max-new-tokens", "2")
+    assert rc == 0
+    assert_one_line_error(*cli("run", str(out), "--input-ids", "1,2,3", "--backend", "torch"), "program.pt2",
+                          "--no-torch-program")

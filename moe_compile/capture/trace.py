@@ -14,6 +14,7 @@ from ..models import family_for
 from .complex_rope import real_rope
 from .decoder_step import DecoderStep, kv_names, kv_shapes
 from .experts_op import traceable
+from .outer_product import outer_products_as_multiply
 
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
 # Sample sizes for tracing: none may be 0 or 1 (export specialises those), all distinct.
@@ -36,13 +37,16 @@ class Captured:
         return next(t.dtype for t in self.program.state_dict.values() if t.is_floating_point())
 
 
-def sample_inputs(shapes, dtype, batch, new, past, vocab: int = 2):
-    input_ids = torch.randint(0, vocab, (batch, new))
+def sample_inputs(shapes, dtype, batch, new, past, vocab: int = 2, seed: int = 0):
+    """Decoder-step inputs with random ids and KV; seeded, so the build's check is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, new), generator=generator)
     attention_mask = torch.ones(batch, past + new, dtype=torch.long)
     position_ids = (torch.arange(new) + past).expand(batch, new).contiguous()
     kv = []
     for (kh, kd), (vh, vd) in shapes:
-        kv += [torch.randn(batch, kh, past, kd).to(dtype), torch.randn(batch, vh, past, vd).to(dtype)]
+        kv += [torch.randn(batch, kh, past, kd, generator=generator).to(dtype),
+               torch.randn(batch, vh, past, vd, generator=generator).to(dtype)]
     return (input_ids, attention_mask, position_ids, *kv)
 
 
@@ -62,7 +66,7 @@ def capture(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
     args = sample_inputs(shapes, model.dtype, _SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST, model.config.vocab_size)
     step = DecoderStep(model, max_seq)
     complex_rope = family_for(model.config.model_type).complex_rope
-    with traceable(model) as modules, real_rope(model, complex_rope), torch.no_grad():
+    with traceable(model) as modules, real_rope(model, complex_rope), outer_products_as_multiply(), torch.no_grad():
         # Size-oblivious reasoning keeps 0 (empty past) and 1 (one new token, batch 1) in range.
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
             try:
