@@ -49,6 +49,18 @@ class OrtBackend(Backend):
     def session_options(self, options) -> None:
         """Hook for subclasses (profiling, thread counts); the defaults are ONNX Runtime's."""
 
+    def _refuse_broken_kernels(self, version: str) -> None:
+        """onnxruntime before 1.32: the CPU com.microsoft:MoE returns zeros in fp16/bf16, silently
+        (seen with 1.30 and 1.31; its CUDA kernel is right)."""
+        from packaging.version import Version
+
+        fused = "fused" in self.manifest.layers.values()
+        if fused and self.provider == "CPUExecutionProvider" and self.manifest.dtype != "fp32" and Version(version) < Version("1.32"):
+            raise UnsupportedDtypeError(
+                f"onnxruntime {version}'s CPU MoE kernel returns zeros in {self.manifest.dtype} (fixed in 1.32); "
+                "upgrade onnxruntime, run this build with --backend ort-cuda or torch, or build with --lowering auto"
+            )
+
     def _activate(self) -> None:
         import onnxruntime as ort
 
@@ -57,6 +69,7 @@ class OrtBackend(Backend):
                 f"backend '{self.name}' needs ONNX Runtime's {self.provider}, but onnxruntime {ort.__version__} here offers "
                 f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu on a CUDA machine or use --backend ort"
             )
+        self._refuse_broken_kernels(ort.__version__)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session_options(options)
