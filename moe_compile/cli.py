@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="trt: also build engine.plan (TensorRT required); onnx: skip it; auto (default): trt when "
                             "tensorrt or tensorrt_rtx is installed")
     build.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to reuse and update across builds")
+    build.add_argument("--no-torch-program", dest="torch_program", action="store_false",
+                       help="leave out program.pt2, the torch backends' input (a second copy of the weights)")
 
     run = sub.add_parser("run", help="generate from a build, streaming tokens")
     run.add_argument("out", metavar="OUT", help="a build output directory, or its engine.plan (runs with --backend trt)")
@@ -101,7 +103,7 @@ def _build(args) -> None:
     start = time.perf_counter()
     out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, max_batch=args.max_batch,
                 max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
-                backend=args.backend, timing_cache=args.timing_cache)
+                backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -23,7 +23,8 @@ class TorchBackend(Backend):
 
         path = self.out / PROGRAM_FILE
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing: the torch backend needs the program saved by 'moe-compile build'")
+            raise ArtifactError(f"{path} is missing (built with --no-torch-program?): backend '{self.name}' needs the "
+                                "program that 'moe-compile build' saves; rebuild without that flag or use --backend ort")
         # Export records size-oblivious guards such as batch != 1 that the graph does not depend on
         # (ONNX Runtime serves those sizes from the same graph; the parity tests cover batch 1).
         program = torch.export.load(str(path))
