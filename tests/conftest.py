@@ -11,12 +11,27 @@ import pytest
 from filelock import FileLock
 
 from moe_compile.models import FAMILIES
+from moe_compile.models.spec import Routing
+from moe_compile.passes import LOWERINGS
 
 # Family variants the parity matrix covers: every registered family, plus config switches
 # that change the routing semantics.
 VARIANTS = {name: spec.tiny_config for name, spec in FAMILIES.items()}
 VARIANTS["qwen2_moe-renorm"] = dict(FAMILIES["qwen2_moe"].tiny_config, norm_topk_prob=True, mlp_only_layers=[],
                                     decoder_sparse_step=2)
+
+
+# Routings com.microsoft:MoE expresses: the fused lowering's parity runs there. Elsewhere it falls
+# back to `auto` in every layer (tests/test_fused.py checks that), so its build is auto's again.
+FUSED_ROUTINGS = {Routing.SOFTMAX_TOPK, Routing.TOPK_SOFTMAX}
+
+
+def lowerings_for(variant: str) -> list[str]:
+    """The lowerings the parity matrix covers for a variant: a dense model has no experts to lower."""
+    spec = FAMILIES[VARIANTS[variant]["model_type"]]
+    if spec.routing is Routing.NONE:
+        return ["auto"]
+    return [low for low in LOWERINGS if low != "fused" or spec.routing in FUSED_ROUTINGS]
 
 
 def _shared_root(tmp_path_factory) -> Path:
@@ -68,5 +83,34 @@ def built(checkpoint, tmp_path_factory):
 
         engine = "" if backend == "onnx" else f"-{backend}"
         return _once(root / f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}{engine}", run)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(checkpoint, tmp_path_factory):
+    """transformers' greedy continuation of each prompt alone, computed once per variant and run (the
+    same for every lowering), shared by pytest-xdist workers through a JSON file."""
+    import hashlib
+    import json
+
+    import torch
+
+    from moe_compile.models.loading import load_model
+
+    root = _shared_root(tmp_path_factory)
+
+    def make(variant: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        def run(path: Path) -> None:
+            model = load_model(checkpoint(variant))
+            tokens = []
+            with torch.no_grad():
+                for prompt in prompts:
+                    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+                    tokens.append(out[0, len(prompt):].tolist())
+            path.write_text(json.dumps(tokens))
+
+        key = hashlib.sha1(json.dumps([prompts, new_tokens]).encode()).hexdigest()[:10]
+        return json.loads(_once(root / f"reference-{variant}-{key}.json", run).read_text())
 
     return make

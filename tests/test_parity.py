@@ -7,31 +7,24 @@ import pytest
 import torch
 
 from moe_compile import load
-from moe_compile.models.loading import load_model
-from moe_compile.passes import LOWERINGS
 from moe_compile.verify import verify
 
-from conftest import VARIANTS
+from conftest import VARIANTS, lowerings_for
 
-# A dense model has no experts to lower: one lowering is enough to prove the pipeline serves it.
-MATRIX = [(v, low) for v in sorted(VARIANTS) for low in (LOWERINGS if VARIANTS[v].get("model_type") != "qwen2" else ["auto"])]
+MATRIX = [(v, low) for v in sorted(VARIANTS) for low in lowerings_for(v)]
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12], [9, 9, 64, 200, 31]]
 
 
 @pytest.mark.parametrize("variant,lowering", MATRIX, ids=[f"{v}-{low}" for v, low in MATRIX])
-def test_logits_and_greedy_match_transformers(built, checkpoint, variant, lowering):
+def test_logits_and_greedy_match_transformers(built, checkpoint, reference_tokens, variant, lowering):
     out = built(variant, lowering)
     report = verify(out, model=str(checkpoint(variant)), new_tokens=32)
     assert report.relative_error <= 1e-4, report.lines()
     assert report.greedy_match, report.lines()
 
     # A batch of prompts of different lengths in one call, each compared with transformers alone.
-    reference = load_model(checkpoint(variant))
     ours = load(out).generate(PROMPTS, max_new_tokens=32)
-    for prompt, generation in zip(PROMPTS, ours):
-        with torch.no_grad():
-            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):]
-        assert generation.token_ids == expected.tolist()
+    assert [g.token_ids for g in ours] == reference_tokens(variant, PROMPTS, 32)
 
 
 @pytest.mark.parametrize("variant,lowering", MATRIX, ids=[f"{v}-{low}" for v, low in MATRIX])
