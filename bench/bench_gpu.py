@@ -4,9 +4,13 @@
                                        fp16 weights, written in the hub's own layout (per-expert
                                        gate/up/down_proj, safetensors shards + index) so that
                                        `moe-compile build DIR` goes through the real loading code.
+    build CKPT OUT [--lowering L]      `moe-compile build --dtype fp16` in this process: seconds, peak host
+          [--no-torch-program]         memory (max RSS), output size.
     parity OUT CKPT                    ORT CUDA (fp16/bf16 build) vs transformers fp32 on the GPU: logits
                                        relative error on 4 prompts, top-1 agreement over 4 x 64 decode
                                        positions fed from the compiled model's own KV cache.
+    profile OUT                        per-op-type share of ONNX Runtime CUDA's node time (its profiler),
+                                       prefill and decode apart.
     baselines CKPT --json F            transformers on the GPU, same grid as `moe-compile bench`: eager
                                        with batched_mm and grouped_mm experts, static cache +
                                        torch.compile; device copy bandwidth and the batch-1 floor.
@@ -264,60 +268,20 @@ def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens:
     return record
 
 
-def build(ckpt: str, out: str, layers_note: str = "", defer_guards: bool = False) -> dict:
-    """`moe-compile build CKPT -o OUT --dtype fp16` in this process: build time and peak host memory.
-    `defer_guards`: torch 2.11's export raises on a `batch != 1` guard that torch 2.13 accepts
-    (docs/BENCHMARKS.md); this turns such guards into runtime asserts, a workaround for this
-    benchmark only, reported with the result."""
+def build(ckpt: str, out: str, lowering: str, torch_program: bool) -> dict:
+    """`moe-compile build CKPT -o OUT --dtype fp16 --lowering L` in this process: build time and peak host memory."""
     import resource
 
     from moe_compile.cli import main as cli
 
-    if defer_guards:
-        export = torch.export.export
-
-        def deferred(*args, **kwargs):
-            kwargs.setdefault("prefer_deferred_runtime_asserts_over_guards", True)
-            return export(*args, **kwargs)
-
-        torch.export.export = deferred
     start = time.perf_counter()
-    rc = cli(["build", ckpt, "-o", out, "--dtype", "fp16", "--lowering", "auto", "--max-batch", "8", "--max-seq", "2304"])
-    return {"rc": rc, "seconds": time.perf_counter() - start, "defer_guards": defer_guards,
-            "peak_host_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "torch": torch.__version__}
-
-
-def guards(ckpt: str) -> dict:
-    """Capture CKPT with torch's dynamic-shape log on: which source lines add guards on the batch size."""
-    import logging
-
-    from moe_compile.capture import capture
-    from moe_compile.models.loading import load_model
-
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            text = record.getMessage()
-            if "guard added" in text or "runtime_assert" in text:
-                lines.append(text[:400])
-
-    torch._logging.set_logs(dynamic=logging.INFO)
-    logging.getLogger("torch.fx.experimental.symbolic_shapes").addHandler(Keep())
-    results = {}
-    model = load_model(Path(ckpt), "fp16")
-    export = torch.export.export
-    for name, extra in (("plain", {}), ("deferred", {"prefer_deferred_runtime_asserts_over_guards": True})):
-        torch.export.export = lambda *a, extra=extra, **k: export(*a, **{**k, **extra})
-        try:
-            program = capture(model, 8, 2304).program
-            asserts = sum("assert" in str(n.target) for n in program.graph.nodes)
-            results[name] = f"captured ({asserts} assert nodes)"
-        except Exception as exc:
-            results[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        torch.export.export = export
-        torch._logging.set_logs()
-    return {"results": results, "guards": [g for g in lines if "Ne(" in g][:12]}
+    argv = ["build", ckpt, "-o", out, "--dtype", "fp16", "--lowering", lowering, "--max-batch", "8",
+            "--max-seq", "2304", "--backend", "onnx"] + ([] if torch_program else ["--no-torch-program"])
+    rc = cli(argv)
+    return {"rc": rc, "lowering": lowering, "seconds": time.perf_counter() - start,
+            "peak_host_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "out_GB": sum(f.stat().st_size for f in Path(out).iterdir()) / 1e9 if rc == 0 else None,
+            "torch": torch.__version__}
 
 
 def main(argv=None) -> int:
@@ -333,10 +297,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("build")
     d.add_argument("ckpt")
     d.add_argument("out")
-    d.add_argument("--defer-guards", action="store_true")
-    g = sub.add_parser("guards")
-    g.add_argument("ckpt")
-    c.add_argument("--small", action="store_true", help="A2.7B's structure at toy sizes (hidden 256, 8 experts)")
+    d.add_argument("--lowering", default="auto")
+    d.add_argument("--no-torch-program", dest="torch_program", action="store_false")
+    d.add_argument("--json")
     f = sub.add_parser("profile")
     f.add_argument("out")
     f.add_argument("--json")
@@ -352,15 +315,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
     if args.command == "checkpoint":
-        if args.small:
-            global A27B
-            A27B = dict(A27B, hidden_size=256, vocab_size=1024, moe_intermediate_size=64,
-                        shared_expert_intermediate_size=128, num_experts=8, bos_token_id=0, eos_token_id=0)
         result = write_checkpoint(Path(args.out), args.layers)
     elif args.command == "build":
-        result = build(args.ckpt, args.out, defer_guards=args.defer_guards)
-    elif args.command == "guards":
-        result = guards(args.ckpt)
+        result = build(args.ckpt, args.out, args.lowering, args.torch_program)
     elif args.command == "parity":
         result = parity(args.out, args.ckpt)
     elif args.command == "profile":
