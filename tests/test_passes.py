@@ -14,10 +14,11 @@ import torch
 from moe_compile.capture import capture
 from moe_compile.export.onnx_export import export_onnx
 from moe_compile.models.loading import load_model
-from moe_compile.passes import PASSES, PassManager
+from moe_compile.passes import LOWERINGS, PassManager
 
 LOWERING_OPS = {"gather": ("Gather", "ScatterElements"), "dense": ("ScatterElements", "If"), "auto": ("If", None),
                 "fused": ("MoE", "If")}
+OTHER_PASSES = ("softmax_dtype",)  # tested by test_softmax_runs_in_the_dtype_the_model_asked
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def captured(checkpoint):
     return model, capture(model, max_batch=2, max_seq=32)
 
 
-@pytest.mark.parametrize("name", sorted(PASSES))
+@pytest.mark.parametrize("name", sorted(LOWERINGS))
 def test_lowering(captured, tmp_path, name):
     model, cap = captured
     program, matches = PassManager([name]).run(cap.program)
@@ -56,3 +57,14 @@ def test_unknown_pass_is_named():
 
     with pytest.raises(MoeCompileError, match="nope"):
         PassManager(["nope"])
+
+
+def test_softmax_runs_in_the_dtype_the_model_asked(built):
+    """Routers and attention ask for softmax(dtype=float32): in an fp16 build every Softmax takes fp32
+    (torch.onnx alone would write a 16-bit Softmax and cast its result)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(built("qwen2_moe", "auto", "fp16") / "model.onnx")))
+    values = list(model.graph.value_info) + list(model.graph.input)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert len(softmaxes) == 5  # 3 attention layers, 2 MoE routers
+    assert {types[n.input[0]] for n in softmaxes} == {onnx.TensorProto.FLOAT}
