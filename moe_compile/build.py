@@ -106,7 +106,7 @@ def build(
         if tensorrt is not None:
             with stages("engine"):
                 manifest.engine = build_engine(tmp, manifest, tensorrt, Path(timing_cache) if timing_cache else None)
-            manifest.files.append(manifest.engine["file"])  # after model.onnx: files[0] stays the ONNX
+            manifest.files.append(manifest.engine["file"])
             manifest.write(tmp)
         replace_dir(tmp, out)
     except BaseException:

@@ -202,7 +202,7 @@ def _inspect(args) -> None:
 
     import onnx
 
-    from .export.manifest import read_manifest
+    from .export.manifest import ONNX_FILE, read_manifest
 
     out, _ = _target(args.out, None)
     manifest = read_manifest(out)
@@ -210,7 +210,7 @@ def _inspect(args) -> None:
     for kind, values in (("input", manifest.inputs), ("output", manifest.outputs)):
         for value in values:
             print(f"{kind:6} {value['name']:32} {value['dtype']:8} {value['shape']}")
-    graph = onnx.load(f"{out}/{manifest.files[0]}", load_external_data=False).graph
+    graph = onnx.load(f"{out}/{ONNX_FILE}", load_external_data=False).graph
     histogram = collections.Counter(node.op_type for node in graph.node)
     print("ops: " + ", ".join(f"{op} {n}" for op, n in histogram.most_common()))
     if manifest.engine:

@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ArtifactError, MoeCompileError
+from ..export.manifest import ONNX_FILE
 from . import compat, profiles
 from .precision import fp32_islands
 
@@ -141,7 +142,7 @@ def build_engine(out: Path, manifest, t: compat.TensorRT, timing_cache: Path | N
     """Build OUT's engine and write it to `plan_path` (default OUT/engine.plan); returns the manifest's
     `engine` record."""
     out = Path(out)
-    onnx_path, plan_path = out / manifest.files[0], plan_path or out / ENGINE_FILE
+    onnx_path, plan_path = out / ONNX_FILE, plan_path or out / ENGINE_FILE
     if timing_cache is not None and not t.has_timing_cache:
         log.warning("%s has no timing cache (its builder times nothing ahead of time): --timing-cache %s is not used",
                     t.package, timing_cache)
