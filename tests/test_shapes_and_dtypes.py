@@ -8,7 +8,7 @@ import pytest
 
 from moe_compile import load
 from moe_compile.errors import RequestError
-from moe_compile.runtime.ort_backend import UnsupportedDtypeError
+from moe_compile.runtime.ort_backend import MissingKernelError
 import torch
 
 from moe_compile.models.loading import load_model
@@ -51,5 +51,5 @@ def test_bf16_builds_runs_on_torch_and_ort_cpu_refuses_clearly(built, checkpoint
     start = len(default_prompt(512)) - 1
     transformers_agreement = (fp32 == bf16)[start:].float().mean().item()
     assert report.top1_agreement >= transformers_agreement - 0.05, (report.lines(), transformers_agreement)
-    with pytest.raises(UnsupportedDtypeError, match="bf16.*--backend torch"):
+    with pytest.raises(MissingKernelError, match="bf16.*--backend torch"):
         load(out, "ort")
