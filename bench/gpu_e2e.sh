@@ -3,6 +3,8 @@
 # machine, side by side with transformers. Steps (STEPS, comma-separated), each time-limited so that
 # one 10-minute command gets as far as it can; results land under $OUT (at most 8 files come back):
 #
+#   tiny       every family's tiny model built here and checked on ORT CUDA fp32 against transformers
+#              (`verify --backend ort-cuda`: logits + 32 greedy tokens);
 #   build      Qwen1.5-MoE-A2.7B's config with $LAYERS layers, random fp16 weights in the hub's layout
 #              (bench_gpu.py checkpoint), then `moe-compile build --dtype fp16` once per lowering in
 #              $LOWERINGS, $JOBS at a time: build time, peak host memory, output size;
@@ -19,7 +21,7 @@ OUT=${OUT:-/tmp/e2e-out}
 LAYERS=${LAYERS:-8}
 LIMIT=${LIMIT:-570}          # seconds for the whole script
 WORK=${WORK:-/tmp/a27b}
-STEPS=${STEPS:-build,bench,parity,baselines}
+STEPS=${STEPS:-tiny,build,bench,parity,baselines}
 LOWERINGS=${LOWERINGS:-auto,fused,dense,gather}
 JOBS=${JOBS:-2}
 GATHER_GRID=${GATHER_GRID:---batch 1 --prompt-len 128}
@@ -33,6 +35,15 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 python3 -c 'import torch, onnxruntime as o, transformers; print("torch", torch.__version__, "ort", o.__version__, o.get_available_providers(), "transformers", transformers.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
 
+if has tiny; then
+  step "tiny families: build, then verify --backend ort-cuda"
+  for family in $(python3 -m moe_compile.cli families | awk '{print $1}'); do
+    name=tiny-${family//_/-}
+    timeout $(( $(left) - 30 )) python3 -m moe_compile.cli build "$name" -o "$WORK/$name" --max-seq 128 --backend onnx \
+      > "$WORK/$name.log" 2>&1 || { echo "$name: build failed: $(tail -1 "$WORK/$name.log")"; continue; }
+    echo "$name: $(timeout 120 python3 -m moe_compile.cli verify "$WORK/$name" --backend ort-cuda 2>&1 | tr '\n' ' ')"
+  done
+fi
 if has build; then
   step "checkpoint: A2.7B config, $LAYERS layers, fp16 random, hub layout"
   [ -f "$WORK/ckpt/config.json" ] || timeout $(( $(left) - 60 )) python3 bench/bench_gpu.py checkpoint "$WORK/ckpt" --layers "$LAYERS"
