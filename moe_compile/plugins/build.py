@@ -5,7 +5,9 @@
 Writes ``libmoe_compile_kernels.so`` into ``moe_compile/plugins/_build/`` (or ``--out`` /
 ``$MOE_COMPILE_KERNELS_DIR``). Each ``.cu`` compiles to an object in parallel; a stamp of the
 sources and flags skips rebuilds that would change nothing. CUDA's runtime is linked statically,
-so the library needs only the driver where it runs.
+so the library needs only the driver where it runs. Processes that build at once (pytest-xdist
+workers, parallel builds) take turns on a file lock, and the library appears by an atomic rename,
+so no process links or loads a half-written file.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from filelock import FileLock
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 DEFAULT_ARCHS = ("80", "86", "89", "90")
@@ -71,21 +76,33 @@ def build(out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS, j
     out_dir.mkdir(parents=True, exist_ok=True)
     library, stamp_file = out_dir / LIBRARY_NAME, out_dir / "stamp"
     stamp = _stamp(nvcc, archs)
-    if not force and library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
-        return library
 
+    def up_to_date() -> bool:
+        return library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp
+
+    if not force and up_to_date():
+        return library
+    with FileLock(out_dir / ".lock"):
+        if not force and up_to_date():  # another process built it while we waited
+            return library
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+            _compile_and_link(nvcc, archs, Path(scratch), jobs, verbose)
+            os.replace(Path(scratch) / LIBRARY_NAME, library)
+        stamp_file.write_text(stamp)
+    return library
+
+
+def _compile_and_link(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int | None, verbose: bool) -> None:
     sources = sorted(SOURCE_DIR.glob("*.cu"))
     objects = [out_dir / (src.stem + ".o") for src in sources]
     arch_flags = _gencode_flags(archs)
     commands = [[nvcc, *NVCC_FLAGS, *arch_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects)]
-    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+    if verbose:
         for cmd in commands:
-            if verbose:
-                print(" ".join(cmd), flush=True)
+            print(" ".join(cmd), flush=True)
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         list(pool.map(_run, commands))
-    _run([nvcc, "-shared", *arch_flags, *map(str, objects), "-o", str(library)])
-    stamp_file.write_text(stamp)
-    return library
+    _run([nvcc, "-shared", *arch_flags, *map(str, objects), "-o", str(out_dir / LIBRARY_NAME)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +27,15 @@ def test_rebuild_is_skipped_when_sources_are_unchanged():
     first = build.build()
     mtime = first.stat().st_mtime_ns
     assert build.build().stat().st_mtime_ns == mtime
+
+
+def test_builds_at_once_take_turns(tmp_path):
+    # pytest-xdist workers load the library at the same time: one builds, the other waits for it.
+    cmd = [sys.executable, "-m", "moe_compile.plugins.build", "--arch", "90", "--out", str(tmp_path), "-v"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
+    library = tmp_path / build.LIBRARY_NAME
+    assert [out.splitlines()[-1] for out, _ in outputs] == [str(library)] * 2
+    assert sum("nvcc" in out for out, _ in outputs) == 1, "both processes compiled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", build.LIBRARY_NAME, "stamp"])
