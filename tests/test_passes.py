@@ -68,3 +68,26 @@ def test_softmax_runs_in_the_dtype_the_model_asked(built):
     softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == 5  # 3 attention layers, 2 MoE routers
     assert {types[n.input[0]] for n in softmaxes} == {onnx.TensorProto.FLOAT}
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes of every initializer, If branches included."""
+    total = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
+    for node in graph.node:
+        total += sum(_initializer_bytes(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return total
+
+
+@pytest.mark.parametrize("lowering", ["gather", "dense", "auto"])
+def test_onnx_runtime_holds_the_weights_once(built, tmp_path, lowering):
+    """ONNX Runtime's optimised graph keeps one copy of the weights: no lowering may feed a weight to an
+    op that ORT folds into a second copy while another op still reads the original (a transposed
+    expert weight in auto's dense branch did: TensorRT-RTX copied it the same way)."""
+    out = built("qwen2_moe", lowering)
+    written = _initializer_bytes(onnx.load(str(out / "model.onnx")).graph)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimised = _initializer_bytes(onnx.load(options.optimized_model_filepath).graph)
+    assert optimised <= 1.01 * written, f"{optimised / written:.3f}x the written weights"

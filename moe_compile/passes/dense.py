@@ -1,11 +1,16 @@
 """`dense`: run every expert on every token, then mix with a routing matrix zero off the top-k.
 
-    x [T,H] ─MatMul gate_upᵀ [E,H,2I] (+ bias [E,1,2I])─▶ [E,T,2I] ─split─▶ glu(g,u) [E,T,I] ─MatMul downᵀ (+ bias)─▶ y [E,T,H]
-    ids, w [T,k] ─ScatterElements into zeros [T,E]─▶ R ─transpose─▶ [E,T,1]
-    out = Σ_e y · R                                                               ─▶ [T,H]
+    W_gu [E,2I,H] ─MatMul xᵀ [H,T] (+ bias [E,2I,1])─▶ [E,2I,T] ─split─▶ glu(g,u) [E,I,T] ─W_down [E,H,I] MatMul─▶ y [E,H,T]
+    ids, w [T,k] ─ScatterElements into zeros [T,E]─▶ R ─transpose─▶ [E,1,T]
+    out = (Σ_e y · R)ᵀ                                                                        ─▶ [T,H]
 
 Exact, static shapes, weights read once and used by all tokens: regular matmuls that stay fast
 for long prefills, at E/k times the FLOPs of the selected experts alone.
+
+The weights are the left operand in their stored layout, never transposed: a transposed weight is
+a second copy once ONNX Runtime folds the Transpose or TensorRT lays it out for its GEMM, while the
+`auto` lowering's gather branch still reads the original (measured: auto held the expert weights
+twice in both; see docs/TENSORRT.md).
 """
 
 from __future__ import annotations
@@ -19,16 +24,16 @@ def dense_experts(hidden, top_k_index, top_k_weights, gate_up, down, activation:
                   down_bias=None, alpha: float = 1.0, limit: float | None = None):
     from ..capture.experts_op import glu
 
-    h = torch.matmul(hidden, gate_up.transpose(1, 2))  # [E, T, 2I]
+    h = torch.matmul(gate_up, hidden.t())  # [E, 2I, T]
     if gate_up_bias is not None:
-        h = h + gate_up_bias.unsqueeze(1)
-    gate, up = h.chunk(2, dim=-1)  # [E, T, I] each
-    y = torch.matmul(glu(gate, up, activation, alpha, limit), down.transpose(1, 2))  # [E, T, H]
+        h = h + gate_up_bias.unsqueeze(-1)
+    gate, up = h.chunk(2, dim=1)  # [E, I, T] each
+    y = torch.matmul(down, glu(gate, up, activation, alpha, limit))  # [E, H, T]
     if down_bias is not None:
-        y = y + down_bias.unsqueeze(1)
+        y = y + down_bias.unsqueeze(-1)
     routing = torch.zeros(hidden.shape[0], gate_up.shape[0], dtype=y.dtype, device=y.device)
     routing = routing.scatter(1, top_k_index, top_k_weights.to(y.dtype))  # [T, E]
-    return (y * routing.t().unsqueeze(-1)).sum(dim=0)
+    return (y * routing.t().unsqueeze(1)).sum(dim=0).t().contiguous()  # [T, H], laid out like gather's
 
 
 class DenseLowering(LoweringPass):
