@@ -33,9 +33,12 @@ def test_lowering(captured, tmp_path, name):
     program, matches = PassManager([name]).run(cap.program)
     assert matches == {name: len(cap.moe_layers)} and len(cap.moe_layers) == 2  # layer 1 of 3 is dense
     path = export_onnx(program, cap.input_names, cap.output_names, tmp_path / "m.onnx")
-    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    graph = onnx.load(str(path)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
     present, absent = LOWERING_OPS[name]
     assert ops[present] >= 1 and (absent is None or ops[absent] == 0), ops
+    names = collections.Counter(n.name for g in _graphs(graph) for n in g.node)
+    assert not [n for n, count in names.items() if count > 1], "node names repeat (across If branches?)"
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -70,12 +73,17 @@ def test_softmax_runs_in_the_dtype_the_model_asked(built):
     assert {types[n.input[0]] for n in softmaxes} == {onnx.TensorProto.FLOAT}
 
 
-def _initializer_bytes(graph: onnx.GraphProto) -> int:
-    """Bytes of every initializer, If branches included."""
-    total = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
+def _graphs(graph: onnx.GraphProto):
+    """The graph and its If branches, recursively."""
+    yield graph
     for node in graph.node:
-        total += sum(_initializer_bytes(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
-    return total
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> int:
+    return sum(onnx.numpy_helper.to_array(t).nbytes for g in _graphs(graph) for t in g.initializer)
 
 
 @pytest.mark.parametrize("lowering", ["gather", "dense", "auto"])

@@ -1,5 +1,6 @@
 """FX -> ONNX through torch.onnx (dynamo path), then small clean-ups on the ONNX IR:
-readable dimension names and an IR version every target runtime reads."""
+readable dimension names, node names unique across If branches, and an IR version every target
+runtime reads."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def export_onnx(program: ExportedProgram, input_names: list[str], output_names: 
         raise MoeCompileError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
     model = onnx_program.model
     rename_dims(model, symbol_names(dict(zip(input_names, user_inputs))))
+    unique_node_names(model)
     model.ir_version = IR_VERSION
     weight_bytes = sum(t.nbytes for t in program.state_dict.values()) + sum(
         t.nbytes for t in program.constants.values() if isinstance(t, torch.Tensor)
@@ -83,3 +85,17 @@ def rename_dims(model: ir.Model, names: dict[str, str]) -> None:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for value in node.outputs:
             fix(value)
+
+
+def unique_node_names(model: ir.Model) -> None:
+    """torch.onnx names nodes per graph, so the two branches of an If can share a name; TensorRT warns
+    on that and error messages naming a node become ambiguous. Suffix repeats with a counter."""
+    seen: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if not node.name:
+            continue
+        name, n = node.name, 1
+        while name in seen:
+            name, n = f"{node.name}_{n}", n + 1
+        node.name = name
+        seen.add(name)
