@@ -10,6 +10,10 @@ median of 3, and the batch-1 decode floor: measured read bandwidth / bytes of we
 step must read (attention, shared expert, top-k routed experts, router, lm_head per token).
 
     python bench/bench_cpu.py [--model qwen2-moe-bench] [--lowerings auto,gather,dense] [--out build/bench] [--json results.json]
+                              [--builds LABEL=DIR,...]
+
+`--builds` adds existing builds of the same model as rows (not rebuilt): e.g. one made by another
+commit, to compare two versions of a lowering side by side in one run.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--out", default="build/bench")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--builds", default="", help="LABEL=DIR,... existing builds to add as rows")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(torch.get_num_threads())
@@ -113,6 +118,10 @@ def main() -> None:
         build_s = time.perf_counter() - start
         compiled = moe_compile.load(out)
         rows.append((f"moe-compile ORT CPU, {lowering}", build_s, {b: bench_ours(compiled, b) for b in batches}))
+        del compiled
+    for label, build_dir in (item.split("=", 1) for item in filter(None, args.builds.split(","))):
+        compiled = moe_compile.load(build_dir)
+        rows.append((f"moe-compile ORT CPU, {label}", None, {b: bench_ours(compiled, b) for b in batches}))
         del compiled
 
     print(f"\n{args.model}: {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, "
