@@ -107,8 +107,24 @@ def main() -> None:
     reference = load_model(resolve_checkpoint(args.model))
     bandwidth = read_bandwidth_gbs()
     active = active_weight_bytes(reference)
-    rows = [("floor (read bandwidth / active fp32 weights)", None, {1: (None, bandwidth * 1e9 / active)})]
-    rows.append(("transformers eager", None, {b: bench_transformers(reference, b) for b in batches}))
+    print(f"\n{args.model}: {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s, active weights {active / 1e6:.0f} MB")
+    print(f"versions: {tool_versions()}")
+    header = "| implementation | build s | " + " | ".join(f"b{b} prefill ms | b{b} decode tok/s" for b in batches) + " |"
+    print(header + "\n|" + "---|" * (2 + 2 * len(batches)), flush=True)
+    rows = []
+
+    def row(name: str, build_s: float | None, results: dict) -> None:
+        """Print each row as soon as it is measured: a later failure (disk, memory) keeps the earlier ones."""
+        rows.append((name, build_s, results))
+        cells = []
+        for b in batches:
+            pre, dec = results.get(b, (None, None))
+            cells += [f"{pre:.0f}" if pre else "", f"{dec:.1f}" if dec else ""]
+        print(f"| {name} | {build_s:.0f} |" if build_s else f"| {name} | |", " | ".join(cells), "|", flush=True)
+
+    row("floor (read bandwidth / active fp32 weights)", None, {1: (None, bandwidth * 1e9 / active)})
+    row("transformers eager", None, {b: bench_transformers(reference, b) for b in batches})
     del reference
     for lowering in args.lowerings.split(","):
         out = Path(args.out) / lowering
@@ -117,24 +133,12 @@ def main() -> None:
                           backend="onnx")
         build_s = time.perf_counter() - start
         compiled = moe_compile.load(out)
-        rows.append((f"moe-compile ORT CPU, {lowering}", build_s, {b: bench_ours(compiled, b) for b in batches}))
+        row(f"moe-compile ORT CPU, {lowering}", build_s, {b: bench_ours(compiled, b) for b in batches})
         del compiled
     for label, build_dir in (item.split("=", 1) for item in filter(None, args.builds.split(","))):
         compiled = moe_compile.load(build_dir)
-        rows.append((f"moe-compile ORT CPU, {label}", None, {b: bench_ours(compiled, b) for b in batches}))
+        row(f"moe-compile ORT CPU, {label}", None, {b: bench_ours(compiled, b) for b in batches})
         del compiled
-
-    print(f"\n{args.model}: {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s, active weights {active / 1e6:.0f} MB")
-    print(f"versions: {tool_versions()}")
-    header = "| implementation | build s | " + " | ".join(f"b{b} prefill ms | b{b} decode tok/s" for b in batches) + " |"
-    print(header + "\n|" + "---|" * (2 + 2 * len(batches)))
-    for name, build_s, results in rows:
-        cells = []
-        for b in batches:
-            pre, dec = results.get(b, (None, None))
-            cells += [f"{pre:.0f}" if pre else "", f"{dec:.1f}" if dec else ""]
-        print(f"| {name} | {build_s:.0f} |" if build_s else f"| {name} | |", " | ".join(cells), "|")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_gbs": bandwidth, "active_bytes": active, "rows": rows}, indent=2))
 
