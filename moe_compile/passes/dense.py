@@ -7,10 +7,11 @@
 Exact, static shapes, weights read once and used by all tokens: regular matmuls that stay fast
 for long prefills, at E/k times the FLOPs of the selected experts alone.
 
-The weights are the left operand in their stored layout, never transposed: a transposed weight is
-a second copy once ONNX Runtime folds the Transpose or TensorRT lays it out for its GEMM, while the
-`auto` lowering's gather branch still reads the original (measured: auto held the expert weights
-twice in both; see docs/TENSORRT.md).
+The weights are MatMul's left operand in their stored layout. As the right-hand operand (x @ Wᵀ) they
+become a second copy in `auto`, where the gather branch also reads them through Gather: ONNX Runtime
+folds the Transpose into a new initializer, and TensorRT-RTX keeps its own copy of a right-hand
+constant (bench/trt_weight_copies.py). The price: this orientation's GEMM is slower on ONNX Runtime's
+CPU provider (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
