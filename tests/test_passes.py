@@ -99,3 +99,16 @@ def test_onnx_runtime_holds_the_weights_once(built, tmp_path, lowering):
     ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     optimised = _initializer_bytes(onnx.load(options.optimized_model_filepath).graph)
     assert optimised <= 1.01 * written, f"{optimised / written:.3f}x the written weights"
+
+
+@pytest.mark.parametrize("lowering", ["gather", "dense", "auto"])
+def test_no_gathered_weight_is_a_right_hand_matmul_operand(built, lowering):
+    """TensorRT-RTX keeps a second copy of a constant that is MatMul's right-hand operand (directly or
+    through a Transpose) when a Gather also reads it (bench/trt_weight_copies.py): no lowering may do both."""
+    graph = onnx.load(str(built("qwen2_moe", lowering) / "model.onnx"), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    nodes = [n for g in _graphs(graph) for n in g.node]
+    transposed = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Transpose" and n.input[0] in weights}
+    gathered = {n.input[0] for n in nodes if n.op_type in ("Gather", "GatherND") and n.input[0] in weights}
+    right_hand = {transposed.get(n.input[1], n.input[1]) for n in nodes if n.op_type == "MatMul"} & weights
+    assert not gathered & right_hand, sorted(gathered & right_hand)
