@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from moe_compile.trt import compat
+from moe_compile.trt.precision import all_graphs
 
 K, THRESHOLD = 2, 8
 FORMS = ("gather", "dense-xWt", "auto-xWt", "auto-Wxt", "auto-both-Wt")
@@ -122,16 +123,9 @@ def ort_initializer_bytes(model: onnx.ModelProto) -> int:
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimised = onnx.load(options.optimized_model_filepath)
 
-    def graphs(g):
-        yield g
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    yield from graphs(a.g)
-
     # ORT's CPU provider runs fp16 MatMul in fp32 (Cast inserted and folded): count elements at 2 bytes
     # so the figure compares copies, not dtypes.
-    return sum(2 * int(np.prod(t.dims)) for g in graphs(optimised.graph) for t in g.initializer if np.prod(t.dims) > 1024)
+    return sum(2 * int(np.prod(t.dims)) for g in all_graphs(optimised.graph) for t in g.initializer if np.prod(t.dims) > 1024)
 
 
 def main() -> None:

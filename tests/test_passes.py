@@ -15,6 +15,7 @@ from moe_compile.capture import capture
 from moe_compile.export.onnx_export import export_onnx
 from moe_compile.models.loading import load_model
 from moe_compile.passes import LOWERINGS, PassManager
+from moe_compile.trt.precision import all_graphs
 
 LOWERING_OPS = {"gather": ("Gather", "ScatterElements"), "dense": ("ScatterElements", "If"), "auto": ("If", None),
                 "fused": ("MoE", "If")}
@@ -37,7 +38,7 @@ def test_lowering(captured, tmp_path, name):
     ops = collections.Counter(n.op_type for n in graph.node)
     present, absent = LOWERING_OPS[name]
     assert ops[present] >= 1 and (absent is None or ops[absent] == 0), ops
-    names = collections.Counter(n.name for g in _graphs(graph) for n in g.node)
+    names = collections.Counter(n.name for g in all_graphs(graph) for n in g.node)
     assert not [n for n, count in names.items() if count > 1], "node names repeat (across If branches?)"
 
     options = ort.SessionOptions()
@@ -73,17 +74,8 @@ def test_softmax_runs_in_the_dtype_the_model_asked(built):
     assert {types[n.input[0]] for n in softmaxes} == {onnx.TensorProto.FLOAT}
 
 
-def _graphs(graph: onnx.GraphProto):
-    """The graph and its If branches, recursively."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
-
-
 def _initializer_bytes(graph: onnx.GraphProto) -> int:
-    return sum(onnx.numpy_helper.to_array(t).nbytes for g in _graphs(graph) for t in g.initializer)
+    return sum(onnx.numpy_helper.to_array(t).nbytes for g in all_graphs(graph) for t in g.initializer)
 
 
 @pytest.mark.parametrize("lowering", ["gather", "dense", "auto"])
@@ -107,7 +99,7 @@ def test_no_gathered_weight_is_a_right_hand_matmul_operand(built, lowering):
     through a Transpose) when a Gather also reads it (bench/trt_weight_copies.py): no lowering may do both."""
     graph = onnx.load(str(built("qwen2_moe", lowering) / "model.onnx"), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    nodes = [n for g in _graphs(graph) for n in g.node]
+    nodes = [n for g in all_graphs(graph) for n in g.node]
     transposed = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Transpose" and n.input[0] in weights}
     gathered = {n.input[0] for n in nodes if n.op_type in ("Gather", "GatherND") and n.input[0] in weights}
     right_hand = {transposed.get(n.input[1], n.input[1]) for n in nodes if n.op_type == "MatMul"} & weights

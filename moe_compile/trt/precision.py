@@ -18,9 +18,9 @@ def fp32_islands(onnx_path: Path) -> dict[str, dict[str, int]]:
     ops whose output is fp32, and of LayerNormalizations whose statistics are fp32. Meant for fp16/bf16
     graphs (in an fp32 graph that is every op)."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False))
-    types = {v.name: v.type.tensor_type.elem_type for g in _graphs(model.graph) for v in [*g.value_info, *g.output]}
+    types = {v.name: v.type.tensor_type.elem_type for g in all_graphs(model.graph) for v in [*g.value_info, *g.output]}
     islands: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for node in (n for g in _graphs(model.graph) for n in g.node):
+    for node in (n for g in all_graphs(model.graph) for n in g.node):
         if node.op_type not in _PLUMBING and node.output and types.get(node.output[0]) == onnx.TensorProto.FLOAT:
             islands[_module(node)][node.op_type] += 1
         elif node.op_type == "LayerNormalization" and _stash_fp32(node):
@@ -33,13 +33,13 @@ def _stash_fp32(node) -> bool:
     return next((a.i for a in node.attribute if a.name == "stash_type"), 1) == onnx.TensorProto.FLOAT
 
 
-def _graphs(graph):
-    """The graph and its subgraphs (the `auto` lowering's If branches)."""
+def all_graphs(graph: onnx.GraphProto):
+    """The graph and its subgraphs (the `auto` lowering's If branches), recursively."""
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
+                yield from all_graphs(attribute.g)
 
 
 def _module(node) -> str:
