@@ -39,6 +39,12 @@ class Manifest:
     tokenizer: bool
     tool_versions: dict[str, str]
     format: str = FORMAT
+    # "portable": past/present concat, standard ops (TensorRT, any runtime); "ort": ONNX Runtime's in-place form
+    # (GroupQueryAttention over preallocated [B, kv_heads, max_seq, head_dim] buffers, last-token logits,
+    # ArgMax/TopK in the graph). docs/PIPELINE.md says which backend reads which.
+    form: str = "portable"
+    form_reason: str | None = None  # why a build asked for the ort form got the portable one
+    sampling_candidates: int = 0  # ort form: C of the graph's TopK output (top_logits/top_ids)
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # experts module -> why it did not get `lowering`
     # engine.plan's record (moe_compile/trt/engine.py: package, version, profiles, ...); None without an engine
     engine: dict[str, Any] | None = None
