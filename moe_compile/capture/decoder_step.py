@@ -110,3 +110,63 @@ def additive_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torc
     visible = attention_mask[:, None, None, :].bool() | (key[None, :] == query[:, None])
     allowed = causal[None, None] & visible
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class InPlaceDecoderStep(torch.nn.Module):
+    """The ort form's decoder step (capture/gqa.py says what the attention does):
+
+        input_ids [B, S], attention_mask [B, T], past_key_values.{i}.key/value [B, kv_heads, max_seq, head_dim]
+            -> logits [B, V] (fp32, each row's last real position), next_token [B] (argmax),
+               top_logits, top_ids [B, C] (top-k, for sampling on the host), present.{i}.key/value (= past's buffers)
+
+    A prefill has right-padded rows and T = S; a decode step has S = 1 and T = max_seq, with ones on the
+    slots each row fills after it. `seqlens_k` (each row's last slot) and `total_sequence_length` (T) come
+    from the mask in the graph, so decode shapes never change. Only the last real position reaches the
+    LM head: index `min(seqlens_k, S - 1)` (the last prompt token in a prefill, 0 in a decode step).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_seq: int, candidates: int):
+        from .gqa import rotary_tables
+
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.candidates = min(candidates, model.config.vocab_size)
+        cos, sin = rotary_tables(model, max_seq)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def forward(self, input_ids, attention_mask, *past):
+        from .gqa import InPlaceKV
+
+        batch, new = input_ids.shape
+        seqlens = attention_mask.sum(-1) - 1
+        total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
+        kv = InPlaceKV([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)], seqlens.to(torch.int32),
+                       total, self.rotary_cos, self.rotary_sin)
+        last = seqlens.clamp(max=new - 1)
+        head = self.model.lm_head
+        try:
+            self.model.lm_head = _LastPositionHead(head, last)
+            # The 4D mask is never read (GroupQueryAttention masks by seqlens_k); passing one keeps
+            # transformers' mask builders out of the graph.
+            out = self.model(input_ids=input_ids, attention_mask=torch.zeros(batch, 1, new, 1, dtype=self.model.dtype),
+                             use_cache=False, inplace_kv=kv)
+        finally:
+            self.model.lm_head = head
+        logits = out.logits[:, 0].float()
+        top = logits.topk(self.candidates, dim=-1)
+        present = [t for i in range(self.num_layers) for t in kv.present[i]]
+        return (logits, logits.argmax(-1), top.values, top.indices, *present)
+
+
+class _LastPositionHead(torch.nn.Module):
+    """The LM head on one position per row: hidden [B, S, H] -> head(hidden[b, index[b]]) [B, 1, V]."""
+
+    def __init__(self, head: torch.nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.head, self.index = head, index
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        index = self.index[:, None, None].expand(hidden.shape[0], 1, hidden.shape[2])
+        return self.head(hidden.gather(1, index))

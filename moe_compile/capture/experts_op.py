@@ -151,9 +151,9 @@ def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def traceable(model: torch.nn.Module):
-    """Scoped: route the model's experts through our op and its attention through our
-    branch-free function; restore the previous implementations after."""
+def traceable(model: torch.nn.Module, attention_implementation: str | None = None):
+    """Scoped: route the model's experts through our op and its attention through our branch-free
+    function (or `attention_implementation`); restore the previous implementations after."""
     from . import attention
 
     modules = experts_modules(model)
@@ -163,7 +163,7 @@ def traceable(model: torch.nn.Module):
     previous = {key: (c._experts_implementation, c._attn_implementation) for key, c in configs.items()}
     try:
         for config in configs.values():
-            config._attn_implementation = attention.IMPLEMENTATION
+            config._attn_implementation = attention_implementation or attention.IMPLEMENTATION
         for module in modules.values():
             module.config._experts_implementation = IMPLEMENTATION
         yield modules

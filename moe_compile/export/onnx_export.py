@@ -13,12 +13,14 @@ import torch
 from torch.export import ExportedProgram
 
 from ..errors import MoeCompileError
-from .fused_moe_onnx import TRANSLATIONS
+from . import fused_moe_onnx, gqa_onnx
 
 OPSET = 18
 # onnxruntime 1.30 and TensorRT's parser both read IR 10 (ONNX 1.16); newer writers default higher.
 IR_VERSION = 10
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a file at 2 GB; split well before it
+# our custom ops -> ONNX Runtime's contrib ops
+TRANSLATIONS = {**fused_moe_onnx.TRANSLATIONS, **gqa_onnx.TRANSLATIONS}
 DIM_NAMES = {  # (input, axis) -> symbolic dimension name in the ONNX file
     ("input_ids", 0): "batch_size",
     ("input_ids", 1): "sequence_length",
@@ -40,7 +42,7 @@ def export_onnx(program: ExportedProgram, input_names: list[str], output_names: 
             output_names=output_names,
             opset_version=OPSET,
             optimize=True,
-            custom_translation_table=TRANSLATIONS,  # moe_compile::fused_moe -> com.microsoft:MoE
+            custom_translation_table=TRANSLATIONS,
             verbose=False,
         )
     except Exception as exc:
