@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .capture import capture
-from .capture.trace import MIN_MAX_SEQ, sample_inputs
+from .capture.trace import MIN_MAX_SEQ, inplace_sample_inputs, sample_inputs
 from .errors import ArtifactError, MoeCompileError, RequestError
 from .export.manifest import MANIFEST, ONNX_FILE, Manifest, io_signature, tool_versions
 from .export.onnx_export import IR_VERSION, OPSET, export_onnx
@@ -31,13 +31,15 @@ from .trt.engine import build_engine
 
 log = logging.getLogger("moe_compile")
 BUILD_BACKENDS = ("auto", "onnx", "trt")
+FORMS = ("auto", "ort", "portable")
+SAMPLING_CANDIDATES = 64  # the ort form's TopK width: top-k sampling up to this k reads no logits row
 
 
 def build(
     model: str,
     out: str | Path,
     dtype: str = "fp32",
-    lowering: str = "auto",
+    lowering: str | None = None,
     max_batch: int = 8,
     max_seq: int = 2048,
     auto_threshold: int = DEFAULT_THRESHOLD,
@@ -46,29 +48,50 @@ def build(
     backend: str = "auto",
     timing_cache: str | Path | None = None,
     torch_program: bool = True,
+    form: str = "auto",
 ) -> Path:
-    """`backend`: "auto" builds engine.plan when a TensorRT package is installed, "trt" requires one,
-    "onnx" skips the engine. `torch_program=False` leaves out program.pt2 (the torch backends' input),
-    which holds a second copy of the weights."""
+    """`form`: "ort" is ONNX Runtime's in-place form (GroupQueryAttention over a preallocated cache, one
+    MoE node per layer, token choice in the graph), "portable" the past/present form every runtime
+    reads (TensorRT's engine is built from it); "auto" takes ort where the family has it and neither
+    `--lowering` (other than fused) nor `--backend trt` asks for the portable one.
+    `lowering` (portable form; default auto): how MoE layers become static subgraphs.
+    `backend`: "auto" builds engine.plan from a portable build when a TensorRT package is installed,
+    "trt" requires one, "onnx" skips the engine. `torch_program=False` leaves out program.pt2 (the torch
+    backends' input, portable form only), which holds a second copy of the weights."""
     out = Path(out)
-    check_request(out, dtype, lowering, max_batch, max_seq)
-    tensorrt = engine_builder(backend, lowering)
+    check_request(out, dtype, lowering or "auto", max_batch, max_seq)
+    if form not in FORMS:
+        raise RequestError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if form == "ort" and lowering not in (None, "fused"):
+        raise RequestError(f"--lowering {lowering} is a portable-form choice: the ort form lowers every MoE layer to "
+                           "one com.microsoft:MoE node; build with --form portable")
+    if form == "ort" and backend == "trt":
+        raise RequestError("TensorRT engines are built from the portable form; build with --form portable")
     stages = _Stages(progress)
+    if backend == "trt":  # refuse before any work: the engine needs TensorRT, and the portable form
+        engine_builder(backend, lowering or "auto")
     with stages("load"):
         path = resolve_checkpoint(model)
         _, family = read_family(path)
         torch_model = load_model(path, dtype, trust_remote_code)
+        form, form_reason = choose_form(form, family, torch_model.config, lowering, backend)
+        lowering = "fused" if form == "ort" else (lowering or "auto")
+        tensorrt = engine_builder(backend, lowering) if form == "portable" else None
+    if form == "ort" and backend == "auto" and _has_tensorrt():
+        log.info("engine skipped: engine.plan is built from the portable form (--form portable)")
     with stages("capture"):
-        captured = capture(torch_model, max_batch, max_seq)
+        captured = capture(torch_model, max_batch, max_seq, form, SAMPLING_CANDIDATES)
     with stages("passes"):
-        passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold)
+        # The ort form has no If (CUDA graphs refuse it): a layer the MoE node cannot express gets `gather`.
+        options = {"fallback": "gather"} if form == "ort" else {}
+        passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold, **options)
         program, _ = passes.run(captured.program)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         with stages("export"):
-            export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE)
-            if torch_program:
+            export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE, ort_fusions=form == "ort")
+            if torch_program and form == "portable":
                 torch.export.save(program, str(tmp / PROGRAM_FILE))
             has_tokenizer = save_tokenizer(path, tmp / "tokenizer", trust_remote_code)
         inputs, outputs = io_signature(tmp / ONNX_FILE)
@@ -90,8 +113,12 @@ def build(
             vocab_size=config.vocab_size,
             eos_token_ids=eos_ids,
             pad_token_id=pad if pad is not None else (eos_ids[0] if eos_ids else 0),
-            kv={"layout": "past_present_concat", "axes": ["batch_size", "kv_heads", "sequence", "head_dim"],
+            kv={"layout": "shared_buffer" if form == "ort" else "past_present_concat",
+                "axes": ["batch_size", "kv_heads", "max_seq" if form == "ort" else "sequence", "head_dim"],
                 "num_layers": len(captured.kv_shapes), "layers": [list(map(list, s)) for s in captured.kv_shapes]},
+            form=form,
+            form_reason=form_reason,
+            sampling_candidates=captured.candidates,
             inputs=inputs,
             outputs=outputs,
             opset=OPSET,
@@ -127,6 +154,28 @@ def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq:
         raise RequestError(f"--max-seq must be >= {MIN_MAX_SEQ}, got {max_seq}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise ArtifactError(f"'{out}' exists and is not a previous moe-compile build; choose another -o")
+
+
+def choose_form(form: str, family, config, lowering: str | None, backend: str) -> tuple[str, str | None]:
+    """(form, why not ort) for a request; a family the ort form cannot serve fails an explicit --form ort."""
+    reason = family.ort_form_reason(config)
+    if form == "ort" and reason:
+        raise RequestError(f"{family.model_type}: the ort form cannot serve this model: {reason}; build with --form portable")
+    if form == "auto":
+        if reason is None and lowering not in (None, "fused"):
+            reason = f"--lowering {lowering} asked for the portable form"
+        elif reason is None and backend == "trt":
+            reason = "--backend trt builds engine.plan from the portable form"
+        form = "portable" if reason else "ort"
+        if reason:
+            log.info("form: portable (%s)", reason)
+    return form, (reason if form == "portable" else None)
+
+
+def _has_tensorrt() -> bool:
+    from .trt import compat
+
+    return compat.find() is not None
 
 
 def engine_builder(backend: str, lowering: str):
@@ -172,11 +221,19 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     except MissingKernelError as exc:  # bf16, or fused on an ORT before 1.32, on the CPU: the ONNX is for other runtimes
         log.warning("check skipped: %s", exc)
         return
-    args = sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)
-    with torch.no_grad():
-        expected = program.module(check_guards=False)(*args)[0].float().numpy()
-    feeds = {name: a.numpy() for name, a in zip(captured.input_names, args)}
-    got = backend.session.run(["logits"], feeds)[0].astype(np.float32)
+    if manifest.form == "ort":  # a right-padded prefill of rows of different lengths, then a decode step
+        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, 3, [4, 2, 3], manifest.max_seq,
+                                         manifest.vocab_size, decode=decode) for decode in (False, True)]
+    else:
+        samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]
+    expected, got = [], []
+    for args in samples:
+        with torch.no_grad():
+            expected.append(program.module(check_guards=False)(*args)[0].float().numpy())
+        feeds = {name: a.numpy() for name, a in zip(captured.input_names, args)}
+        got.append(backend.session.run(["logits"], feeds)[0].astype(np.float32))
+    expected, got = np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]), np.concatenate(
+        [g.reshape(-1, g.shape[-1]) for g in got])
     scale = max(float(np.abs(expected).max()), 1e-6)
     errors = np.abs(got - expected).max(axis=-1).ravel() / scale  # per position
     # In 16 bits a near-tie in a router can pick another expert at one position: that is rounding,

@@ -15,6 +15,7 @@ EPILOG = "MODEL is a hub id (org/name), a local HF checkpoint directory, or an e
 
 def _parser() -> argparse.ArgumentParser:
     from .models.embedded import EMBEDDED
+    from .build import FORMS
     from .passes import LOWERINGS
     from .passes.auto import DEFAULT_THRESHOLD
     from .runtime import BACKENDS
@@ -31,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     dtype.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights/activations dtype (default fp32)")
     for name in ("fp32", "fp16", "bf16"):
         dtype.add_argument(f"--{name}", dest="dtype", action="store_const", const=name, help=f"--dtype {name}")
-    build.add_argument("--lowering", choices=LOWERINGS, default="auto", help="how the MoE experts are lowered (default auto)")
+    build.add_argument("--form", choices=FORMS, default="auto",
+                       help="ort: ONNX Runtime's in-place form (fastest there); portable: past/present, standard ops, "
+                            "TensorRT engines; auto (default): ort where the family has it")
+    build.add_argument("--lowering", choices=LOWERINGS, default=None,
+                       help="portable form: how the MoE experts are lowered (default auto)")
     build.add_argument("--auto-threshold", type=int, default=DEFAULT_THRESHOLD,
                        help=f"auto: largest token count that uses gather (default {DEFAULT_THRESHOLD})")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the build serves (default 8)")
@@ -56,12 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     run.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     run.add_argument("--backend", choices=sorted(BACKENDS), help="runtime backend (default ort; trt for a .plan)")
+    _cuda_graph_flag(run)
 
     verify = sub.add_parser("verify", help="compare a build with transformers eager; non-zero exit on mismatch")
     verify.add_argument("out", metavar="OUT", help="a build output directory")
     verify.add_argument("--model", help="reference checkpoint (default: the build's source)")
     verify.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
     verify.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
+    _cuda_graph_flag(verify)
 
     bench = sub.add_parser("bench", help="prefill latency, decode tokens/s and peak memory of a build")
     bench.add_argument("out", metavar="OUT", help="a build output directory")
@@ -70,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths (default 128), e.g. 128,2048")
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps timed per setting (default 128)")
     bench.add_argument("--repeats", type=int, default=3, help="timed prefills per setting, median reported (default 3)")
+    _cuda_graph_flag(bench)
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON record instead of the table")
 
     inspect = sub.add_parser("inspect", help="print a build's manifest, ONNX inputs/outputs and op histogram")
@@ -79,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     families.add_argument("--markdown", action="store_true", help="print the docs' table (README.md, docs/FAMILIES.md)")
     sub.add_parser("passes", help="list the registered passes")
     return parser
+
+
+def _cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="ort-cuda on an ort-form build: run decode steps uncaptured (CUDA graphs are on by default)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +114,7 @@ def _build(args) -> None:
     from .build import build
 
     start = time.perf_counter()
-    out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, max_batch=args.max_batch,
+    out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, form=args.form, max_batch=args.max_batch,
                 max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
                 backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
@@ -111,7 +124,7 @@ def _run(args) -> None:
     from .api import load
 
     out, backend = _target(args.out, args.backend)
-    model = load(out, backend)
+    model = load(out, backend, args.cuda_graph)
     prompt = args.prompt if args.prompt is not None else _token_ids(args.input_ids)
     generated: list[int] = []
     printed = ""
@@ -169,7 +182,7 @@ def _token_ids(text: str) -> list[int]:
 def _verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.out, model=args.model, new_tokens=args.new_tokens, backend=args.backend)
+    report = verify(args.out, model=args.model, new_tokens=args.new_tokens, backend=args.backend, cuda_graph=args.cuda_graph)
     print("\n".join(report.lines()))
     return 0 if report.passed else 1
 
@@ -180,7 +193,7 @@ def _bench(args) -> None:
     from .runtime.benchmark import bench, table
 
     batches, prompt_lens = _int_list(args.batch, "--batch"), _int_list(args.prompt_len, "--prompt-len")
-    record = bench(args.out, args.backend, batches, prompt_lens, args.new_tokens, args.repeats)
+    record = bench(args.out, args.backend, batches, prompt_lens, args.new_tokens, args.repeats, cuda_graph=args.cuda_graph)
     print(json.dumps(record, indent=2) if args.json else "\n".join(table(record)))
 
 

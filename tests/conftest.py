@@ -26,6 +26,14 @@ VARIANTS["qwen2_moe-renorm"] = dict(FAMILIES["qwen2_moe"].tiny_config, norm_topk
 FUSED_ROUTINGS = {Routing.SOFTMAX_TOPK, Routing.TOPK_SOFTMAX}
 
 
+def ort_form_variants() -> list[str]:
+    """The variants the ort form serves (derived from the registry: FamilySpec.ort_form_reason)."""
+    from transformers import AutoConfig
+
+    return [v for v in sorted(VARIANTS)
+            if FAMILIES[VARIANTS[v]["model_type"]].ort_form_reason(AutoConfig.for_model(**VARIANTS[v])) is None]
+
+
 def lowerings_for(variant: str) -> list[str]:
     """The lowerings the parity matrix covers for a variant: a dense model has no experts to lower."""
     spec = FAMILIES[VARIANTS[variant]["model_type"]]
@@ -75,14 +83,18 @@ def built(checkpoint, tmp_path_factory):
     root = _shared_root(tmp_path_factory)
 
     # backend="onnx" by default: no engine.plan unless a test asks (tests/test_trt.py builds engines itself).
+    # form="ort": ONNX Runtime's in-place form (its MoE lowering is always the fused node; `lowering` is ignored).
     def make(variant: str, lowering: str = "auto", dtype: str = "fp32", max_batch: int = 4, max_seq: int = 128,
-             backend: str = "onnx") -> Path:
+             backend: str = "onnx", form: str = "portable") -> Path:
+        lowering = "fused" if form == "ort" else lowering
+
         def run(out: Path) -> None:
             build(str(checkpoint(variant)), out, dtype=dtype, lowering=lowering, max_batch=max_batch,
-                  max_seq=max_seq, progress=False, backend=backend)
+                  max_seq=max_seq, progress=False, backend=backend, form=form)
 
         engine = "" if backend == "onnx" else f"-{backend}"
-        return _once(root / f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}{engine}", run)
+        name = f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}{engine}" + ("-ort" if form == "ort" else "")
+        return _once(root / name, run)
 
     return make
 

@@ -113,6 +113,7 @@ DEEPSEEK_V2 = register(
         examples=("deepseek-ai/DeepSeek-V2-Lite",),
         routing=Routing.SOFTMAX_GROUP_TOPK,
         attention="mla",
+        ort_form_blocker="latent attention (MLA) caches a compressed KV that GroupQueryAttention cannot read",
         complex_rope=True,
         shared_expert="ungated",
         routing_fields=("topk_method", "n_group", "topk_group", "routed_scaling_factor"),
@@ -162,6 +163,7 @@ GLM4_MOE = register(
         model_type="glm4_moe",
         examples=("zai-org/GLM-4.5-Air",),
         attention="gqa+partial_rope+qk_norm",
+        ort_form_blocker=None,  # not MLA: its sigmoid routing is what keeps it from the ort form
         tiny_config=dict(
             _TINY_COMMON,
             model_type="glm4_moe",
@@ -188,6 +190,7 @@ GPT_OSS = register(
         routing=Routing.TOPK_SOFTMAX,
         renormalize_default=True,  # a softmax over the k: the weights sum to 1
         attention="gqa+sinks+sliding_window",
+        ort_form_blocker="attention sinks and per-layer sliding windows are not in the ort form yet",
         experts_gate="swiglu_oai",
         tiny_config=dict(
             _TINY_COMMON,

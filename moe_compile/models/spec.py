@@ -48,6 +48,8 @@ class FamilySpec:
     complex_rope: bool = False  # RoPE computed in complex numbers: captured in real arithmetic instead
     examples: tuple[str, ...] = ()  # checkpoints of this family, for the docs
     min_transformers: str = "5.17"
+    # why ONNX Runtime's in-place form (GroupQueryAttention, one MoE node per layer) cannot serve the family
+    ort_form_blocker: str | None = None
 
     def derive(self, **changes: Any) -> FamilySpec:
         """A related family that differs only in the given fields (optimum's inherit-and-override)."""
@@ -57,6 +59,17 @@ class FamilySpec:
         if self.renormalize_field is None:
             return self.renormalize_default
         return bool(getattr(config, self.renormalize_field, self.renormalize_default))
+
+    def ort_form_reason(self, config: Any) -> str | None:
+        """None where the ort form serves this family and config, else why not (manifest and build log)."""
+        if self.ort_form_blocker:
+            return self.ort_form_blocker
+        if self.routing not in (Routing.NONE, Routing.SOFTMAX_TOPK, Routing.TOPK_SOFTMAX):
+            return (f"{self.routing.value} routing has no com.microsoft:MoE form, and the static forms that stay "
+                    "fast at long prefills branch on the token count (If), which CUDA graphs refuse")
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            return "sliding-window layers are not in the ort form yet"
+        return None
 
     def describe(self, config: Any) -> dict[str, Any]:
         """The manifest's `family` entry: what a runtime or a fused lowering must reproduce."""

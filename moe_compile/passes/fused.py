@@ -29,7 +29,7 @@ from torch.export import ExportedProgram
 
 from ..plugins.fused_op import moe_attributes
 from .auto import AutoLowering
-from .base import Pass, PassResult, op_nodes
+from .base import PASSES, Pass, PassResult, op_nodes
 
 log = logging.getLogger("moe_compile.passes")
 aten = torch.ops.aten
@@ -174,8 +174,8 @@ class FusedLowering(Pass):
                     raise Mismatch(f"experts activation '{args['activation']}' has no com.microsoft:MoE form "
                                    "(its swiglu covers SiLU(gate)*up and GPT-OSS's clamped SwiGLU)")
             except Mismatch as reason:
-                layers[layer], reasons[layer] = "auto", str(reason)
-                log.warning("[passes] fused: %s falls back to auto: %s", layer, reason)
+                layers[layer], reasons[layer] = self.options.get("fallback", AutoLowering.name), str(reason)
+                log.warning("[passes] fused: %s falls back to %s: %s", layer, layers[layer], reason)
                 continue
             with graph.inserting_before(node):
                 fused = graph.call_function(
@@ -192,7 +192,8 @@ class FusedLowering(Pass):
         remove_dead_router(graph)
         module.recompile()
         result = program._update(module, output_renamed(program.graph_signature, renamed))
-        if reasons:  # the layers that fell back
-            result = result.run_decompositions({op: AutoLowering(**self.options).lowering()})
+        if reasons:  # the layers that fell back: `auto` (If on the token count), or the `fallback` option's lowering
+            fallback = PASSES[self.options.get("fallback", AutoLowering.name)](**self.options)
+            result = result.run_decompositions({op: fallback.lowering()})
         fused_count = sum(1 for v in layers.values() if v == "fused")
         return PassResult(result, fused_count, layers=layers, reasons=reasons)
