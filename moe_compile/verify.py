@@ -1,7 +1,7 @@
 """Parity of a build against transformers eager on the same inputs (the `verify` command).
 
-Checks, for a fixed prompt: the prompt logits, 3 decode steps fed from the compiled model's own
-KV cache, and a greedy continuation. fp32 builds must match greedy tokens exactly with logits
+Checks, for a fixed prompt: the logits of its last position, 3 decode steps fed from the compiled
+model's own KV cache, and a greedy continuation. fp32 builds must match greedy tokens exactly with logits
 within 1e-4 of their scale; fp16/bf16 builds must agree on the top-1 token at >= 95% of the
 positions of the fp32 reference's greedy continuation (teacher-forced).
 """
@@ -15,7 +15,7 @@ import torch
 
 from .api import load
 from .models.loading import load_model, resolve_checkpoint
-from .runtime.generate import decode_one
+from .runtime.generate import decode_one, prefill
 
 FP32_TOLERANCE = 1e-4  # max abs error relative to the logits' max abs value
 LOW_PRECISION_AGREEMENT = 0.95
@@ -44,8 +44,9 @@ def default_prompt(vocab_size: int, length: int = 11) -> list[int]:
     return np.random.default_rng(1234).integers(3, min(vocab_size, 1000), length).tolist()
 
 
-def verify(out, model: str | None = None, prompt: list[int] | None = None, new_tokens: int = 32, backend: str = "ort") -> Report:
-    compiled = load(out, backend)
+def verify(out, model: str | None = None, prompt: list[int] | None = None, new_tokens: int = 32, backend: str = "ort",
+           cuda_graph: bool = True) -> Report:
+    compiled = load(out, backend, cuda_graph)
     manifest = compiled.manifest
     reference = load_model(resolve_checkpoint(model or manifest.source), "fp32")
     prompt = prompt or default_prompt(manifest.vocab_size)
@@ -57,22 +58,23 @@ def verify(out, model: str | None = None, prompt: list[int] | None = None, new_t
         )[0, len(prompt) :].tolist()
         ref_logits = reference(torch.tensor([prompt + ref_ids])).logits[0].numpy()
 
-    # Prompt logits, then 3 decode steps from the compiled model's own KV cache.
+    # The prompt's last-position logits, then 3 decode steps from the compiled model's own KV cache.
     steps = min(3, len(ref_ids))
-    got = [prompt_logits(compiled.backend, prompt)]
-    mask = np.ones((1, len(prompt)), dtype=np.int64)
+    got, mask = prefill(compiled.backend, [prompt], manifest.pad_token_id)
+    got = [got]
     for token in ref_ids[:steps]:
         last, mask = decode_one(compiled.backend, np.array([token]), mask)
         got.append(last)
     got = np.concatenate(got)
-    expected = ref_logits[: len(prompt) + steps]
+    expected = ref_logits[len(prompt) - 1 : len(prompt) + steps]
     max_abs = float(np.abs(got - expected).max())
     relative = max_abs / max(float(np.abs(expected).max()), 1e-12)
 
-    # Greedy continuation, and top-1 agreement teacher-forced on the reference's continuation.
+    # Greedy continuation, and top-1 agreement teacher-forced on the reference's continuation (fed one
+    # token per step: what every form of build serves).
     ours = compiled.generate([prompt], max_new_tokens=new_tokens, eos_token_id=[])[0].token_ids
-    forced = prompt_logits(compiled.backend, prompt + ref_ids)
-    agreement = float((forced.argmax(-1) == ref_logits.argmax(-1))[len(prompt) - 1 :].mean())
+    forced = teacher_forced_logits(compiled.backend, prompt, ref_ids, manifest.pad_token_id)
+    agreement = float((forced.argmax(-1) == ref_logits[len(prompt) - 1 :].argmax(-1)).mean())
 
     if manifest.dtype == "fp32":
         passed = relative <= FP32_TOLERANCE and ours == ref_ids
@@ -81,8 +83,11 @@ def verify(out, model: str | None = None, prompt: list[int] | None = None, new_t
     return Report(max_abs, relative, ours == ref_ids, agreement, ours, ref_ids, passed)
 
 
-def prompt_logits(backend, prompt: list[int]) -> np.ndarray:
-    """Logits at every prompt position [S, V]; leaves the backend's cache holding the prompt."""
-    backend.reset(1)
-    ids = np.array([prompt])
-    return backend.step(ids, np.ones_like(ids), np.arange(len(prompt))[None])[0]
+def teacher_forced_logits(backend, prompt: list[int], continuation: list[int], pad_id: int) -> np.ndarray:
+    """Next-token logits [1 + len(continuation), V] after the prompt and after each continuation token."""
+    logits, mask = prefill(backend, [prompt], pad_id)
+    rows = [logits]
+    for token in continuation:
+        logits, mask = decode_one(backend, np.array([token]), mask)
+        rows.append(logits)
+    return np.concatenate(rows)

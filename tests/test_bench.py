@@ -1,5 +1,5 @@
-"""`moe-compile bench` on the CPU provider: the grid runs, the record is complete, bad requests are
-one-line errors."""
+"""`moe-compile bench` on the CPU provider: the grid runs, the record is complete (with each row's decode
+floor), bad requests are one-line errors; the floor's byte count against the tiny config's arithmetic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 import pytest
 
 from moe_compile.cli import main
+from moe_compile.export.manifest import read_manifest
+from moe_compile.models import FAMILIES
 from moe_compile.runtime.benchmark import bench
+from moe_compile.runtime.floor import distinct_experts, step_bytes
 
 
 def test_bench_json_record(built, capsys):
@@ -23,6 +26,12 @@ def test_bench_json_record(built, capsys):
         assert len(row["prefill_ms_all"]) == 2 and row["prefill_ms"] > 0
         assert row["decode_tokens_per_s"] > 0 and row["decode_ms_per_step"] > 0
         assert row["peak_device_mb"] is None and row["peak_host_mb"] > 0
+        assert row["floor_tokens_per_s"] == pytest.approx(row["batch"] / row["floor_ms"] * 1e3)
+        assert row["percent_of_floor"] == pytest.approx(100 * row["decode_tokens_per_s"] / row["floor_tokens_per_s"])
+    assert record["copy_bandwidth_GBps"] > 0
+    floors = {(r["batch"], r["prompt_len"]): r["floor_bytes"] for r in record["rows"]}
+    # a longer cache and more rows (more embedding rows, distinct experts, caches) read more
+    assert floors[1, 4] < floors[1, 9] < floors[3, 9] and floors[1, 4] < floors[3, 4] < 3 * floors[1, 4]
 
 
 def test_bench_table_on_the_torch_backend(built, capsys):
@@ -31,7 +40,8 @@ def test_bench_table_on_the_torch_backend(built, capsys):
     assert record["rows"][0]["kv_length"] == 5
     assert main(["bench", str(out), "--prompt-len", "6", "--new-tokens", "2", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("on ort [cpu]") and lines[2].split()[:3] == ["1", "6", "2"]
+    assert lines[0].endswith("on ort [cpu]") and lines[1].startswith("floor: ") and "% floor" in lines[2]
+    assert lines[3].split()[:3] == ["1", "6", "2"] and lines[3].split()[8].endswith("%")
 
 
 @pytest.mark.parametrize(
@@ -56,3 +66,45 @@ def test_bad_bench_requests(built, capsys, args, words):
 def test_bench_of_a_missing_build(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nothing")]) == 1
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def _tiny_qwen2_moe_step_bytes(batch: int, past: int) -> float:
+    """The tiny Qwen2-MoE's decode-step reads, from its config (fp32): attention with q/k/v biases, two norms
+    per layer, a router + sigmoid-gated shared expert + k selected experts per MoE layer, a dense MLP in
+    the `mlp_only_layers`, the final norm, lm_head, `batch` embedding rows, and the KV cache."""
+    c = FAMILIES["qwen2_moe"].tiny_config
+    h, e, k, layers = c["hidden_size"], c["num_experts"], c["num_experts_per_tok"], c["num_hidden_layers"]
+    dim = h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * dim
+    attention = 2 * h * h + 2 * h * kv + h + 2 * kv
+    expert = 3 * h * c["moe_intermediate_size"]
+    moe = e * h + 3 * h * c["shared_expert_intermediate_size"] + h + expert * distinct_experts(e, k, batch)
+    dense = 3 * h * c["intermediate_size"]
+    mlps = sum(dense if i in c["mlp_only_layers"] else moe for i in range(layers))
+    weights = layers * (attention + 2 * h) + mlps + h + c["vocab_size"] * h + batch * h
+    return 4 * (weights + batch * past * layers * 2 * kv)
+
+
+@pytest.mark.parametrize("batch,past", [(1, 0), (1, 100), (3, 50)])
+def test_floor_bytes_match_the_config(built, batch, past):
+    """Counted from the ONNX, within 1% of the config's arithmetic (the exporter merges identical constants,
+    e.g. the all-ones norm weights of a random checkpoint, and adds shape constants)."""
+    out = built("qwen2_moe", "auto")
+    reads = step_bytes(out, read_manifest(out))
+    assert [(layer.experts, layer.top_k) for layer in reads.experts] == [(8, 2), (8, 2)]
+    assert reads.total(batch, past) == pytest.approx(_tiny_qwen2_moe_step_bytes(batch, past), rel=1e-2)
+
+
+def test_floor_bytes_of_a_fused_build(built):
+    """com.microsoft:MoE reads its experts through the gate/up interleave: the same bytes and top-k as auto."""
+    auto, fused = built("qwen2_moe", "auto"), built("qwen2_moe", "fused")
+    a, f = step_bytes(auto, read_manifest(auto)), step_bytes(fused, read_manifest(fused))
+    assert [(layer.experts, layer.top_k, layer.bytes) for layer in f.experts] == [
+        (layer.experts, layer.top_k, layer.bytes) for layer in a.experts]
+    assert f.total(1, 10) == pytest.approx(a.total(1, 10), rel=1e-2)
+
+
+def test_distinct_experts_under_uniform_routing():
+    assert distinct_experts(60, 4, 1) == pytest.approx(4)
+    assert distinct_experts(60, 4, 8) == pytest.approx(60 * (1 - (56 / 60) ** 8))  # 25.8 of 60
+    assert 59.9 < distinct_experts(60, 4, 256) <= 60

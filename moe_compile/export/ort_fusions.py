@@ -5,6 +5,7 @@ applied; `fuse_for_ort` runs them in order and logs the counts.
   it -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (onnxscript's ort_fusions rules).
 - `no_op_reshapes`: a chain of Reshapes that ends in its input's shape (HF's `view(B, S, N, D)` undone by
   the attention's `reshape(B, S, N·D)`) -> nothing.
+- `silu`: x · Sigmoid(x) (torch.onnx's SiLU) -> com.microsoft:QuickGelu(alpha=1), one kernel.
 - `packed_matmuls`: MatMuls (or Gemms) of one activation by constant weights (q/k/v projections; a shared
   expert's gate and up, its gate scalar and the router) -> one MatMul over the concatenated weights, a
   bias Add if they all had one, and one Split. One weight read per layer instead of several small ones.
@@ -31,6 +32,7 @@ RULES = {
     "rms_norm": lambda model: rms_normalization.fuse_rms_normalization(model),
     "skip_rms_norm": lambda model: skip_normalization.fuse_skip_rms_normalization(model),
     "no_op_reshapes": lambda model: remove_no_op_reshapes(model.graph),
+    "silu": lambda model: silu_as_quick_gelu(model.graph),
     "packed_matmuls": lambda model: pack_matmuls(model.graph),
     "packed_qkv": lambda model: pack_qkv(model.graph),
     "folded_weights": lambda model: fold_constant_layouts(model.graph),
@@ -65,6 +67,25 @@ def remove_no_op_reshapes(graph: ir.Graph) -> int:
             source = source.producer().inputs[0]
         if _same_shape(source, out):
             out.replace_all_uses_with(source)
+            count += 1
+    return count
+
+
+def silu_as_quick_gelu(graph: ir.Graph) -> int:
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Sigmoid" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, sigmoid = node.inputs[0], node.outputs[0]
+        for use in list(sigmoid.uses()):
+            mul = use.node
+            if mul.op_type != "Mul" or mul.inputs[1 - use.idx] is not x:
+                continue
+            gelu = ir.Node("com.microsoft", "QuickGelu", [x], attributes=[ir.AttrFloat32("alpha", 1.0)],
+                           name=f"{mul.name}_silu")
+            graph.insert_before(mul, gelu)
+            gelu.outputs[0].shape, gelu.outputs[0].dtype = mul.outputs[0].shape, mul.outputs[0].dtype
+            mul.outputs[0].replace_all_uses_with(gelu.outputs[0], replace_graph_outputs=True)
             count += 1
     return count
 

@@ -6,6 +6,10 @@ last prefill's cache, timed end to end (host argmax and input building included:
 the decode loop gets). Decode tokens/s counts every row of the batch. Peak device memory is the
 largest device-wide use seen after each phase (cudaMemGetInfo; ONNX Runtime's arena never shrinks,
 so this is its high-water mark plus the CUDA context); peak host memory is the process's max RSS.
+
+Each row also gets its decode floor (runtime/floor.py): the mean bytes a decode step of that row must
+read (weights, the selected experts, the KV cache at the row's mean length) over the copy bandwidth
+measured on the backend's device in the same run, and our share of it (decode tokens/s ÷ floor tokens/s).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from ..errors import RequestError
 from ..export.manifest import read_manifest, tool_versions
 from .backend import BACKENDS, Backend
+from .floor import StepBytes, copy_bandwidth, step_bytes
 from .generate import decode_one, prefill
 
 
@@ -37,6 +42,10 @@ class BenchRow:
     kv_length: int  # tokens in the cache at the end: prompt_len + new_tokens
     peak_device_mb: float | None
     peak_host_mb: float
+    floor_bytes: float | None = None  # mean bytes a decode step of this row must read
+    floor_ms: float | None = None  # floor_bytes / measured copy bandwidth
+    floor_tokens_per_s: float | None = None  # batch / floor_ms
+    percent_of_floor: float | None = None  # decode_tokens_per_s / floor_tokens_per_s, in %
 
 
 def check_request(manifest, batches: list[int], prompt_lens: list[int], new_tokens: int, repeats: int) -> None:
@@ -62,12 +71,15 @@ def bench(out, backend: str = "ort", batches=(1,), prompt_lens=(128,), new_token
     check_request(manifest, batches, prompt_lens, new_tokens, repeats)
     runner = BACKENDS[backend](out, manifest).activate()
     memory = getattr(runner, "memory", None)
+    device = getattr(runner, "device", "cuda")  # TensorRT's backend has no CPU form
+    reads = step_bytes(out, manifest)
+    bandwidth = copy_bandwidth(device)
     rng = np.random.default_rng(seed)
     rows = []
     for batch in batches:
         for prompt_len in prompt_lens:
             prompts = rng.integers(0, manifest.vocab_size, (batch, prompt_len)).tolist()
-            row = _measure(runner, memory, prompts, new_tokens, repeats, manifest.pad_token_id)
+            row = _with_floor(_measure(runner, memory, prompts, new_tokens, repeats, manifest.pad_token_id), reads, bandwidth)
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -83,6 +95,8 @@ def bench(out, backend: str = "ort", batches=(1,), prompt_lens=(128,), new_token
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {**tool_versions(), **_runtime_versions()},
         "repeats": repeats,
+        "copy_bandwidth_GBps": bandwidth / 1e9,  # bytes read + written per second (runtime/floor.py)
+        "floor_bytes_b1": reads.total(1, 0),  # weights a batch-1 step must read, before the KV cache
         "rows": [dataclasses.asdict(r) for r in rows],
     }
 
@@ -126,6 +140,16 @@ def _measure(backend: Backend, memory, prompts: list[list[int]], new_tokens: int
     )
 
 
+def _with_floor(row: BenchRow, reads: StepBytes, bandwidth: float) -> BenchRow:
+    """The row's floor: a decode step reads the cache at past lengths prompt_len .. prompt_len + new_tokens - 1
+    (linear in the length, so their mean is the floor at the mean length)."""
+    row.floor_bytes = reads.total(row.batch, row.prompt_len + (row.new_tokens - 1) / 2)
+    row.floor_ms = row.floor_bytes / bandwidth * 1e3
+    row.floor_tokens_per_s = row.batch / row.floor_ms * 1e3
+    row.percent_of_floor = 100 * row.decode_tokens_per_s / row.floor_tokens_per_s
+    return row
+
+
 def _runtime_versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -144,13 +168,18 @@ def table(record: dict) -> list[str]:
     lines = [
         f"{record['source']} ({record['family']}, {record['dtype']}, lowering {record['lowering']}) "
         f"on {record['backend']} [{record['device']}]",
-        f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'decode tok/s':>13} {'ms/step':>8} "
-        f"{'peak dev MB':>12} {'peak host MB':>13}",
     ]
+    if record.get("copy_bandwidth_GBps"):
+        lines.append(f"floor: a batch-1 step reads {record['floor_bytes_b1'] / 1e9:.3g} GB of weights (+ the KV cache); "
+                     f"copy bandwidth {record['copy_bandwidth_GBps']:.0f} GB/s (read + written)")
+    lines.append(f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'decode tok/s':>13} {'ms/step':>8} "
+                 f"{'floor ms':>9} {'floor tok/s':>12} {'% floor':>8} {'peak dev MB':>12} {'peak host MB':>13}")
     for r in record["rows"]:
         device = f"{r['peak_device_mb']:.0f}" if r["peak_device_mb"] is not None else "-"
+        floor = (f"{r['floor_ms']:>9.3f} {r['floor_tokens_per_s']:>12.1f} {r['percent_of_floor']:>7.1f}%"
+                 if r.get("floor_ms") is not None else f"{'-':>9} {'-':>12} {'-':>8}")
         lines.append(
             f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>5} {r['prefill_ms']:>11.1f} "
-            f"{r['decode_tokens_per_s']:>13.1f} {r['decode_ms_per_step']:>8.2f} {device:>12} {r['peak_host_mb']:>13.0f}"
+            f"{r['decode_tokens_per_s']:>13.1f} {r['decode_ms_per_step']:>8.2f} {floor} {device:>12} {r['peak_host_mb']:>13.0f}"
         )
     return lines
