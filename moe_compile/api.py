@@ -19,12 +19,12 @@ class Generation:
 
 
 class CompiledModel:
-    def __init__(self, out: str | Path, backend: str = "ort"):
+    def __init__(self, out: str | Path, backend: str = "ort", cuda_graph: bool = True):
         self.out = Path(out)
         self.manifest = read_manifest(self.out)
         if backend not in BACKENDS:
             raise RequestError(f"unknown backend '{backend}'; choose one of {', '.join(sorted(BACKENDS))}")
-        self.backend = BACKENDS[backend](self.out, self.manifest).activate()
+        self.backend = BACKENDS[backend](self.out, self.manifest, cuda_graph=cuda_graph).activate()
         self.tokenizer = None
         if self.manifest.tokenizer:
             from transformers import AutoTokenizer
@@ -80,8 +80,9 @@ class CompiledModel:
         return [Generation(ids, self.decode(ids)) for ids in results]
 
 
-def load(out: str | Path, backend: str = "ort") -> CompiledModel:
-    return CompiledModel(out, backend)
+def load(out: str | Path, backend: str = "ort", cuda_graph: bool = True) -> CompiledModel:
+    """`cuda_graph=False`: run every step uncaptured (CUDA graphs are used by ort-cuda on ort-form builds)."""
+    return CompiledModel(out, backend, cuda_graph)
 
 
 __all__ = ["CompiledModel", "Generation", "build", "load"]

@@ -2,6 +2,9 @@
 
 Subclasses write `_activate`, `_reset` and `_step`; the public methods check state and inputs
 (Polygraphy's runner template), so every backend rejects the same bad requests the same way.
+A backend class may have variants for other ONNX forms (manifest.form): a subclass that sets `form`
+serves that form under its parent's name, and `BACKENDS[name](out, manifest)` builds the variant the
+manifest asks for.
 """
 
 from __future__ import annotations
@@ -12,20 +15,30 @@ import numpy as np
 
 from ..errors import RequestError
 from ..export.manifest import Manifest
+from .sampling import Chooser
 
 BACKENDS: dict[str, type[Backend]] = {}
+FORMS: dict[tuple[str, str], type[Backend]] = {}  # (backend name, manifest form) -> the variant serving it
 
 
 class Backend:
     name: str
+    form = "portable"  # the manifest form this class runs
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
+        if "form" in cls.__dict__:
+            FORMS[cls.name, cls.form] = cls
+        elif "name" in cls.__dict__:
             BACKENDS[cls.name] = cls
 
-    def __init__(self, out: Path, manifest: Manifest):
+    def __new__(cls, out: Path, manifest: Manifest, **options):
+        return super().__new__(FORMS.get((cls.name, getattr(manifest, "form", "portable")), cls))
+
+    def __init__(self, out: Path, manifest: Manifest, cuda_graph: bool = True):
+        """`cuda_graph`: replay decode steps as CUDA graphs where the backend can (ort-cuda, ort form)."""
         self.out, self.manifest = Path(out), manifest
+        self.cuda_graph = cuda_graph
         self.active = False
         self.batch = 0
         self.length = 0  # tokens in the KV cache
@@ -53,6 +66,12 @@ class Backend:
         from. Backends that keep logits on a device copy only these rows to the host."""
         return self._checked(self._step_last, input_ids, attention_mask, position_ids)
 
+    def step_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                    chooser: Chooser) -> np.ndarray:
+        """Like `step_last`, but returns each row's next token [B] as `chooser` picks it. Backends whose
+        graph chooses on the device copy only the token ids (or the top candidates) to the host."""
+        return self._checked(lambda *inputs: self._step_tokens(*inputs, chooser), input_ids, attention_mask, position_ids)
+
     def _checked(self, run, input_ids, attention_mask, position_ids) -> np.ndarray:
         batch, new = input_ids.shape
         if batch != self.batch:
@@ -79,6 +98,9 @@ class Backend:
 
     def _step_last(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         return self._step(input_ids, attention_mask, position_ids)[:, -1]
+
+    def _step_tokens(self, input_ids, attention_mask, position_ids, chooser: Chooser) -> np.ndarray:
+        return chooser(self._step_last(input_ids, attention_mask, position_ids))
 
     def kv_names(self) -> tuple[list[str], list[str]]:
         past = [i["name"] for i in self.manifest.inputs if i["name"].startswith("past_key_values.")]

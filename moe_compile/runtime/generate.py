@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import RequestError
 from .backend import Backend
-from .sampling import Sampling, next_tokens
+from .sampling import Chooser, Sampling
 
 
 @dataclasses.dataclass
@@ -20,8 +20,10 @@ class Stats:
     new_tokens: int
 
 
-def prefill(backend: Backend, prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad the prompts into one batch and run it; returns (last-position logits [B, V], mask)."""
+def prefill(backend: Backend, prompts: list[list[int]], pad_id: int,
+            chooser: Chooser | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad the prompts into one batch and run it; returns (each row's next token [B] as `chooser`
+    picks it, or without a chooser the last position's logits [B, V]; the mask)."""
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), length), dtype=np.int64)
@@ -30,14 +32,19 @@ def prefill(backend: Backend, prompts: list[list[int]], pad_id: int) -> tuple[np
         mask[row, length - len(prompt) :] = 1
     positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
     backend.reset(len(prompts))
-    return backend.step_last(ids, mask, positions), mask
+    return _step(backend, chooser, ids, mask, positions), mask
 
 
-def decode_one(backend: Backend, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Feed one token per row; returns (logits [B, V], the extended mask)."""
+def decode_one(backend: Backend, tokens: np.ndarray, mask: np.ndarray,
+               chooser: Chooser | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Feed one token per row; returns (next tokens [B], or without a chooser logits [B, V]; the extended mask)."""
     mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
     positions = mask.sum(axis=1, keepdims=True) - 1
-    return backend.step_last(tokens[:, None], mask, positions), mask
+    return _step(backend, chooser, tokens[:, None], mask, positions), mask
+
+
+def _step(backend: Backend, chooser: Chooser | None, ids, mask, positions) -> np.ndarray:
+    return backend.step_last(ids, mask, positions) if chooser is None else backend.step_tokens(ids, mask, positions, chooser)
 
 
 def generate(
@@ -60,17 +67,16 @@ def generate(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds this build's max_seq "
             f"{backend.manifest.max_seq}; rebuild with a larger --max-seq or ask for fewer tokens"
         )
-    rng = np.random.default_rng(sampling.seed)
     history = [list(p) for p in prompts]
+    chooser = Chooser(sampling, history, np.random.default_rng(sampling.seed))
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), dtype=bool)
     start = time.perf_counter()
-    logits, mask = prefill(backend, prompts, pad_id)
+    tokens, mask = prefill(backend, prompts, pad_id, chooser)
     prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
     steps = 0
     while True:
-        tokens = next_tokens(logits, history, sampling, rng)
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
@@ -81,8 +87,7 @@ def generate(
             done[row] = token in eos_ids
         if done.all() or max(len(o) for o in outputs) >= max_new_tokens:
             break
-        tokens = np.where(done, pad_id, tokens)
-        logits, mask = decode_one(backend, tokens, mask)
+        tokens, mask = decode_one(backend, np.where(done, pad_id, tokens), mask, chooser)
         steps += 1
     decode_s = time.perf_counter() - decode_start
     decoded = steps * len(prompts)
