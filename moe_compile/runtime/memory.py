@@ -34,6 +34,9 @@ class HostMemory:
                 ctypes.memmove(base + row * width, src_ptr + row * src_pitch, width)
         return dst
 
+    def zero(self, ptr: int, nbytes: int) -> None:
+        ctypes.memset(ptr, 0, nbytes)
+
     def used_bytes(self) -> int | None:
         return None
 
@@ -55,6 +58,11 @@ class CudaMemory(HostMemory):
         )
         _check(code, "cudaMemcpy2D")
         return dst
+
+    def zero(self, ptr: int, nbytes: int) -> None:
+        _check(self.lib.cudaMemset(ctypes.c_void_p(ptr), ctypes.c_int(0), ctypes.c_size_t(nbytes)), "cudaMemset")
+        # The legacy stream does not order ONNX Runtime's own (non-blocking) stream: finish before a run starts.
+        _check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
     def used_bytes(self) -> int:
         """Device memory in use on the current device, by every process (cudaMemGetInfo)."""

@@ -13,8 +13,8 @@ loop) are copied to the host.
     step t+1: past ── buffer B             ──▶ graph ──▶ present ── buffer A
 
 The portable past/present form copies the cache once per step inside the graph (the concat); an
-in-place form (a shared KV buffer, ONNX Runtime's GroupQueryAttention) would also fix every
-address and shape, which CUDA-graph replay needs: not done here (docs/BENCHMARKS.md).
+in-place form (a shared KV buffer, ONNX Runtime's GroupQueryAttention) also fixes every address and
+shape, which CUDA-graph replay needs: builds of the ort form run on the variants in ort_inplace.py.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class OrtBackend(Backend):
             )
 
     def _activate(self) -> None:
+        self._open_session()
+        self.buffers: list[list] = [[], []]
+        self.capacity = 0  # batch rows the buffers hold at max_seq
+
+    def _open_session(self) -> None:
+        """The session on this backend's provider, and what every form binds: device, KV names and types."""
         import onnxruntime as ort
 
         if self.provider not in ort.get_available_providers():
@@ -94,8 +100,6 @@ class OrtBackend(Backend):
         self.past_names, self.present_names = self.kv_names()
         self.kv_type, self.kv_itemsize = _ONNX_TYPES[self.manifest.dtype]
         self.kv_dims = [dims for layer in self.manifest.kv["layers"] for dims in layer]  # (heads, head_dim) per tensor
-        self.buffers: list[list] = [[], []]
-        self.capacity = 0  # batch rows the buffers hold at max_seq
 
     def _reset(self, batch: int) -> None:
         import onnxruntime as ort
