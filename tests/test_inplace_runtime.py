@@ -220,3 +220,10 @@ def test_run_streams_the_tokens_with_and_without_cuda_graphs(model_dir, capsys):
     for flags in ([], ["--no-cuda-graph"]):
         assert main(["run", str(model_dir), "--input-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "4", *flags]) == 0
         assert capsys.readouterr().out.strip() == expected
+
+
+def test_a_subclass_made_elsewhere_stays_itself(model_dir):
+    class Custom(BACKENDS["ort"]):
+        pass
+
+    assert type(Custom(model_dir, read_manifest(model_dir))) is Custom

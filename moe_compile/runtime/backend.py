@@ -33,7 +33,10 @@ class Backend:
             BACKENDS[cls.name] = cls
 
     def __new__(cls, out: Path, manifest: Manifest, **options):
-        return super().__new__(FORMS.get((cls.name, getattr(manifest, "form", "portable")), cls))
+        name = getattr(cls, "name", None)
+        if BACKENDS.get(name) is cls:  # a registered backend: its variant for the build's form (other subclasses stay)
+            cls = FORMS.get((name, getattr(manifest, "form", "portable")), cls)
+        return super().__new__(cls)
 
     def __init__(self, out: Path, manifest: Manifest, cuda_graph: bool = True):
         """`cuda_graph`: replay decode steps as CUDA graphs where the backend can (ort-cuda, ort form)."""
