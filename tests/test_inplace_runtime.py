@@ -1,8 +1,9 @@
-"""The ort form's runtime (runtime/ort_inplace.py) on a one-layer model written with onnx.helper to the
-form's contract: Gather embedding -> packed QKV MatMul -> GroupQueryAttention (shared KV buffer, rotary
-inside) -> the last real position -> LM head -> logits, next_token (ArgMax), top_logits/top_ids (TopK).
-A numpy reference of the same model checks the tokens, so right padding, the decode mask and the
-in-place cache are proven correct, not only self-consistent."""
+"""The ort form's runtime (runtime/ort_inplace.py), on a real ort-form build of a tiny Qwen2-MoE (tokens
+checked against transformers) and on a one-layer model written with onnx.helper to the form's contract:
+Gather embedding -> packed QKV MatMul -> GroupQueryAttention (shared KV buffer, rotary inside) -> the
+last real position -> LM head -> logits, next_token (ArgMax), top_logits/top_ids (TopK), checked against
+a numpy reference of itself. Both prove right padding, the decode mask and the in-place cache correct,
+not only self-consistent; the small one also runs the form's limits and the CLI in a second."""
 
 from __future__ import annotations
 
@@ -118,12 +119,28 @@ def model_dir(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("inplace"))
 
 
-@pytest.fixture
-def backend(model_dir):
-    return BACKENDS["ort"](model_dir, read_manifest(model_dir)).activate()
-
-
 PROMPTS = [[5, 9, 3, 17, 22], [40, 2], [7, 7, 1, 30, 12, 11, 60, 4, 19]]
+
+
+@pytest.fixture(params=["handmade", "qwen2_moe"])
+def backend(request, model_dir, built):
+    """The in-place backend on the hand-written model, and on a real ort-form build of a tiny Qwen2-MoE."""
+    out = model_dir if request.param == "handmade" else built(request.param, form="ort")
+    backend = BACKENDS["ort"](out, read_manifest(out)).activate()
+    backend.variant = request.param
+    return backend
+
+
+@pytest.fixture
+def greedy_reference(reference_tokens):
+    """Each prompt's greedy continuation alone: numpy for the hand-written model, transformers for a build."""
+
+    def make(backend, prompts, new_tokens):
+        if backend.variant == "handmade":
+            return [reference_greedy(p, new_tokens) for p in prompts]
+        return reference_tokens(backend.variant, prompts, new_tokens)
+
+    return make
 
 
 def run(backend, prompts, new_tokens=8, **sampling):
@@ -155,20 +172,22 @@ def test_kv_buffers_and_decode_bindings_never_move(backend):
     assert [b.data_ptr() for b in backend.kv] == kv
 
 
-def test_greedy_decode_copies_only_token_ids_to_the_host(backend, monkeypatch):
+def test_greedy_decode_copies_only_token_ids_to_the_host(backend, greedy_reference, monkeypatch):
     reads, copies = [], []
     read, copy_rows = backend._read, backend.memory.copy_rows
     monkeypatch.setattr(backend, "_read", lambda decode, name: reads.append(name) or read(decode, name))
     monkeypatch.setattr(backend.memory, "copy_rows", lambda dst, *a: copies.append(dst.nbytes) or copy_rows(dst, *a))
-    assert run(backend, PROMPTS) == [reference_greedy(p, 8) for p in PROMPTS]
+    assert run(backend, PROMPTS) == greedy_reference(backend, PROMPTS, 8)
     assert set(reads) == {"next_token"} and len(reads) == 8
     assert set(copies) == {len(PROMPTS) * 8}  # B int64 per step, nothing else
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=1), dict(temperature=0.7, top_k=5),
-                                      dict(temperature=2.0, top_k=CANDIDATES), dict(temperature=1.5, top_k=4, top_p=0.8)],
+                                      dict(temperature=2.0, top_k="C"), dict(temperature=1.5, top_k=4, top_p=0.8)],
                          ids=["k1", "k5", "kC", "k4-p0.8"])
 def test_sampling_from_the_candidates_equals_the_full_logits(backend, monkeypatch, sampling):
+    if sampling["top_k"] == "C":
+        sampling = dict(sampling, top_k=backend.manifest.sampling_candidates)
     reads = []
     read = backend._read
     monkeypatch.setattr(backend, "_read", lambda decode, name: reads.append(name) or read(decode, name))
@@ -181,9 +200,9 @@ def test_sampling_from_the_candidates_equals_the_full_logits(backend, monkeypatc
     assert sum(name == "top_ids" for name in reads) == 5 * 10
 
 
-def test_a_batch_gives_each_prompt_its_own_tokens(backend):
+def test_a_batch_gives_each_prompt_its_own_tokens(backend, greedy_reference):
     batched = run(backend, PROMPTS, 12)
-    assert batched == [run(backend, [p], 12)[0] for p in PROMPTS] == [reference_greedy(p, 12) for p in PROMPTS]
+    assert batched == [run(backend, [p], 12)[0] for p in PROMPTS] == greedy_reference(backend, PROMPTS, 12)
 
 
 def test_decode_steps_replay_one_graph_id_per_batch_size_after_warm_up(backend, monkeypatch):
@@ -200,7 +219,8 @@ def test_decode_steps_replay_one_graph_id_per_batch_size_after_warm_up(backend, 
     assert len({id(b) for b, graph in runs if graph == "1"}) == 1  # one binding per batch size, reused
 
 
-def test_every_position_and_the_limits_of_the_form(backend):
+def test_every_position_and_the_limits_of_the_form(model_dir):
+    backend = BACKENDS["ort"](model_dir, read_manifest(model_dir)).activate()
     prompt = PROMPTS[2]
     backend.reset(1)
     ids = np.array([prompt])
