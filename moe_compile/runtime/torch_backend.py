@@ -22,6 +22,9 @@ class TorchBackend(Backend):
         from ..plugins import fused_op  # noqa: F401  (the `fused` lowering's op; on CUDA, our kernels)
 
         path = self.out / PROGRAM_FILE
+        if self.manifest.form != "portable":
+            raise ArtifactError(f"{self.out} is a build of the {self.manifest.form} form, which only ONNX Runtime runs; "
+                                f"backend '{self.name}' reads portable builds (moe-compile build --form portable)")
         if not path.is_file():
             raise ArtifactError(f"{path} is missing (built with --no-torch-program?): backend '{self.name}' needs the "
                                 "program that 'moe-compile build' saves; rebuild without that flag or use --backend ort")
