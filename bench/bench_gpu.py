@@ -1,21 +1,29 @@
-"""GPU end-to-end pieces for issue 6, run by bench/gpu_e2e.sh on the H100 (each a subcommand):
+"""GPU end-to-end pieces for issues 6 and 11, run by bench/gpu_e2e.sh and bench/gpu_issue11.sh (each a subcommand):
 
     checkpoint DIR [--layers L]        Qwen1.5-MoE-A2.7B's exact config (optionally fewer layers), random
                                        fp16 weights, written in the hub's own layout (per-expert
                                        gate/up/down_proj, safetensors shards + index) so that
                                        `moe-compile build DIR` goes through the real loading code.
-    build CKPT OUT [--lowering L]      `moe-compile build --dtype fp16` in this process: seconds, peak host
-          [--no-torch-program]         memory (max RSS), output size.
+    build CKPT OUT [--form F]          `moe-compile build --dtype fp16` in this process: seconds, peak host
+          [--lowering L] [--dtype D]   memory (max RSS), output size, the form the build got.
+          [--no-torch-program]
     parity OUT CKPT                    ORT CUDA (fp16/bf16 build) vs transformers fp32 on the GPU: logits
-                                       relative error on 4 prompts, top-1 agreement over 4 x 64 decode
-                                       positions fed from the compiled model's own KV cache.
+                                       relative error and top-1 agreement at 4 prompts x 64 positions (the
+                                       last prompt position + 63 decode steps, teacher-forced through the
+                                       compiled model's own KV cache); pass = max error <= 2e-2, top-1 >= 99%.
+    shapes OUT CKPT                    a real-shape check of one build: parity at prompt 128 and 2048.
     profile OUT                        per-op-type share of ONNX Runtime CUDA's node time (its profiler),
-                                       prefill and decode apart.
+                                       prefill and decode apart (CUDA graphs off).
     baselines CKPT --json F            transformers on the GPU, same grid as `moe-compile bench`: eager
-                                       with batched_mm and grouped_mm experts, static cache +
-                                       torch.compile; device copy bandwidth and the batch-1 floor.
+                                       generate with batched_mm and grouped_mm experts; StaticCache +
+                                       torch.compile'd decode step, warmed up per (batch, prompt) and
+                                       counting the graphs compiled while timing (0 = no recompile);
+                                       copy bandwidth and the batch-1 floor.
+    split-repro [--build OUT]          issue 11's `auto` failure on ORT CUDA cut down: the dense branch at
+                                       the A2.7B shape alone and inside an If, ORT optimisations on/off,
+                                       token counts 4..2048; with --build, that build's prefills too.
 
-All numbers: median of `--repeats`, CUDA synchronised before each clock read.
+All numbers: median of `--repeats`, the device synchronised before each clock read.
 """
 
 from __future__ import annotations
@@ -123,68 +131,101 @@ def active_bytes(cfg: dict, itemsize: int = 2) -> int:
     return (cfg["num_hidden_layers"] * per_layer + cfg["vocab_size"] * h + h) * itemsize
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (1 GiB, median of 20)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / statistics.median(times[3:])
+def copy_bandwidth(device: str = "cuda") -> float:
+    """Bytes read + written per second of one large copy (moe_compile.runtime.floor: `bench` uses the same)."""
+    from moe_compile.runtime.floor import copy_bandwidth as measured
+
+    return measured(device)
 
 
 def parity(out: str, ckpt: str, backend: str = "ort-cuda", device: str = "cuda", prompts: int = 4, prompt_len: int = 32,
-           positions: int = 64) -> dict:
+           positions: int = 64, cuda_graph: bool = True, reference=None, compiled=None) -> dict:
+    """`prompts` random prompts; per prompt, the last prompt position and `positions - 1` decode steps fed
+    with the fp32 reference's greedy continuation (teacher-forced, through the compiled model's own KV
+    cache): `prompts x positions` positions in all (256 by default). At each, the logits' relative error
+    max|ours - ref| / max|ref| and whether the top-1 tokens agree. Last-position logits only: what both
+    build forms serve (the ort form's graph has no other logits)."""
     from moe_compile.api import load
     from moe_compile.models.loading import load_model
-    from moe_compile.runtime.generate import decode_one
+    from moe_compile.runtime.generate import decode_one, prefill
 
-    compiled = load(out, backend)
+    compiled = compiled or load(out, backend, cuda_graph)
     torch.backends.cuda.matmul.allow_tf32 = False
-    reference = load_model(Path(ckpt), "fp32").to(device)
+    reference = reference or load_model(Path(ckpt), "fp32").to(device)
     rng = np.random.default_rng(7)
-    errors, agree, total = [], 0, 0
+    errors, agree = [], []
     for _ in range(prompts):
         prompt = rng.integers(3, compiled.manifest.vocab_size, prompt_len).tolist()
         with torch.no_grad():
             ids = reference.generate(torch.tensor([prompt], device=device), max_new_tokens=positions, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)
-            ref = reference(ids).logits[0].float().cpu().numpy()
+            ref = reference(ids).logits[0, prompt_len - 1 : prompt_len - 1 + positions].float().cpu().numpy()
         cont = ids[0, prompt_len:].tolist()
-        backend_ = compiled.backend
-        backend_.reset(1)
-        got = backend_.step(np.array([prompt]), np.ones((1, prompt_len)), np.arange(prompt_len)[None])[0]
-        errors.append(float(np.abs(got - ref[:prompt_len]).max() / np.abs(ref[:prompt_len]).max()))
-        mask = np.ones((1, prompt_len), np.int64)
-        step_logits = [got[-1]]
-        for token in cont[:-1]:
-            last, mask = decode_one(backend_, np.array([token]), mask)
-            step_logits.append(last[0])
-        ours = np.stack(step_logits).argmax(-1)
-        theirs = ref[prompt_len - 1 : prompt_len - 1 + len(cont)].argmax(-1)
-        agree += int((ours == theirs).sum())
-        total += len(cont)
-    return {"prompt_logits_relative_error": errors, "max_relative_error": max(errors),
-            "top1_agreement": agree / total, "positions": total, "dtype": compiled.manifest.dtype}
+        last, mask = prefill(compiled.backend, [prompt], 0)
+        ours = [last[0]]
+        for token in cont[: positions - 1]:
+            last, mask = decode_one(compiled.backend, np.array([token]), mask)
+            ours.append(last[0])
+        ours = np.stack(ours)
+        errors += (np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)).tolist()
+        agree += (ours.argmax(-1) == ref.argmax(-1)).tolist()
+    result = {"positions": len(agree), "max_relative_error": max(errors), "median_relative_error": float(np.median(errors)),
+              "p99_relative_error": float(np.quantile(errors, 0.99)), "top1_agreement": float(np.mean(agree)),
+              "dtype": compiled.manifest.dtype, "form": getattr(compiled.manifest, "form", "portable"),
+              "lowering": compiled.manifest.lowering, "backend": backend, "cuda_graph": cuda_graph}
+    result["pass"] = result["max_relative_error"] <= 2e-2 and result["top1_agreement"] >= 0.99  # issue 11's bar
+    return result
+
+
+def shapes(out: str, ckpt: str, prompt_lens: list[int], positions: int = 8, backend: str = "ort-cuda") -> dict:
+    """A real-shape check of one build: parity (1 prompt, `positions` positions) at each prompt length,
+    e.g. 128 and 2048 (auto's dense branch, long prefills); a failure is recorded, not raised."""
+    from moe_compile.api import load
+    from moe_compile.models.loading import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = load_model(Path(ckpt), "fp32").to(device)
+    compiled = load(out, backend)
+    manifest = compiled.manifest
+    results = []
+    for length in prompt_lens:
+        try:
+            result = parity(out, ckpt, backend, device, 1, length, positions, reference=reference, compiled=compiled)
+        except Exception as exc:  # the failure is the finding
+            result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"}
+        results.append({"prompt_len": length, **result})
+        print(json.dumps(results[-1]), flush=True)
+    return {"build": out, "lowering": manifest.lowering, "form": getattr(manifest, "form", "portable"), "results": results}
 
 
 def profile(out: str, backend: str = "ort-cuda", prompt_len: int = 128, steps: int = 32) -> dict:
     """Per-op-type share of ONNX Runtime's node time (its own profiler) for one batch-1 prefill and
-    `steps` decode steps on ort-cuda, reported separately."""
+    `steps` decode steps on ort-cuda, reported separately (CUDA graphs off: the profiler sees nodes)."""
     from moe_compile.export.manifest import read_manifest
     from moe_compile.runtime.generate import decode_one, prefill
     from moe_compile.runtime import BACKENDS
 
-    class Profiled(BACKENDS[backend]):
+    manifest = read_manifest(Path(out))
+    try:  # the backend variant that serves this build's form (runtime/backend.py FORMS)
+        from moe_compile.runtime.backend import FORMS
+
+        base = FORMS.get((backend, getattr(manifest, "form", "portable")), BACKENDS[backend])
+    except ImportError:
+        base = BACKENDS[backend]
+
+    class Profiled(base):
+        def __new__(cls, *args, **kwargs):  # this class, not the form's variant that Backend.__new__ picks
+            return object.__new__(cls)
+
         def session_options(self, options) -> None:
+            super().session_options(options)
             options.enable_profiling = True
             options.profile_file_prefix = "/tmp/ort-profile"
 
-    backend = Profiled(Path(out), read_manifest(Path(out))).activate()
+    try:
+        backend = Profiled(Path(out), manifest, cuda_graph=False).activate()
+    except TypeError:  # a runtime without the cuda_graph option
+        backend = Profiled(Path(out), manifest).activate()
     prompt = [np.random.default_rng(0).integers(3, backend.manifest.vocab_size, prompt_len).tolist()]
     logits, mask = prefill(backend, prompt, 0)
     for _ in range(steps):
@@ -207,80 +248,303 @@ def profile(out: str, backend: str = "ort-cuda", prompt_len: int = 128, steps: i
     return shares
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time_generate(model, ids, new_tokens: int, **kwargs) -> float:
-    torch.cuda.synchronize()
+    _sync(ids.device.type)
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-    torch.cuda.synchronize()
+    _sync(ids.device.type)
     return time.perf_counter() - start
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process: a rise while timing is a recompile."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class StaticDecoder:
+    """transformers' StaticCache + a torch.compile'd decode step (transformers' own recipe for a static
+    cache, as gpt-fast runs it): one cache per batch size, allocated once at a fixed `max_len` and reset
+    in place between runs, so every decode step has the same shapes and the cache the same addresses
+    (dynamic=False; one graph and, with mode="reduce-overhead", one CUDA graph per batch size). The
+    prefill runs eagerly, as transformers' generate runs it. Greedy; the argmax is inside the graph."""
+
+    def __init__(self, model, max_len: int, mode: str = "reduce-overhead", fullgraph: bool = False):
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self.model, self.max_len, self.caches = model, max_len, {}
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.step = torch.compile(self._forward, mode=mode, fullgraph=fullgraph, dynamic=False)
+
+    def _forward(self, ids, positions, cache):
+        out = self.model(input_ids=ids, cache_position=positions, use_cache=True, **{self.cache_arg: cache}, **self.extra)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def prefill(self, ids):
+        from transformers import StaticCache
+
+        batch = ids.shape[0]
+        if batch not in self.caches:
+            self.caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        cache = self.caches[batch]
+        cache.reset()
+        next_ids = self._forward(ids, torch.arange(ids.shape[1], device=ids.device), cache)
+        return next_ids, cache
+
+    def decode(self, next_ids, cache, start: int, steps: int):
+        position = torch.tensor([start], device=next_ids.device)
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            next_ids = self.step(next_ids, position, cache).clone()
+            position += 1
+        return next_ids
+
+
+def _static_row(decoder: StaticDecoder, ids, new_tokens: int, repeats: int, warm_steps: int) -> dict:
+    """Warm-up (prefill + `warm_steps` decode steps, twice: compile, then CUDA-graph capture), then the
+    timed prefills and one timed run of `new_tokens` decode steps; graphs compiled in each phase."""
+    device, prompt_len = ids.device.type, ids.shape[1]
+    before = graphs_compiled()
+    start = time.perf_counter()
+    for _ in range(2):
+        next_ids, cache = decoder.prefill(ids)
+        decoder.decode(next_ids, cache, prompt_len, warm_steps)
+    _sync(device)
+    warmup_s, warm_graphs = time.perf_counter() - start, graphs_compiled() - before
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        next_ids, cache = decoder.prefill(ids)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    decoder.decode(next_ids, cache, prompt_len, new_tokens)
+    _sync(device)
+    decode_s = time.perf_counter() - start
+    return {"prefill_ms": statistics.median(times) * 1e3, "decode_tokens_per_s": ids.shape[0] * new_tokens / decode_s,
+            "decode_ms_per_step": decode_s / new_tokens * 1e3, "warmup_s": warmup_s, "graphs_compiled_warmup": warm_graphs,
+            "graphs_compiled_timed": graphs_compiled() - before - warm_graphs}
+
+
+def _generate_row(model, ids, new_tokens: int, repeats: int) -> dict:
+    """transformers' generate, eager (compile disabled): warm-up, timed 1-token runs (the prefill), one timed run."""
+    kwargs = {"eos_token_id": None, "pad_token_id": 0, "disable_compile": True}
+    start = time.perf_counter()
+    _time_generate(model, ids, 4, **kwargs)
+    warmup_s = time.perf_counter() - start
+    prefill = statistics.median([_time_generate(model, ids, 1, **kwargs) for _ in range(repeats)])
+    full = _time_generate(model, ids, new_tokens + 1, **kwargs)
+    return {"prefill_ms": prefill * 1e3, "decode_tokens_per_s": ids.shape[0] * new_tokens / (full - prefill),
+            "decode_ms_per_step": (full - prefill) / new_tokens * 1e3, "warmup_s": warmup_s}
+
+
 def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens: int, repeats: int,
-              impls: list[str], budget_s: float) -> dict:
+              impls: list[str], budget_s: float, warm_steps: int = 8, mode: str = "reduce-overhead",
+              dtype: str = "fp16") -> dict:
+    """transformers on the GPU (or the CPU where there is none), same grid as `moe-compile bench`. `impls`:
+    `batched_mm`, `grouped_mm` (eager generate with that experts implementation) and `static-compile`
+    (StaticDecoder, grouped_mm experts; `static-compile:batched_mm` picks the experts implementation).
+    Every static-compile row reports the graphs compiled while warming up and while timing (0 = no
+    recompile in the timed run)."""
+    import torch._dynamo
+
     from moe_compile.models.loading import load_model
 
     t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(device)
     floor_bytes = active_bytes(cfg)
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": bandwidth / 1e9,
-              "active_bytes_b1": floor_bytes, "floor_tok_s_b1": bandwidth / floor_bytes,
-              "layers": cfg["num_hidden_layers"], "rows": [], "skipped": []}
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    record = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "copy_GBps": bandwidth / 1e9, "active_bytes_b1": floor_bytes, "floor_tok_s_b1": bandwidth / floor_bytes,
+              "layers": cfg["num_hidden_layers"], "static_compile": {"mode": mode, "dynamic": False, "warm_steps": warm_steps,
+              "max_cache_len": max(prompt_lens) + new_tokens + 1}, "rows": [], "skipped": []}
     import transformers
 
     record["transformers"] = transformers.__version__
-    model = load_model(Path(ckpt), "fp16").cuda()
+    model = load_model(Path(ckpt), dtype).to(device)
     rng = np.random.default_rng(0)
     for impl in impls:
-        experts = "grouped_mm" if impl == "static-compile" else impl
+        kind, _, experts = impl.partition(":")
+        experts = experts or ("grouped_mm" if kind == "static-compile" else kind)
         if hasattr(model, "set_experts_implementation"):
             model.set_experts_implementation(experts)
         else:
             model.config._experts_implementation = experts
-        extra = {"cache_implementation": "static"} if impl == "static-compile" else {"disable_compile": True}
+        decoder = StaticDecoder(model, max(prompt_lens) + new_tokens + 1, mode) if kind == "static-compile" else None
         for batch in batches:
             for prompt_len in prompt_lens:
                 if time.perf_counter() - t0 > budget_s:
                     record["skipped"].append(f"{impl} b{batch} p{prompt_len}: time budget")
                     continue
                 gathered = batch * prompt_len * cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2
-                if impl == "batched_mm" and gathered > 16e9:  # it copies every token's experts' weights
+                if experts == "batched_mm" and gathered > 16e9:  # it copies every token's experts' weights
                     record["skipped"].append(f"{impl} b{batch} p{prompt_len}: would gather {gathered / 1e9:.0f} GB of weights")
                     continue
-                torch.cuda.reset_peak_memory_stats()
-                ids = torch.tensor(rng.integers(3, cfg["vocab_size"], (batch, prompt_len)), device="cuda")
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ids = torch.tensor(rng.integers(3, cfg["vocab_size"], (batch, prompt_len)), device=device)
                 try:
                     with torch.no_grad():
-                        warm = _time_generate(model, ids, 4, eos_token_id=None, pad_token_id=0, **extra)
-                        one = [_time_generate(model, ids, 1, eos_token_id=None, pad_token_id=0, **extra) for _ in range(repeats)]
-                        full = _time_generate(model, ids, new_tokens + 1, eos_token_id=None, pad_token_id=0, **extra)
+                        measured = (_static_row(decoder, ids, new_tokens, repeats, warm_steps) if decoder
+                                    else _generate_row(model, ids, new_tokens, repeats))
                 except Exception as exc:  # out of memory, a compile failure: recorded, the grid goes on
-                    record["skipped"].append(f"{impl} b{batch} p{prompt_len}: {type(exc).__name__}: {str(exc)[:200]}")
+                    record["skipped"].append(f"{impl} b{batch} p{prompt_len}: {type(exc).__name__}: {str(exc)[:300]}")
                     print(record["skipped"][-1], flush=True)
-                    torch.cuda.empty_cache()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                     continue
-                prefill = statistics.median(one)
-                row = {"impl": impl, "batch": batch, "prompt_len": prompt_len, "prefill_ms": prefill * 1e3,
-                       "decode_tokens_per_s": batch * new_tokens / (full - prefill), "warmup_s": warm,
-                       "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20}
+                row = {"impl": impl, "batch": batch, "prompt_len": prompt_len, **measured,
+                       "floor_tok_s": batch * bandwidth / floor_bytes if batch == 1 else None,
+                       "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
                 record["rows"].append(row)
                 print(json.dumps(row), flush=True)
     return record
 
 
-def build(ckpt: str, out: str, lowering: str, torch_program: bool) -> dict:
-    """`moe-compile build CKPT -o OUT --dtype fp16 --lowering L` in this process: build time and peak host memory."""
+def _dense_branch_model(experts: int, inter: int, hidden: int, wrap_in_if: bool, threshold: int = 8):
+    """The `dense` lowering's ONNX at real shapes (fp16), alone or as the else branch of auto's If:
+
+        x [T,H] ─Transpose─▶ [H,T] ─MatMul(W_gu [E,2I,H])─▶ [E,2I,T] ─Split(axis 1, 2)─▶ g, u
+        g·sigmoid(g)·u [E,I,T] ─MatMul(W_down [E,H,I])─▶ [E,H,T] ─ReduceSum(axis 0)─▶ [H,T]
+
+    In the If form the then branch is Transpose(x) (the gather branch is not what fails) and the
+    condition is Shape(x)[0] <= threshold, computed in the graph as the export does."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f16 = TensorProto.FLOAT16
+    weights = [numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16), name)
+               for name, shape in (("w_gu", (experts, 2 * inter, hidden)), ("w_down", (experts, hidden, inter)))]
+    axes = [numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(np.array(threshold, np.int64), "threshold")]
+    dense = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0], name="node_t"),
+        helper.make_node("MatMul", ["w_gu", "xt"], ["h"], name="node_matmul"),
+        helper.make_node("Split", ["h"], ["g", "u"], axis=1, num_outputs=2, name="node_Split_1"),
+        helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
+        helper.make_node("Mul", ["silu", "u"], ["a"]),
+        helper.make_node("MatMul", ["w_down", "a"], ["y"], name="node_matmul_1"),
+        helper.make_node("ReduceSum", ["y", "axis0"], ["out_dense"], keepdims=0),
+    ]
+    out = helper.make_tensor_value_info("out", f16, ["H", "T"])
+    if wrap_in_if:
+        dense_graph = helper.make_graph(dense, "else_branch", [], [helper.make_tensor_value_info("out_dense", f16, None)])
+        then = helper.make_graph([helper.make_node("Transpose", ["x"], ["out_then"], perm=[1, 0])], "then_branch", [],
+                                 [helper.make_tensor_value_info("out_then", f16, None)])
+        nodes = [helper.make_node("Shape", ["x"], ["shape"], start=0, end=1),
+                 helper.make_node("Squeeze", ["shape", "axis0"], ["tokens"]),
+                 helper.make_node("LessOrEqual", ["tokens", "threshold"], ["few"]),
+                 helper.make_node("If", ["few"], ["out"], then_branch=then, else_branch=dense_graph, name="node_cond__0")]
+    else:
+        nodes = dense + [helper.make_node("Identity", ["out_dense"], ["out"])]
+    graph = helper.make_graph(nodes, "dense_if" if wrap_in_if else "dense", [helper.make_tensor_value_info("x", f16, ["T", hidden])],
+                              [out], initializer=weights + axes)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model, [onnx.numpy_helper.to_array(w) for w in weights]
+
+
+def split_repro(tokens: list[int], provider: str = "CUDAExecutionProvider", experts: int = 60, inter: int = 1408,
+                hidden: int = 2048) -> dict:
+    """Issue 11's `auto` failure ("Split node 'node_Split_1' (inside If 'node_cond__0'): CUDA error
+    cudaErrorInvalidValue" on ORT CUDA at the A2.7B shape, prompt 128) cut down to the dense branch: for
+    each of {dense alone, dense inside If} x {ORT optimisations all, none} x token counts, whether ONNX
+    Runtime runs it and how far it is from numpy. Run with CUDA_LAUNCH_BLOCKING=1 as well: an error
+    that a kernel launch left behind is then reported by that kernel's own node."""
+    import onnxruntime as ort
+
+    results = []
+    for wrap in (False, True):
+        model, (w_gu, w_down) = _dense_branch_model(experts, inter, hidden, wrap)
+        blob = model.SerializeToString()
+        for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            options.log_severity_level = 3
+            case = {"graph": "dense in If" if wrap else "dense", "optimisation": level}
+            try:
+                session = ort.InferenceSession(blob, options, providers=[provider, "CPUExecutionProvider"])
+            except Exception as exc:
+                results.append({**case, "error": f"session: {str(exc)[:300]}"})
+                continue
+            for t in tokens:
+                x = (np.random.default_rng(t).standard_normal((t, hidden), dtype=np.float32)).astype(np.float16)
+                try:
+                    got = session.run(None, {"x": x})[0].astype(np.float32)
+                except Exception as exc:
+                    results.append({**case, "tokens": t, "error": str(exc).splitlines()[0][:300]})
+                    print(json.dumps(results[-1]), flush=True)
+                    continue
+                if wrap and t <= 8:
+                    want = x.T.astype(np.float32)
+                else:
+                    h = np.matmul(w_gu.astype(np.float32), x.T.astype(np.float32))
+                    g, u = np.split(h, 2, axis=1)
+                    want = np.matmul(w_down.astype(np.float32), g / (1 + np.exp(-g)) * u).sum(0)
+                error = float(np.abs(got - want).max() / np.abs(want).max())
+                results.append({**case, "tokens": t, "relative_error": error})
+                print(json.dumps(results[-1]), flush=True)
+    return {"provider": provider, "shape": {"experts": experts, "inter": inter, "hidden": hidden}, "cases": results}
+
+
+def auto_repro(out: str, prompt_lens: list[int], backend: str = "ort-cuda") -> dict:
+    """The real build: one batch-1 prefill per prompt length, ONNX Runtime's optimisations all vs none."""
+    from moe_compile.export.manifest import read_manifest
+    from moe_compile.runtime import BACKENDS
+    from moe_compile.runtime.generate import prefill
+
+    results = []
+    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        class Configured(BACKENDS[backend]):
+            def session_options(self, options, level=level) -> None:
+                import onnxruntime as ort
+
+                options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+
+        runner = Configured(Path(out), read_manifest(Path(out))).activate()
+        for length in prompt_lens:
+            prompt = [np.random.default_rng(length).integers(3, runner.manifest.vocab_size, length).tolist()]
+            try:
+                prefill(runner, prompt, 0)
+                results.append({"optimisation": level, "prompt_len": length, "ok": True})
+            except Exception as exc:
+                results.append({"optimisation": level, "prompt_len": length, "error": str(exc).splitlines()[0][:300]})
+            print(json.dumps(results[-1]), flush=True)
+        del runner
+    return {"build": out, "backend": backend, "cases": results}
+
+
+def build(ckpt: str, out: str, lowering: str | None, torch_program: bool, form: str | None = None,
+          dtype: str = "fp16") -> dict:
+    """`moe-compile build CKPT -o OUT --dtype D [--form F] [--lowering L]` in this process: build time and
+    peak host memory."""
     import resource
 
     from moe_compile.cli import main as cli
 
     start = time.perf_counter()
-    argv = ["build", ckpt, "-o", out, "--dtype", "fp16", "--lowering", lowering, "--max-batch", "8",
-            "--max-seq", "2304", "--backend", "onnx"] + ([] if torch_program else ["--no-torch-program"])
+    argv = ["build", ckpt, "-o", out, "--dtype", dtype, "--max-batch", "8", "--max-seq", "2304", "--backend", "onnx"]
+    argv += (["--form", form] if form else []) + (["--lowering", lowering] if lowering else [])
+    argv += [] if torch_program else ["--no-torch-program"]
     rc = cli(argv)
-    return {"rc": rc, "lowering": lowering, "seconds": time.perf_counter() - start,
+    manifest = Path(out) / "manifest.json"
+    recorded = json.loads(manifest.read_text()) if rc == 0 and manifest.is_file() else {}
+    return {"rc": rc, "lowering": recorded.get("lowering", lowering), "form": recorded.get("form"),
+            "form_reason": recorded.get("form_reason"), "seconds": time.perf_counter() - start,
             "peak_host_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "out_GB": sum(f.stat().st_size for f in Path(out).iterdir()) / 1e9 if rc == 0 else None,
+            "out_GB": sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file()) / 1e9 if rc == 0 else None,
             "torch": torch.__version__}
 
 
@@ -293,11 +557,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("parity")
     p.add_argument("out")
     p.add_argument("ckpt")
+    p.add_argument("--backend", default="ort-cuda")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--positions", type=int, default=64, help="per prompt: the last prompt position + positions-1 steps")
     p.add_argument("--json")
     d = sub.add_parser("build")
     d.add_argument("ckpt")
     d.add_argument("out")
-    d.add_argument("--lowering", default="auto")
+    d.add_argument("--form", choices=["auto", "ort", "portable"])
+    d.add_argument("--lowering")
+    d.add_argument("--dtype", default="fp16")
     d.add_argument("--no-torch-program", dest="torch_program", action="store_false")
     d.add_argument("--json")
     f = sub.add_parser("profile")
@@ -311,20 +582,43 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--impls", default="batched_mm,grouped_mm,static-compile")
     b.add_argument("--budget-s", type=float, default=240)
+    b.add_argument("--warm-steps", type=int, default=8)
+    b.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the static-compile decode step")
+    b.add_argument("--dtype", default="fp16")
     b.add_argument("--json")
+    h = sub.add_parser("shapes")
+    h.add_argument("out")
+    h.add_argument("ckpt")
+    h.add_argument("--prompt-lens", default="128,2048")
+    h.add_argument("--positions", type=int, default=8)
+    h.add_argument("--backend", default="ort-cuda")
+    h.add_argument("--json")
+    r = sub.add_parser("split-repro")
+    r.add_argument("--tokens", default="4,9,128,2048")
+    r.add_argument("--provider", default="CUDAExecutionProvider")
+    r.add_argument("--build", help="also prefill this build (batch 1, --prompt-lens), ORT optimisations all vs none")
+    r.add_argument("--prompt-lens", default="4,9,128,2048")
+    r.add_argument("--json")
     args = parser.parse_args(argv)
     ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
     if args.command == "checkpoint":
         result = write_checkpoint(Path(args.out), args.layers)
     elif args.command == "build":
-        result = build(args.ckpt, args.out, args.lowering, args.torch_program)
+        result = build(args.ckpt, args.out, args.lowering, args.torch_program, args.form, args.dtype)
     elif args.command == "parity":
-        result = parity(args.out, args.ckpt)
+        result = parity(args.out, args.ckpt, args.backend, prompts=args.prompts, prompt_len=args.prompt_len,
+                        positions=args.positions, cuda_graph=args.cuda_graph)
     elif args.command == "profile":
         result = profile(args.out)
+    elif args.command == "shapes":
+        result = shapes(args.out, args.ckpt, ints(args.prompt_lens), args.positions, args.backend)
+    elif args.command == "split-repro":
+        result = split_repro(ints(args.tokens), args.provider)
+        if args.build:
+            result["build"] = auto_repro(args.build, ints(args.prompt_lens))
     else:
         result = baselines(args.ckpt, ints(args.batch), ints(args.prompt_len), args.new_tokens, args.repeats,
-                           args.impls.split(","), args.budget_s)
+                           args.impls.split(","), args.budget_s, args.warm_steps, args.mode, args.dtype)
     text = json.dumps(result, indent=1)
     if getattr(args, "json", None):
         Path(args.json).write_text(text + "\n")
