@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
@@ -18,9 +19,12 @@ from moe_compile.errors import RequestError
 from moe_compile.export.manifest import ONNX_FILE, Manifest, io_signature, read_manifest
 from moe_compile.runtime import BACKENDS, Chooser, Sampling, generate
 from moe_compile.runtime.generate import decode_one, prefill
+from moe_compile.runtime.ort_backend import MissingKernelError
 from moe_compile.runtime.ort_inplace import GRAPH_OPTION, OrtCudaInplaceBackend, OrtInplaceBackend
 
 VOCAB, HEADS, KV_HEADS, DIM, MAX_SEQ, CANDIDATES = 64, 4, 2, 16, 32, 8
+needs_cuda = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                                reason="needs onnxruntime-gpu and a CUDA device (the GPU machine)")
 
 
 def weights():
@@ -32,9 +36,14 @@ def weights():
             "lm_head": rng.normal(size=(hidden, VOCAB)), "cos": np.cos(angles), "sin": np.sin(angles)}
 
 
-def write_model(out):
-    w = {k: numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights().items()}
-    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in [("one", [1]), ("one_s", 1), ("zero_s", 0)]]
+def write_model(out, dtype: str = "fp32"):
+    """The one-layer model in fp32 or fp16 (ONNX Runtime's CUDA GroupQueryAttention has no fp32 kernel).
+    Shape arithmetic only feeds inputs that CUDA kernels read on the host, as in real builds, so
+    the CUDA provider needs no copies and can capture the whole step as a graph."""
+    np_type, onnx_type = {"fp32": (np.float32, TP.FLOAT), "fp16": (np.float16, TP.FLOAT16)}[dtype]
+    w = {k: numpy_helper.from_array(v.astype(np_type), k) for k, v in weights().items()}
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in [("one", [1]), ("one_s", 1), ("zero", [0]), ("last_axes", [1, 2]), ("hidden_size", [HEADS * DIM])]]
     nodes = [
         h.make_node("Gather", ["embed", "input_ids"], ["x"]),
         h.make_node("MatMul", ["x", "wqkv"], ["qkv"]),
@@ -47,39 +56,42 @@ def write_model(out):
         h.make_node("GroupQueryAttention", ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k",
                                             "total", "cos", "sin"], ["attn", "present.0.key", "present.0.value"],
                     domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1, scale=DIM**-0.5),
-        # the last real position of each row: min(seqlens_k, S - 1), picked by a one-hot MatMul
-        h.make_node("Shape", ["input_ids"], ["ids_shape"]),
-        h.make_node("Gather", ["ids_shape", "one_s"], ["new"], axis=0),
-        h.make_node("Sub", ["new", "one_s"], ["new_1"]),
+        # the last real position of each row, min(seqlens_k, S - 1), gathered: [B, S, H] -> [B, H]. S - 1 is
+        # computed on the device: from Shape it would be a host value, and a Memcpy rules out CUDA graphs.
+        h.make_node("Mul", ["input_ids", "zero"], ["zeros"]),
+        h.make_node("Add", ["zeros", "one"], ["ones"]),
+        h.make_node("ReduceSum", ["ones", "one"], ["new"], keepdims=0),
+        h.make_node("Sub", ["new", "one"], ["new_1"]),
         h.make_node("Min", ["seqlens64", "new_1"], ["last"]),
-        h.make_node("Range", ["zero_s", "new", "one_s"], ["slots"]),
-        h.make_node("Unsqueeze", ["last", "one"], ["last_col"]),
-        h.make_node("Equal", ["slots", "last_col"], ["pick_bool"]),
-        h.make_node("Cast", ["pick_bool"], ["pick_2d"], to=TP.FLOAT),
-        h.make_node("Unsqueeze", ["pick_2d", "one"], ["pick"]),
-        h.make_node("MatMul", ["pick", "attn"], ["hidden_3d"]),
+        h.make_node("Unsqueeze", ["last", "last_axes"], ["last_3d"]),
+        h.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        h.make_node("Slice", ["ids_shape", "zero", "one"], ["batch"]),
+        h.make_node("Concat", ["batch", "one", "hidden_size"], ["pick_shape"], axis=0),
+        h.make_node("Expand", ["last_3d", "pick_shape"], ["pick"]),
+        h.make_node("GatherElements", ["attn", "pick"], ["hidden_3d"], axis=1),
         h.make_node("Squeeze", ["hidden_3d", "one"], ["hidden"]),
-        h.make_node("MatMul", ["hidden", "lm_head"], ["logits"]),
+        h.make_node("MatMul", ["hidden", "lm_head"], ["logits_t"]),
+        h.make_node("Cast", ["logits_t"], ["logits"], to=TP.FLOAT),
         h.make_node("ArgMax", ["logits"], ["next_token"], axis=1, keepdims=0),
         h.make_node("TopK", ["logits", "k"], ["top_logits", "top_ids"], axis=-1),
     ]
     kv = ["batch_size", KV_HEADS, MAX_SEQ, DIM]
     inputs = [h.make_tensor_value_info("input_ids", TP.INT64, ["batch_size", "sequence_length"]),
               h.make_tensor_value_info("attention_mask", TP.INT64, ["batch_size", "total_sequence_length"]),
-              h.make_tensor_value_info("past_key_values.0.key", TP.FLOAT, kv),
-              h.make_tensor_value_info("past_key_values.0.value", TP.FLOAT, kv)]
+              h.make_tensor_value_info("past_key_values.0.key", onnx_type, kv),
+              h.make_tensor_value_info("past_key_values.0.value", onnx_type, kv)]
     outputs = [h.make_tensor_value_info("logits", TP.FLOAT, ["batch_size", VOCAB]),
                h.make_tensor_value_info("next_token", TP.INT64, ["batch_size"]),
                h.make_tensor_value_info("top_logits", TP.FLOAT, ["batch_size", CANDIDATES]),
                h.make_tensor_value_info("top_ids", TP.INT64, ["batch_size", CANDIDATES]),
-               h.make_tensor_value_info("present.0.key", TP.FLOAT, kv),
-               h.make_tensor_value_info("present.0.value", TP.FLOAT, kv)]
+               h.make_tensor_value_info("present.0.key", onnx_type, kv),
+               h.make_tensor_value_info("present.0.value", onnx_type, kv)]
     k = numpy_helper.from_array(np.array([CANDIDATES], np.int64), "k")
     graph = h.make_graph(nodes, "inplace", inputs, outputs, initializer=[*w.values(), *consts, k])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)], ir_version=10)
     onnx.save(model, str(out / ONNX_FILE))
     ins, outs = io_signature(out / ONNX_FILE)
-    Manifest(family={"model_type": "handmade"}, source="handmade", dtype="fp32", lowering="gather", auto_threshold=0,
+    Manifest(family={"model_type": "handmade"}, source="handmade", dtype=dtype, lowering="gather", auto_threshold=0,
              layers={}, max_batch=4, max_seq=MAX_SEQ, vocab_size=VOCAB, eos_token_ids=[], pad_token_id=0,
              kv={"layout": "shared_buffer", "num_layers": 1, "layers": [[[KV_HEADS, DIM], [KV_HEADS, DIM]]]},
              inputs=ins, outputs=outs, opset=18, ir_version=10, files=[ONNX_FILE], tokenizer=False, tool_versions={},
@@ -153,6 +165,8 @@ def test_the_manifest_form_picks_the_in_place_variant(model_dir):
     assert type(BACKENDS["ort-cuda"](model_dir, manifest)) is OrtCudaInplaceBackend
     assert BACKENDS["ort-cuda"](model_dir, manifest).provider_options()["enable_cuda_graph"] == 1
     assert "enable_cuda_graph" not in BACKENDS["ort-cuda"](model_dir, manifest, cuda_graph=False).provider_options()
+    with pytest.raises(MissingKernelError, match="no fp32 kernel"):  # the hand-written model is fp32
+        BACKENDS["ort-cuda"](model_dir, manifest).activate()
     manifest.form = "portable"
     assert type(BACKENDS["ort"](model_dir, manifest)).__name__ == "OrtBackend"
 
@@ -247,3 +261,28 @@ def test_a_subclass_made_elsewhere_stays_itself(model_dir):
         pass
 
     assert type(Custom(model_dir, read_manifest(model_dir))) is Custom
+
+
+@needs_cuda
+def test_ort_cuda_graph_replays_give_the_uncaptured_tokens(tmp_path, monkeypatch):
+    out = write_model(tmp_path, "fp16")
+    graphs, plain = (BACKENDS["ort-cuda"](out, read_manifest(out), cuda_graph=g).activate() for g in (True, False))
+    reads = []
+    read = graphs._read
+    monkeypatch.setattr(graphs, "_read", lambda decode, name: reads.append(name) or read(decode, name))
+    kv = None
+    for batch in (3, 1, 3, 2):  # batch sizes come back to their graphs
+        assert run(graphs, PROMPTS[:batch], 12) == run(plain, PROMPTS[:batch], 12)
+        kv = kv or [b.data_ptr() for b in graphs.kv]
+        assert [b.data_ptr() for b in graphs.kv] == kv
+    assert set(reads) == {"next_token"}
+    for sampling in (dict(temperature=1.0, top_k=4, seed=3), dict(temperature=0.8, seed=1), dict(repetition_penalty=1.3)):
+        assert run(graphs, PROMPTS, 12, **sampling) == run(plain, PROMPTS, 12, **sampling)
+
+
+@needs_cuda
+def test_ort_cuda_graphs_on_a_real_build(built):
+    out = built("qwen2_moe", dtype="fp16", form="ort")
+    graphs, plain = (BACKENDS["ort-cuda"](out, read_manifest(out), cuda_graph=g).activate() for g in (True, False))
+    for batch in (3, 1, 3):
+        assert run(graphs, PROMPTS[:batch], 16) == run(plain, PROMPTS[:batch], 16)
