@@ -62,14 +62,14 @@ def check_request(manifest, batches: list[int], prompt_lens: list[int], new_toke
 
 
 def bench(out, backend: str = "ort", batches=(1,), prompt_lens=(128,), new_tokens: int = 128, repeats: int = 3,
-          seed: int = 0, on_row=None) -> dict:
+          seed: int = 0, on_row=None, cuda_graph: bool = True) -> dict:
     """Run the grid; returns a JSON-ready record (build, backend, machine, versions, rows)."""
     manifest = read_manifest(out)
     if backend not in BACKENDS:
         raise RequestError(f"unknown backend '{backend}'; choose one of {', '.join(sorted(BACKENDS))}")
     batches, prompt_lens = list(batches), list(prompt_lens)
     check_request(manifest, batches, prompt_lens, new_tokens, repeats)
-    runner = BACKENDS[backend](out, manifest).activate()
+    runner = BACKENDS[backend](out, manifest, cuda_graph=cuda_graph).activate()
     memory = getattr(runner, "memory", None)
     device = getattr(runner, "device", "cuda")  # TensorRT's backend has no CPU form
     reads = step_bytes(out, manifest)
