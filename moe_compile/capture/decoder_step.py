@@ -123,6 +123,8 @@ class InPlaceDecoderStep(torch.nn.Module):
     slots each row fills after it. `seqlens_k` (each row's last slot) and `total_sequence_length` (T) come
     from the mask in the graph, so decode shapes never change. Only the last real position reaches the
     LM head: index `min(seqlens_k, S - 1)` (the last prompt token in a prefill, 0 in a decode step).
+    Every input of a device op is computed on the device (no shape-derived scalars): CUDA graphs refuse
+    the host-to-device copies ONNX Runtime would insert.
     """
 
     def __init__(self, model: torch.nn.Module, max_seq: int, candidates: int):
@@ -144,7 +146,9 @@ class InPlaceDecoderStep(torch.nn.Module):
         total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         kv = InPlaceKV([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)], seqlens.to(torch.int32),
                        total, self.rotary_cos, self.rotary_sin)
-        last = seqlens.clamp(max=new - 1)
+        # S - 1 from the data, not the shape: a shape-derived scalar lives on the host, and ONNX Runtime
+        # would copy it to the device every step (a Memcpy node, which CUDA graphs refuse).
+        last = torch.minimum(seqlens, torch.ones_like(input_ids).sum(-1) - 1)
         head = self.model.lm_head
         try:
             self.model.lm_head = _LastPositionHead(head, last)
