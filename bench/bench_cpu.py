@@ -9,7 +9,7 @@ Reports prefill ms (128-token prompt) and decode tokens/s (64 greedy tokens) at 
 median of 3, and the batch-1 decode floor: measured read bandwidth / bytes of weights a decode
 step must read (attention, shared expert, top-k routed experts, router, lm_head per token).
 
-    python bench/bench_cpu.py [--model qwen2-moe-bench] [--lowerings auto,gather,dense] [--out build/bench] [--json results.json]
+    python bench/bench_cpu.py [--model qwen2-moe-bench] [--lowerings ort,auto,gather] [--out build/bench] [--json results.json]
                               [--builds LABEL=DIR,...]
 
 `--builds` adds existing builds of the same model as rows (not rebuilt): e.g. one made by another
@@ -95,7 +95,7 @@ def bench_ours(compiled, batch: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default=MODELS[0])
-    parser.add_argument("--lowerings", default="auto,gather,dense")
+    parser.add_argument("--lowerings", default="ort,auto,gather", help="portable-form lowerings; 'ort' = the ort form")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--out", default="build/bench")
     parser.add_argument("--json", default=None)
@@ -129,11 +129,12 @@ def main() -> None:
     for lowering in args.lowerings.split(","):
         out = Path(args.out) / lowering
         start = time.perf_counter()
-        moe_compile.build(args.model, out, lowering=lowering, max_batch=max(batches), max_seq=PROMPT_LEN + NEW_TOKENS,
-                          backend="onnx")
+        choice = dict(form="ort") if lowering == "ort" else dict(form="portable", lowering=lowering)
+        moe_compile.build(args.model, out, max_batch=max(batches), max_seq=PROMPT_LEN + NEW_TOKENS, backend="onnx", **choice)
         build_s = time.perf_counter() - start
         compiled = moe_compile.load(out)
-        row(f"moe-compile ORT CPU, {lowering}", build_s, {b: bench_ours(compiled, b) for b in batches})
+        name = "ort form" if lowering == "ort" else f"portable, {lowering}"
+        row(f"moe-compile ORT CPU, {name}", build_s, {b: bench_ours(compiled, b) for b in batches})
         del compiled
     for label, build_dir in (item.split("=", 1) for item in filter(None, args.builds.split(","))):
         compiled = moe_compile.load(build_dir)
