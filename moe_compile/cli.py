@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
     _cuda_graph_flag(verify)
 
-    bench = sub.add_parser("bench", help="prefill latency, decode tokens/s and peak memory of a build")
+    bench = sub.add_parser("bench", help="prefill latency, decode tokens/s, peak memory and the decode floor "
+                                         "(bytes a step reads / measured copy bandwidth) of a build")
     bench.add_argument("out", metavar="OUT", help="a build output directory")
     bench.add_argument("--backend", choices=sorted(BACKENDS), default="ort", help="runtime backend (default ort)")
     bench.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1), e.g. 1,8,32")
