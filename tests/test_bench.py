@@ -95,13 +95,23 @@ def test_floor_bytes_match_the_config(built, batch, past):
     assert reads.total(batch, past) == pytest.approx(_tiny_qwen2_moe_step_bytes(batch, past), rel=1e-2)
 
 
-def test_floor_bytes_of_a_fused_build(built):
-    """com.microsoft:MoE reads its experts through the gate/up interleave: the same bytes and top-k as auto."""
-    auto, fused = built("qwen2_moe", "auto"), built("qwen2_moe", "fused")
+@pytest.mark.parametrize("form", ["portable", "ort"])
+def test_floor_bytes_of_moe_nodes(built, form):
+    """com.microsoft:MoE reads its experts through the gate/up interleave (portable `fused`) or folded weight
+    layouts (the ort form): the same experts, bytes and top-k as auto, and the same step total."""
+    auto, fused = built("qwen2_moe", "auto"), built("qwen2_moe", "fused", form=form)
     a, f = step_bytes(auto, read_manifest(auto)), step_bytes(fused, read_manifest(fused))
     assert [(layer.experts, layer.top_k, layer.bytes) for layer in f.experts] == [
         (layer.experts, layer.top_k, layer.bytes) for layer in a.experts]
     assert f.total(1, 10) == pytest.approx(a.total(1, 10), rel=1e-2)
+
+
+def test_bench_of_an_ort_form_build(built):
+    """The ort form's greedy steps (ArgMax in the graph) through the same grid."""
+    out = built("qwen2_moe", form="ort")
+    record = bench(out, "ort", [1, 2], [5], new_tokens=3, repeats=1)
+    assert [(r["batch"], r["kv_length"]) for r in record["rows"]] == [(1, 8), (2, 8)]
+    assert all(r["percent_of_floor"] > 0 for r in record["rows"])
 
 
 def test_distinct_experts_under_uniform_routing():

@@ -5,7 +5,8 @@ Bytes a decode step must read at batch B with P tokens in the cache, counted fro
 (the ONNX initializers, the MoE nodes' attributes and the manifest), whatever the lowering does:
 
 - every initializer the graph reads whole: attention, norms, dense MLPs, shared experts, routers, lm_head;
-- the embedding table: B rows, where only `Gather(table, input_ids)` reads it (a tied lm_head reads it whole);
+- the embedding table: B rows, where only `Gather(table, input_ids)` reads it (a tied lm_head reads it
+  whole); likewise GroupQueryAttention's rotary cos/sin caches (the ort form);
 - the routed experts, per MoE layer: the selected experts' share of that layer's expert tensors. At
   batch 1 that is k of E experts. At batch B it is the expected number of distinct experts under
   uniform, independent routing, E·(1 − (1 − k/E)^B) (an expert is missed by one row with probability
@@ -55,7 +56,7 @@ class StepBytes:
     cache length."""
 
     whole: int  # initializers read whole every step
-    embedding_row: int  # bytes of one embedding row (0 if the table is read whole or absent)
+    row: int  # bytes a step reads per batch row from row-indexed tables (embedding, rotary caches)
     experts: list[ExpertLayer]
     kv_per_token: int  # key + value bytes of one cached position, all layers
 
@@ -64,7 +65,7 @@ class StepBytes:
                    for layer in self.experts)
 
     def total(self, batch: int, past: float) -> float:
-        return self.whole + batch * self.embedding_row + self.expert_bytes(batch) + batch * past * self.kv_per_token
+        return self.whole + batch * self.row + self.expert_bytes(batch) + batch * past * self.kv_per_token
 
 
 def distinct_experts(experts: int, top_k: int, batch: int) -> float:
@@ -103,15 +104,21 @@ def step_bytes(out: Path, manifest: Manifest) -> StepBytes:
         experts.append(ExpertLayer(sorted(names), sum(sizes[n] for n in names), count, int(k)))
         claimed.update(names)
 
-    embedding_row, embedding = 0, None
+    # Tables a step reads one row of per batch row: the embedding (where only Gather(table, input_ids)
+    # reads it) and GroupQueryAttention's rotary cos/sin caches (inputs 7 and 8, [max_seq, dim/2]).
+    rows = {}
     for node in consumers.get("input_ids", []):
         table = node.input[0]
         if node.op_type == "Gather" and table in sizes and all(c.op_type == "Gather" for c in consumers[table]):
-            embedding, embedding_row = table, sizes[table] // dims[table][0]
-    whole = sum(sizes[n] for n in used if n not in claimed and n != embedding)
+            rows[table] = sizes[table] // dims[table][0]
+    for node in (n for g in graphs for n in g.node if n.op_type == "GroupQueryAttention"):
+        for table in node.input[7:9]:
+            if table in sizes and all(c.op_type == "GroupQueryAttention" for c in consumers[table]):
+                rows[table] = sizes[table] // dims[table][0]
+    whole = sum(sizes[n] for n in used if n not in claimed and n not in rows)
     itemsize = _KV_ITEMSIZE[manifest.dtype]
     kv_per_token = sum(heads * dim * itemsize for layer in manifest.kv["layers"] for heads, dim in layer)
-    return StepBytes(whole, embedding_row, experts, kv_per_token)
+    return StepBytes(whole, sum(rows.values()), experts, kv_per_token)
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
