@@ -7,8 +7,8 @@ applied; `fuse_for_ort` runs them in order and logs the counts.
   the attention's `reshape(B, S, N·D)`) -> nothing.
 - `silu`: x · Sigmoid(x) (torch.onnx's SiLU) -> com.microsoft:QuickGelu(alpha=1), one kernel.
 - `packed_matmuls`: MatMuls (or Gemms) of one activation by constant weights (q/k/v projections; a shared
-  expert's gate and up, its gate scalar and the router) -> one MatMul over the concatenated weights, a
-  bias Add if they all had one, and one Split. One weight read per layer instead of several small ones.
+  expert's gate and up; its gate scalar and the router) -> one MatMul over the concatenated weights, a
+  bias Add if they all had one, and one Split; aligned widths and odd ones in separate packs.
 - `packed_qkv`: GroupQueryAttention reading the three outputs of one such Split as query, key, value ->
   GroupQueryAttention on the packed tensor (its packed-QKV input).
 - `folded_weights`: Reshape/Transpose chains over a constant (the MoE node's gate/up interleave) -> a
@@ -26,6 +26,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
 
 log = logging.getLogger("moe_compile.export")
+ALIGN = 64  # weights whose widths are multiples of this pack together, the others apart
 
 
 RULES = {
@@ -119,12 +120,23 @@ def _bias(node: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
 
 
 def pack_matmuls(graph: ir.Graph) -> int:
-    groups = defaultdict(list)
+    # A pack whose width is not a multiple of ALIGN packs its aligned widths apart from the others: on the H200, cuBLAS ran Qwen2-MoE's
+    # router (60) + shared gate (1) + shared gate/up (2 x 5632) as one odd-width GEMV at a third of the
+    # bandwidth (38 us a layer against ~14 us for an aligned width), and zero-padding the width instead
+    # made a 5-output Split that copied its arguments to the device every run (measured, docs/BENCHMARKS.md).
+    found = defaultdict(list)
     for node in graph:
         if node.op_type in ("MatMul", "Gemm") and _weight(node) is not None:
-            groups[(id(node.inputs[0]), _bias(node) is not None)].append(node)
+            found[(id(node.inputs[0]), _bias(node) is not None)].append(node)
+    groups = []
+    for (_, has_bias), nodes in found.items():
+        if sum(_weight(n).shape[1] for n in nodes) % ALIGN == 0:
+            groups.append((has_bias, nodes))
+        else:
+            for aligned in (True, False):
+                groups.append((has_bias, [n for n in nodes if (_weight(n).shape[1] % ALIGN == 0) == aligned]))
     count = 0
-    for (_, has_bias), nodes in groups.items():
+    for has_bias, nodes in groups:
         if len(nodes) < 2:
             continue
         x = nodes[0].inputs[0]
@@ -139,7 +151,8 @@ def pack_matmuls(graph: ir.Graph) -> int:
         result = matmul.outputs[0]
         if has_bias:
             biases = [_bias(n) for n in nodes]
-            bias = ir.Value(name=f"{name}.packed_bias", const_value=ir.tensor(np.concatenate([b for _, b in biases])))
+            bias = ir.Value(name=f"{name}.packed_bias", const_value=ir.tensor(
+                np.concatenate([b for _, b in biases])))
             graph.register_initializer(bias)
             add = ir.Node("", "Add", [result, bias], name=f"{name}_packed_bias")
             new.append(add)
