@@ -136,7 +136,7 @@ def test_build_without_torch_program(checkpoint, tmp_path):
     """--no-torch-program: no program.pt2 (nor in the manifest); ONNX Runtime runs it, the torch backend says why not."""
     out = tmp_path / "out"
     rc, err = cli("build", str(checkpoint("qwen2_moe")), "-o", str(out), "--max-seq", "32", "--backend", "onnx",
-                  "--no-torch-program")
+                  "--form", "portable", "--no-torch-program")
     assert rc == 0, err
     assert not (out / "program.pt2").exists()
     assert "program.pt2" not in json.loads((out / "manifest.json").read_text())["files"]
