@@ -15,9 +15,10 @@
     profile OUT                        per-op-type share of ONNX Runtime CUDA's node time (its profiler),
                                        prefill and decode apart (CUDA graphs off).
     baselines CKPT --json F            transformers on the GPU, same grid as `moe-compile bench`: eager
-                                       generate with batched_mm and grouped_mm experts; StaticCache +
-                                       torch.compile'd decode step, warmed up per (batch, prompt) and
-                                       counting the graphs compiled while timing (0 = no recompile);
+                                       generate with batched_mm and grouped_mm experts; generate with a
+                                       StaticCache (which it compiles), warmed up per (batch, prompt) by
+                                       identical calls, counting the graphs compiled while timing (0 = no
+                                       recompile);
                                        copy bandwidth and the batch-1 floor.
     split-repro [--build OUT]          issue 11's `auto` failure on ORT CUDA cut down: the dense branch at
                                        the A2.7B shape alone and inside an If, ORT optimisations on/off,
@@ -300,71 +301,34 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-class StaticDecoder:
-    """transformers' StaticCache + a torch.compile'd decode step (transformers' own recipe for a static
-    cache, as gpt-fast runs it): one cache per batch size, allocated once at a fixed `max_len` and reset
-    in place between runs, so every decode step has the same shapes and the cache the same addresses
-    (dynamic=False; one graph and, with mode="reduce-overhead", one CUDA graph per batch size). The
-    prefill runs eagerly, as transformers' generate runs it. Greedy; the argmax is inside the graph."""
+def _static_compile_row(model, ids, new_tokens: int, repeats: int, caches: dict) -> dict:
+    """transformers' own recipe for a compiled decode: generate with a StaticCache, which generate compiles
+    (torch.compile, its default CompileConfig: mode "reduce-overhead", dynamic False). One cache per batch
+    size at one fixed length, reset in place before every call, so every call has the same shapes: the
+    warm-up calls (identical to the timed ones) compile and capture, the timed ones must not recompile
+    (graphs_compiled_timed says whether they did)."""
+    from transformers import StaticCache
 
-    def __init__(self, model, max_len: int, mode: str = "reduce-overhead", fullgraph: bool = False):
-        import inspect
+    batch = ids.shape[0]
+    if batch not in caches:
+        caches[batch] = StaticCache(config=model.config, max_cache_len=caches["max_len"])
+    cache = caches[batch]
+    kwargs = {"eos_token_id": None, "pad_token_id": 0, "past_key_values": cache}
 
-        params = inspect.signature(model.forward).parameters
-        self.model, self.max_len, self.caches = model, max_len, {}
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.step = torch.compile(self._forward, mode=mode, fullgraph=fullgraph, dynamic=False)
-
-    def _forward(self, ids, positions, cache):
-        out = self.model(input_ids=ids, cache_position=positions, use_cache=True, **{self.cache_arg: cache}, **self.extra)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def prefill(self, ids):
-        from transformers import StaticCache
-
-        batch = ids.shape[0]
-        if batch not in self.caches:
-            self.caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
-        cache = self.caches[batch]
+    def timed(steps: int) -> float:
         cache.reset()
-        next_ids = self._forward(ids, torch.arange(ids.shape[1], device=ids.device), cache)
-        return next_ids, cache
+        return _time_generate(model, ids, steps, **kwargs)
 
-    def decode(self, next_ids, cache, start: int, steps: int):
-        position = torch.tensor([start], device=next_ids.device)
-        for _ in range(steps):
-            torch.compiler.cudagraph_mark_step_begin()
-            next_ids = self.step(next_ids, position, cache).clone()
-            position += 1
-        return next_ids
-
-
-def _static_row(decoder: StaticDecoder, ids, new_tokens: int, repeats: int, warm_steps: int) -> dict:
-    """Warm-up (prefill + `warm_steps` decode steps, twice: compile, then CUDA-graph capture), then the
-    timed prefills and one timed run of `new_tokens` decode steps; graphs compiled in each phase."""
-    device, prompt_len = ids.device.type, ids.shape[1]
     before = graphs_compiled()
     start = time.perf_counter()
     for _ in range(2):
-        next_ids, cache = decoder.prefill(ids)
-        decoder.decode(next_ids, cache, prompt_len, warm_steps)
-    _sync(device)
+        timed(1), timed(new_tokens + 1)
     warmup_s, warm_graphs = time.perf_counter() - start, graphs_compiled() - before
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        next_ids, cache = decoder.prefill(ids)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    decoder.decode(next_ids, cache, prompt_len, new_tokens)
-    _sync(device)
-    decode_s = time.perf_counter() - start
-    return {"prefill_ms": statistics.median(times) * 1e3, "decode_tokens_per_s": ids.shape[0] * new_tokens / decode_s,
-            "decode_ms_per_step": decode_s / new_tokens * 1e3, "warmup_s": warmup_s, "graphs_compiled_warmup": warm_graphs,
-            "graphs_compiled_timed": graphs_compiled() - before - warm_graphs}
+    prefill = statistics.median([timed(1) for _ in range(repeats)])
+    full = timed(new_tokens + 1)
+    return {"prefill_ms": prefill * 1e3, "decode_tokens_per_s": batch * new_tokens / (full - prefill),
+            "decode_ms_per_step": (full - prefill) / new_tokens * 1e3, "warmup_s": warmup_s,
+            "graphs_compiled_warmup": warm_graphs, "graphs_compiled_timed": graphs_compiled() - before - warm_graphs}
 
 
 def _generate_row(model, ids, new_tokens: int, repeats: int) -> dict:
@@ -380,11 +344,11 @@ def _generate_row(model, ids, new_tokens: int, repeats: int) -> dict:
 
 
 def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens: int, repeats: int,
-              impls: list[str], budget_s: float, warm_steps: int = 8, mode: str = "reduce-overhead",
-              dtype: str = "fp16") -> dict:
+              impls: list[str], budget_s: float, dtype: str = "fp16") -> dict:
     """transformers on the GPU (or the CPU where there is none), same grid as `moe-compile bench`. `impls`:
     `batched_mm`, `grouped_mm` (eager generate with that experts implementation) and `static-compile`
-    (StaticDecoder, grouped_mm experts; `static-compile:batched_mm` picks the experts implementation).
+    (generate with a StaticCache, compiled by generate; `static-compile:batched_mm` picks the experts
+    implementation, which generate may switch for decode, as it does on a GPU).
     Every static-compile row reports the graphs compiled while warming up and while timing (0 = no
     recompile in the timed run)."""
     import torch._dynamo
@@ -399,8 +363,7 @@ def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens:
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     record = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "copy_GBps": bandwidth / 1e9, "active_bytes_b1": floor_bytes, "floor_tok_s_b1": bandwidth / floor_bytes,
-              "layers": cfg["num_hidden_layers"], "static_compile": {"mode": mode, "dynamic": False, "warm_steps": warm_steps,
-              "max_cache_len": max(prompt_lens) + max(new_tokens, warm_steps) + 1}, "rows": [], "skipped": []}
+              "layers": cfg["num_hidden_layers"], "rows": [], "skipped": []}
     import transformers
 
     record["transformers"] = transformers.__version__
@@ -413,7 +376,7 @@ def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens:
             model.set_experts_implementation(experts)
         else:
             model.config._experts_implementation = experts
-        decoder = StaticDecoder(model, max(prompt_lens) + max(new_tokens, warm_steps) + 1, mode) if kind == "static-compile" else None
+        caches = {"max_len": max(prompt_lens) + new_tokens + 1} if kind == "static-compile" else None
         for batch in batches:
             for prompt_len in prompt_lens:
                 if time.perf_counter() - t0 > budget_s:
@@ -428,7 +391,7 @@ def baselines(ckpt: str, batches: list[int], prompt_lens: list[int], new_tokens:
                 ids = torch.tensor(rng.integers(3, cfg["vocab_size"], (batch, prompt_len)), device=device)
                 try:
                     with torch.no_grad():
-                        measured = (_static_row(decoder, ids, new_tokens, repeats, warm_steps) if decoder
+                        measured = (_static_compile_row(model, ids, new_tokens, repeats, caches) if caches
                                     else _generate_row(model, ids, new_tokens, repeats))
                 except Exception as exc:  # out of memory, a compile failure: recorded, the grid goes on
                     record["skipped"].append(f"{impl} b{batch} p{prompt_len}: {type(exc).__name__}: {str(exc)[:300]}")
@@ -625,8 +588,6 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--impls", default="batched_mm,grouped_mm,static-compile")
     b.add_argument("--budget-s", type=float, default=240)
-    b.add_argument("--warm-steps", type=int, default=8)
-    b.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the static-compile decode step")
     b.add_argument("--dtype", default="fp16")
     b.add_argument("--json")
     t = sub.add_parser("tiny")
@@ -673,7 +634,7 @@ def main(argv=None) -> int:
             result["build"] = auto_repro(args.build, cases, args.backend)
     else:
         result = baselines(args.ckpt, ints(args.batch), ints(args.prompt_len), args.new_tokens, args.repeats,
-                           args.impls.split(","), args.budget_s, args.warm_steps, args.mode, args.dtype)
+                           args.impls.split(","), args.budget_s, args.dtype)
     text = json.dumps(result, indent=1)
     if getattr(args, "json", None):
         Path(args.json).write_text(text + "\n")

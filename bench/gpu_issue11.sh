@@ -20,7 +20,8 @@
 #              (batch $BATCHES x prompt $PROMPTS, $NEW new tokens) with CUDA graphs on and with
 #              --no-cuda-graph; parity vs transformers fp32 (4 prompts x 64 positions); ORT profile
 #              (CUDA graphs off); the build is deleted after unless KEEP=1 (disk: 64 GB)
-#                                                                       -> bench-ort.json, parity.json
+#              per-kernel GPU time of a decode step (bench/ort_step_kernels.py, CUDA graphs on)
+#                                                           -> bench-ort.json, parity.json, kernels.txt
 #   portable   `--form portable --lowering $PORTABLE_LOWERING` (default fused), bench   -> bench-portable.json
 #   baselines  transformers eager (batched_mm, grouped_mm) and StaticCache + torch.compile, same grid,
 #              graphs compiled while timing reported (0 = no recompile)             -> baselines.json
@@ -140,6 +141,9 @@ if has ort && [ -f "$C/config.json" ]; then
     step "parity: ort form fp16 vs transformers fp32, 4 prompts x 64 positions (CUDA graphs on)"
     within 60 python3 bench/bench_gpu.py parity "$WORK/build-ort" "$C" --backend "$BACKEND" --json "$OUT/parity.json" > "$WORK/parity.log" 2>&1; echo "rc=$?"
     tail -3 "$WORK/parity.log"
+    step "per-kernel GPU time of a batch-1 decode step (CUPTI), CUDA graphs on"
+    within 30 python3 bench/ort_step_kernels.py "$WORK/build-ort" on > "$OUT/kernels.txt" 2> "$WORK/kernels.err"; echo "rc=$?"
+    head -12 "$OUT/kernels.txt"
     step "ORT profile of the ort form (CUDA graphs off)"
     within 30 python3 bench/bench_gpu.py profile "$WORK/build-ort" --backend "$BACKEND" --json "$WORK/profile.json" > "$WORK/profile.log" 2>&1; echo "rc=$?"
     [ -f "$WORK/profile.json" ] && python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); [print(k, round(v["run_us"]/v["runs"]), "us/run", v["share"]) for k, v in p.items()]' "$WORK/profile.json"

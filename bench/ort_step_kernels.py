@@ -1,31 +1,57 @@
-"""Per-kernel CUDA time of an ort-form build's decode steps on ort-cuda (CUPTI, through torch.profiler,
-sees ONNX Runtime's kernels): wall ms per step over 50 steps, then GPU us per step by kernel over 20.
+"""Per-kernel CUDA time of an ort-form build's batch-1 decode steps on ort-cuda (CUPTI, through
+torch.profiler, which sees ONNX Runtime's kernels): wall ms per step over 50 steps, then over 20 steps
+GPU us per step by kernel, and the GPU span a step occupies (first kernel start to last kernel end,
+over the 20 steps): span - kernel time = the GPU's idle gaps between kernels; wall - span = the host's
+share (Python, the run call, the token copy).
 
     python bench/ort_step_kernels.py BUILD on|off        # on: CUDA graphs (GPU machine, onnxruntime-gpu)
+
 The file name must not be kernels.py: transformers imports a package of that name."""
-import sys, time, json, collections, numpy as np, torch
-import transformers
-from transformers import AttentionInterface
+
+import collections
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 import moe_compile
-from torch.profiler import profile, ProfilerActivity
-from moe_compile.runtime.generate import prefill, decode_one
+from moe_compile.runtime.generate import decode_one, prefill
 from moe_compile.runtime.sampling import Chooser
-out, graph = sys.argv[1], sys.argv[2] == "on"
-m = moe_compile.load(out, "ort-cuda", cuda_graph=graph)
-b = m.backend; g = Chooser()
-prompt = [list(np.random.default_rng(0).integers(10, 30000, 128))]
-tok, mask = prefill(b, prompt, 0, g)
-for _ in range(5): tok, mask = decode_one(b, tok, mask, g)
-torch.cuda.synchronize(); t = time.perf_counter(); n = 50
-for _ in range(n): tok, mask = decode_one(b, tok, mask, g)
-torch.cuda.synchronize(); wall = (time.perf_counter() - t) / n * 1e3
-with profile(activities=[ProfilerActivity.CUDA]) as p:
-    for _ in range(20): tok, mask = decode_one(b, tok, mask, g)
+
+PROFILED = 20
+
+
+def main(out: str, graph: bool) -> None:
+    backend, chooser = moe_compile.load(out, "ort-cuda", cuda_graph=graph).backend, Chooser()
+    prompt = [list(np.random.default_rng(0).integers(10, 30000, 128))]
+    token, mask = prefill(backend, prompt, 0, chooser)
+    for _ in range(5):  # past the uncaptured warm-up runs and the capture
+        token, mask = decode_one(backend, token, mask, chooser)
     torch.cuda.synchronize()
-agg = collections.Counter(); cnt = collections.Counter()
-for e in p.events():
-    if e.device_type.name == "CUDA":
-        agg[e.name[:90]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total; cnt[e.name[:90]] += 1
-tot = sum(agg.values()) / 20
-print(json.dumps({"graph": graph, "wall_ms_per_step": wall, "gpu_us_per_step": tot, "kernels_per_step": sum(cnt.values()) / 20}))
-for k, v in agg.most_common(25): print(f"{v/20:9.1f} us/step {cnt[k]/20:6.1f}/step  {k}")
+    start, steps = time.perf_counter(), 50
+    for _ in range(steps):
+        token, mask = decode_one(backend, token, mask, chooser)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED):
+            token, mask = decode_one(backend, token, mask, chooser)
+        torch.cuda.synchronize()
+    time_us, count = collections.Counter(), collections.Counter()
+    first, last = float("inf"), 0.0
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            time_us[event.name[:90]] += event.device_time_total
+            count[event.name[:90]] += 1
+            first, last = min(first, event.time_range.start), max(last, event.time_range.end)
+    print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "gpu_us_per_step": sum(time_us.values()) / PROFILED,
+                      "gpu_span_us_per_step": (last - first) / PROFILED, "kernels_per_step": sum(count.values()) / PROFILED}))
+    for name, us in time_us.most_common(30):
+        print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "on")
