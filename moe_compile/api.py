@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,6 +34,8 @@ class CompiledModel:
             self.tokenizer = AutoTokenizer.from_pretrained(self.out / "tokenizer")
         self.last_stats: Stats | None = None
 
+        # One backend holds one KV cache: calls from several threads take turns.
+        self._lock = threading.Lock()
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -39,7 +43,21 @@ class CompiledModel:
             if not prompt:
                 raise RequestError("empty prompt: give some text")
             return self.tokenizer.encode(prompt, add_special_tokens=False)
-        ids = [int(t) for t in prompt]
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # undecodable bytes from argv or a file arrive as lone surrogates
+                raise RequestError(f"the prompt is not valid UTF-8 text (at character {exc.start}); "
+                                   "convert it to UTF-8 first") from None
+        if isinstance(prompt, (bytes, bytearray)):
+            raise RequestError("a prompt given as bytes: decode it to a str, or give token ids as a list of ints")
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise RequestError(f"a prompt must be a str or a sequence of token ids, got {type(prompt).__name__}") from None
+        wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if wrong:
+            raise RequestError(f"token ids must be ints, got {wrong[0]!r} ({type(wrong[0]).__name__})")
+        ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.manifest.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary 0..{self.manifest.vocab_size - 1}")
@@ -71,12 +89,15 @@ class CompiledModel:
         )
         results: list[list[int]] = []
         size = self.manifest.max_batch
-        for first in range(0, len(encoded), size):
-            on_token = (lambda row, tok, base=first: stream(base + row, tok)) if stream else None
-            tokens, self.last_stats = generate(
-                self.backend, encoded[first : first + size], max_new_tokens, sampling, eos, self.manifest.pad_token_id, on_token
-            )
-            results += tokens
+        stats: list[Stats] = []
+        with self._lock:
+            for first in range(0, len(encoded), size):
+                on_token = (lambda row, tok, base=first: stream(base + row, tok)) if stream else None
+                tokens, batch_stats = generate(self.backend, encoded[first : first + size], max_new_tokens, sampling, eos,
+                                               self.manifest.pad_token_id, on_token)
+                results += tokens
+                stats.append(batch_stats)
+            self.last_stats = Stats.combine(stats)
         return [Generation(ids, self.decode(ids)) for ids in results]
 
 

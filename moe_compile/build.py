@@ -1,9 +1,10 @@
 """`build`: checkpoint -> OUT/{model.onnx, manifest.json, program.pt2, tokenizer/, engine.plan}.
 
-Stages: load, capture, passes, export, check, engine (TensorRT: moe_compile/trt/). OUT is written
-atomically: everything goes to a temporary sibling directory that replaces OUT only once complete,
-so a failed or interrupted build leaves no half-written OUT and a previous good build stays until
-the new one is whole.
+Stages: load, capture, passes, export, check, engine (TensorRT: moe_compile/trt/). Before any of
+them, the checkpoint's config.json is validated and its memory estimated, and OUT's parent is checked
+(build_dir.py). OUT is written atomically: everything goes to a staging directory beside it that
+replaces OUT only once complete, so a failed or interrupted build leaves no half-written OUT and a
+previous good build stays until the new one is whole.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .build_dir import check_out, check_room, staging
 from .capture import capture
 from .capture.trace import MIN_MAX_SEQ, inplace_sample_inputs, sample_inputs
-from .errors import ArtifactError, MoeCompileError, RequestError
-from .export.manifest import MANIFEST, ONNX_FILE, Manifest, io_signature, tool_versions
+from .errors import MoeCompileError, RequestError
+from .export.manifest import ONNX_FILE, Manifest, io_signature, tool_versions
 from .export.onnx_export import IR_VERSION, OPSET, export_onnx
+from .models.config_check import check_fits
 from .models.loading import DTYPES, load_model, read_family, resolve_checkpoint
 from .passes import LOWERINGS, PassManager, lowering_pipeline
 from .passes.auto import DEFAULT_THRESHOLD
@@ -32,6 +34,7 @@ from .trt.engine import build_engine
 log = logging.getLogger("moe_compile")
 BUILD_BACKENDS = ("auto", "onnx", "trt")
 FORMS = ("auto", "ort", "portable")
+DEFAULT_MAX_SEQ = 2048
 SAMPLING_CANDIDATES = 64  # the ort form's TopK width: top-k sampling up to this k reads no logits row
 
 
@@ -41,7 +44,7 @@ def build(
     dtype: str = "fp32",
     lowering: str | None = None,
     max_batch: int = 8,
-    max_seq: int = 2048,
+    max_seq: int | None = None,
     auto_threshold: int = DEFAULT_THRESHOLD,
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -49,6 +52,7 @@ def build(
     timing_cache: str | Path | None = None,
     torch_program: bool = True,
     form: str = "auto",
+    force: bool = False,
 ) -> Path:
     """`form`: "ort" is ONNX Runtime's in-place form (GroupQueryAttention over a preallocated cache, one
     MoE node per layer, token choice in the graph), "portable" the past/present form every runtime
@@ -57,9 +61,11 @@ def build(
     `lowering` (portable form; default auto): how MoE layers become static subgraphs.
     `backend`: "auto" builds engine.plan from a portable build when a TensorRT package is installed,
     "trt" requires one, "onnx" skips the engine. `torch_program=False` leaves out program.pt2 (the torch
-    backends' input, portable form only), which holds a second copy of the weights."""
-    out = Path(out)
-    check_request(out, dtype, lowering or "auto", max_batch, max_seq)
+    backends' input, portable form only), which holds a second copy of the weights.
+    `max_seq` defaults to 2048 or the model's max_position_embeddings if smaller. `force` builds a model
+    whose estimated memory exceeds what is available."""
+    out = check_out(out)
+    check_request(dtype, lowering or "auto", max_batch, max_seq)
     if form not in FORMS:
         raise RequestError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     if form == "ort" and lowering not in (None, "fused"):
@@ -70,30 +76,36 @@ def build(
     stages = _Stages(progress)
     if backend == "trt":  # refuse before any work: the engine needs TensorRT, and the portable form
         engine_builder(backend, lowering or "auto")
-    with stages("load"):
-        path = resolve_checkpoint(model)
-        _, family = read_family(path)
-        torch_model = load_model(path, dtype, trust_remote_code)
-        form, form_reason = choose_form(form, family, torch_model.config, lowering, backend)
-        lowering = "fused" if form == "ort" else (lowering or "auto")
-        tensorrt = engine_builder(backend, lowering) if form == "portable" else None
-    if form == "ort" and backend == "auto" and _has_tensorrt():
-        log.info("engine skipped: engine.plan is built from the portable form (--form portable)")
-    with stages("capture"):
-        captured = capture(torch_model, max_batch, max_seq, form, SAMPLING_CANDIDATES)
-    with stages("passes"):
-        # The ort form has no If (CUDA graphs refuse it): a layer the MoE node cannot express gets `gather`.
-        options = {"fallback": "gather"} if form == "ort" else {}
-        passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold, **options)
-        program, _ = passes.run(captured.program)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    path = resolve_checkpoint(model)
+    config, family = read_family(path)
+    max_seq = bound_max_seq(max_seq, config.max_position_embeddings)
+    needs = check_fits(config, dtype, force)
+    copies = 2 if torch_program and form != "ort" else 1  # program.pt2 holds the weights again
+    with staging(out, needs.weight_bytes * copies) as tmp:
+        with stages("load"):
+            torch_model = load_model(path, dtype, trust_remote_code)
+            form, form_reason = choose_form(form, family, torch_model.config, lowering, backend)
+            lowering = "fused" if form == "ort" else (lowering or "auto")
+            tensorrt = engine_builder(backend, lowering) if form == "portable" else None
+        if form == "ort" and backend == "auto" and _has_tensorrt():
+            log.info("engine skipped: engine.plan is built from the portable form (--form portable)")
+        with stages("capture"):
+            captured = capture(torch_model, max_batch, max_seq, form, SAMPLING_CANDIDATES)
+        row = max_seq * sum(h * d for layer in captured.kv_shapes for h, d in layer) * DTYPES[dtype].itemsize
+        stages.note(f"KV cache at max_seq {max_seq}: {row / 2**20:.1f} MiB per sequence, "
+                    f"{row * max_batch / 2**20:.1f} MiB at max_batch {max_batch}")
+        with stages("passes"):
+            # The ort form has no If (CUDA graphs refuse it): a layer the MoE node cannot express gets `gather`.
+            options = {"fallback": "gather"} if form == "ort" else {}
+            passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold, **options)
+            program, _ = passes.run(captured.program)
         with stages("export"):
             export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE, ort_fusions=form == "ort")
             if torch_program and form == "portable":
+                # about the ONNX's bytes again; torch aborts the process (no exception) on a full disk
+                check_room(tmp, sum(p.stat().st_size for p in tmp.iterdir()), PROGRAM_FILE)
                 torch.export.save(program, str(tmp / PROGRAM_FILE))
-            has_tokenizer = save_tokenizer(path, tmp / "tokenizer", trust_remote_code)
+            tokenizer_error = save_tokenizer(path, tmp / "tokenizer", trust_remote_code)
         inputs, outputs = io_signature(tmp / ONNX_FILE)
         config = torch_model.config
         eos = torch_model.generation_config.eos_token_id
@@ -110,6 +122,7 @@ def build(
             fallbacks={name: why for name in captured.moe_layers if (why := per_layer(name, passes.reasons, None))},
             max_batch=max_batch,
             max_seq=max_seq,
+            max_position_embeddings=getattr(config, "max_position_embeddings", None),
             vocab_size=config.vocab_size,
             eos_token_ids=eos_ids,
             pad_token_id=pad if pad is not None else (eos_ids[0] if eos_ids else 0),
@@ -124,7 +137,8 @@ def build(
             opset=OPSET,
             ir_version=IR_VERSION,
             files=sorted(p.name for p in tmp.iterdir() if p.is_file()),
-            tokenizer=has_tokenizer,
+            tokenizer=(tmp / "tokenizer").is_dir(),
+            tokenizer_error=tokenizer_error,
             tool_versions=tool_versions(),
         )
         manifest.write(tmp)
@@ -135,14 +149,10 @@ def build(
                 manifest.engine = build_engine(tmp, manifest, tensorrt, Path(timing_cache) if timing_cache else None)
             manifest.files.append(manifest.engine["file"])
             manifest.write(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq: int) -> None:
+def check_request(dtype: str, lowering: str, max_batch: int, max_seq: int | None) -> None:
     """Refuse bad arguments before any work."""
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
@@ -150,10 +160,18 @@ def check_request(out: Path, dtype: str, lowering: str, max_batch: int, max_seq:
         raise RequestError(f"unknown lowering '{lowering}'; choose one of {', '.join(LOWERINGS)}")
     if max_batch < 1:
         raise RequestError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_seq < MIN_MAX_SEQ:
+    if max_seq is not None and max_seq < MIN_MAX_SEQ:
         raise RequestError(f"--max-seq must be >= {MIN_MAX_SEQ}, got {max_seq}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ArtifactError(f"'{out}' exists and is not a previous moe-compile build; choose another -o")
+
+
+def bound_max_seq(max_seq: int | None, max_positions: int | None) -> int:
+    """The request's max_seq (default 2048), within the positions the model was made for."""
+    if max_seq is None:
+        return min(DEFAULT_MAX_SEQ, max_positions or DEFAULT_MAX_SEQ)
+    if max_positions is not None and max_seq > max_positions:
+        raise RequestError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {max_positions}; "
+                           f"build with --max-seq {max_positions} or less")
+    return max_seq
 
 
 def choose_form(form: str, family, config, lowering: str | None, backend: str) -> tuple[str, str | None]:
@@ -234,6 +252,12 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
         got.append(backend.session.run(["logits"], feeds)[0].astype(np.float32))
     expected, got = np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]), np.concatenate(
         [g.reshape(-1, g.shape[-1]) for g in got])
+    # NaN compares false with every tolerance: non-finite logits must fail on their own.
+    for what, logits in (("the torch program", expected), ("ONNX Runtime", got)):
+        if not np.isfinite(logits).all():
+            raise MoeCompileError(f"check failed: {what} gives non-finite logits (NaN or inf) at "
+                                  f"{int((~np.isfinite(logits)).any(axis=-1).sum())} of {len(logits)} positions: "
+                                  "the checkpoint's weights hold NaN/inf, or the dtype overflows (try --dtype fp32)")
     scale = max(float(np.abs(expected).max()), 1e-6)
     errors = np.abs(got - expected).max(axis=-1).ravel() / scale  # per position
     # In 16 bits a near-tie in a router can pick another expert at one position: that is rounding,
@@ -252,26 +276,25 @@ def per_layer(name: str, by_path: dict[str, str], default):
     return by_path[max(hits, key=len)] if hits else default
 
 
-def save_tokenizer(checkpoint: Path, target: Path, trust_remote_code: bool) -> bool:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def save_tokenizer(checkpoint: Path, target: Path, trust_remote_code: bool) -> str | None:
+    """Copy the checkpoint's tokenizer into the build. A checkpoint without one builds quietly (prompts as
+    token ids); one whose tokenizer files do not load gets a warning, and the reason is returned."""
     from transformers import AutoTokenizer
 
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES) and not any(checkpoint.glob("*.tiktoken")):
+        return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        return False
+    except Exception as exc:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        log.warning("warning: the checkpoint's tokenizer does not load (%s); the build takes prompts as token ids only",
+                    reason)
+        return reason
     tokenizer.save_pretrained(target)
-    return True
-
-
-def replace_dir(new: Path, out: Path) -> None:
-    """Swap `new` in as `out`; the old `out` is removed only after the swap succeeded."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return None
 
 
 class _Stages:
@@ -285,9 +308,18 @@ class _Stages:
     @contextlib.contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
-        if self.console is None:
-            yield
-            return
-        with self.console.status(f"[bold]{name}[/bold] ..."):
-            yield
+        try:
+            if self.console is None:
+                yield
+                return
+            with self.console.status(f"[bold]{name}[/bold] ..."):
+                yield
+        except Exception as exc:
+            if not hasattr(exc, "moe_compile_stage"):
+                exc.moe_compile_stage = name  # the CLI's net names the stage an unexpected error came from
+            raise
         self.console.print(f"[green]✓[/green] {name:<8} {time.perf_counter() - start:6.1f} s")
+
+    def note(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(f"  {line}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 import warnings
@@ -40,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--auto-threshold", type=int, default=DEFAULT_THRESHOLD,
                        help=f"auto: largest token count that uses gather (default {DEFAULT_THRESHOLD})")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the build serves (default 8)")
-    build.add_argument("--max-seq", type=int, default=2048, help="largest total sequence length, prompt + new tokens (default 2048)")
+    build.add_argument("--max-seq", type=int, default=None,
+                       help="largest total sequence length, prompt + new tokens (default 2048, or the model's "
+                            "max_position_embeddings if smaller)")
+    build.add_argument("--force", action="store_true",
+                       help="build even when the model's estimated memory exceeds what is available")
     build.add_argument("--trust-remote-code", action="store_true", help="allow code and pickle weights from the checkpoint (off by default)")
     build.add_argument("--backend", choices=["auto", "onnx", "trt"], default="auto",
                        help="trt: also build engine.plan (TensorRT required); onnx: skip it; auto (default): trt when "
@@ -96,19 +102,36 @@ def _cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch/transformers internals, not the user's
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    command = "start-up"
     try:
         return COMMANDS[args.command](args) or 0
     except MoeCompileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP during a build (build_dir.py)
+        args = _parser().parse_args(argv)
+        command = args.command
+        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch/transformers internals, not the user's
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signal", signal.SIGINT)
+    except BrokenPipeError:  # `moe-compile run ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 128 + signal.SIGPIPE
+    except Exception as exc:  # the net under the known failures: one line, never a bare traceback
+        if os.environ.get("MOE_COMPILE_DEBUG") == "1":
+            raise
+        stage = getattr(exc, "moe_compile_stage", command)
+        if isinstance(exc, MemoryError):
+            print(f"error: out of memory in {stage}; a smaller --max-seq or --max-batch, or more memory",
+                  file=sys.stderr)
+            return 1
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal error in {stage}: {type(exc).__name__}: {message[:300]} "
+              "(MOE_COMPILE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def _build(args) -> None:
@@ -117,7 +140,8 @@ def _build(args) -> None:
     start = time.perf_counter()
     out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, form=args.form, max_batch=args.max_batch,
                 max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
-                backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program)
+                backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program,
+                force=args.force)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -219,8 +243,8 @@ def _inspect(args) -> None:
     from .export.manifest import ONNX_FILE, read_manifest
 
     out, _ = _target(args.out, None)
-    manifest = read_manifest(out)
-    print(json.dumps({k: v for k, v in vars(manifest).items() if k not in ("inputs", "outputs", "engine")}, indent=2))
+    manifest = read_manifest(out, check=True)
+    print(json.dumps(manifest.model_dump(exclude={"inputs", "outputs", "engine"}), indent=2))
     for kind, values in (("input", manifest.inputs), ("output", manifest.outputs)):
         for value in values:
             print(f"{kind:6} {value['name']:32} {value['dtype']:8} {value['shape']}")

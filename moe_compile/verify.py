@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from .api import load
+from .errors import RequestError
+from .export.manifest import read_manifest
 from .models.loading import load_model, resolve_checkpoint
 from .runtime.generate import decode_one, prefill
 
@@ -46,11 +48,17 @@ def default_prompt(vocab_size: int, length: int = 11) -> list[int]:
 
 def verify(out, model: str | None = None, prompt: list[int] | None = None, new_tokens: int = 32, backend: str = "ort",
            cuda_graph: bool = True) -> Report:
+    if new_tokens < 1:
+        raise RequestError(f"--new-tokens must be >= 1, got {new_tokens}")
+    read_manifest(out, check=True)  # the files' checksums and ONNX I/O, beyond the sizes every load checks
     compiled = load(out, backend, cuda_graph)
     manifest = compiled.manifest
-    reference = load_model(resolve_checkpoint(model or manifest.source), "fp32")
+    # transformers' plain loop over experts: its default (grouped_mm) refuses some expert widths on the CPU
+    reference = load_model(resolve_checkpoint(model or manifest.source), "fp32", experts_implementation="eager")
     prompt = prompt or default_prompt(manifest.vocab_size)
     new_tokens = min(new_tokens, manifest.max_seq - len(prompt))
+    if new_tokens < 1:
+        raise RequestError(f"this build's max_seq {manifest.max_seq} leaves no room after the {len(prompt)}-token prompt")
 
     with torch.no_grad():
         ref_ids = reference.generate(

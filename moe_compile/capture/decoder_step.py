@@ -38,8 +38,12 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 def kv_shapes(model: torch.nn.Module) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per layer ((kv_heads, key_dim), (kv_heads, value_dim)), read off one eager step: no config
-    field guessing, and families whose K and V differ (latent attention) need nothing special."""
-    with torch.no_grad():
+    field guessing, and families whose K and V differ (latent attention) need nothing special. The step
+    runs our experts op: transformers' own experts implementations refuse some shapes (grouped_mm on the
+    CPU: expert rows that are not a multiple of 16 bytes)."""
+    from .experts_op import traceable
+
+    with traceable(model, model.config._attn_implementation), torch.no_grad():  # attention as it is
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
     shapes = []
     for layer in out.past_key_values.layers:

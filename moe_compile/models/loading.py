@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .config_check import CheckpointConfig, validate_config
 from .embedded import EMBEDDED, materialize
 from .spec import FamilySpec, family_for
 
@@ -49,16 +50,35 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def read_family(path: Path) -> tuple[dict, FamilySpec]:
-    """Read config.json as plain JSON (no code runs) and find its family, or raise naming it."""
+def read_family(path: Path) -> tuple[CheckpointConfig, FamilySpec]:
+    """Read config.json as plain JSON (no code runs), check its sizes and find its family, or raise naming it."""
+    file = path / "config.json"
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"cannot read {file}: not UTF-8 text") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {exc}") from None
-    model_type = config.get("model_type")
-    if not model_type:
-        raise CheckpointError(f"{path / 'config.json'} has no model_type")
-    return config, family_for(model_type)
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and not model_type:
+        raise CheckpointError(f"{file} has no model_type")
+    if isinstance(config, dict) and not isinstance(model_type, str):
+        raise CheckpointError(f"{file}: model_type must be a string, got {model_type!r:.60}")
+    checked = validate_config(config, file)
+    return checked, family_for(checked.model_type)
+
+
+def check_safetensors(path: Path) -> None:
+    """Open each safetensors file's header (sizes, offsets, JSON) before transformers reads it."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a valid safetensors file ({str(exc).splitlines()[0][:160]}); "
+                                  "download or convert it again") from None
 
 
 def check_weights_are_safe(path: Path, trust_remote_code: bool) -> None:
@@ -75,19 +95,29 @@ def check_weights_are_safe(path: Path, trust_remote_code: bool) -> None:
 
 
 def load_model(path: Path, dtype: str = "fp32", trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
-    """Load a causal LM from a resolved checkpoint directory in eval mode."""
+    """Load a causal LM from a resolved checkpoint directory in eval mode. Every weight must come from the
+    checkpoint: transformers would initialise missing ones at random, and the build would be garbage."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     read_family(path)
     check_weights_are_safe(path, trust_remote_code)
+    check_safetensors(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=DTYPES[dtype],
             use_safetensors=not trust_remote_code,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+    for kind in ("missing", "unexpected", "mismatched"):
+        names = sorted(str(name) for name in info.get(f"{kind}_keys") or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise CheckpointError(f"{path}'s weights do not match its config.json: {len(names)} {kind} tensors "
+                                  f"({shown}); the checkpoint is incomplete or from another model")
     return model.eval()

@@ -18,6 +18,15 @@ class Stats:
     prefill_ms: float
     decode_tokens_per_s: float  # all rows together
     new_tokens: int
+    decode_s: float = 0.0
+
+    @staticmethod
+    def combine(parts: list[Stats]) -> Stats:
+        """One call's figures over its sub-batches: times add up, the decode rate is over all of them."""
+        decode_s = sum(p.decode_s for p in parts)
+        decoded = sum(p.decode_tokens_per_s * p.decode_s for p in parts)
+        return Stats(sum(p.prefill_ms for p in parts), decoded / decode_s if decode_s > 0 else 0.0,
+                     sum(p.new_tokens for p in parts), decode_s)
 
 
 def prefill(backend: Backend, prompts: list[list[int]], pad_id: int,
@@ -91,4 +100,5 @@ def generate(
         steps += 1
     decode_s = time.perf_counter() - decode_start
     decoded = steps * len(prompts)
-    return outputs, Stats(prefill_s * 1e3, decoded / decode_s if decode_s > 0 and steps else 0.0, sum(map(len, outputs)))
+    rate = decoded / decode_s if decode_s > 0 and steps else 0.0
+    return outputs, Stats(prefill_s * 1e3, rate, sum(map(len, outputs)), decode_s if steps else 0.0)

@@ -34,6 +34,8 @@ class Sampling:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise RequestError(f"seed must be a non-negative integer, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -91,7 +93,9 @@ def _choose(logits: np.ndarray, ids: np.ndarray, sampling: Sampling, rng: np.ran
     rows = np.arange(len(logits))
     if sampling.greedy:
         return ids[rows, logits.argmax(axis=-1)]
-    logits = logits / np.float32(sampling.temperature)
+    # Shifted by the row's best, then scaled in float64: any temperature > 0, however small, keeps the best
+    # token's probability 1 rather than inf / inf = NaN.
+    logits = ((logits - logits.max(axis=-1, keepdims=True)) / np.float64(sampling.temperature)).astype(np.float32)
     if sampling.top_k:
         keep = np.zeros(logits.shape, dtype=bool)
         np.put_along_axis(keep, np.argsort(-logits, axis=-1, kind="stable")[:, : sampling.top_k], True, axis=-1)
