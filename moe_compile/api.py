@@ -12,6 +12,7 @@ from .build import build
 from .errors import RequestError
 from .export.manifest import read_manifest
 from .runtime import BACKENDS, Sampling, Stats, generate
+from .runtime import chat_template
 
 
 @dataclasses.dataclass
@@ -99,6 +100,30 @@ class CompiledModel:
                 stats.append(batch_stats)
             self.last_stats = Stats.combine(stats)
         return [Generation(ids, self.decode(ids)) for ids in results]
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None,
+             stream: Callable[[int, int], None] | None = None, **options) -> Generation:
+        """The assistant's reply to `messages` (transformers' chat format: [{"role": "user", "content": "..."}, ...]),
+        the whole conversation rendered by the build's chat template. It stops at the checkpoint's end-of-turn
+        tokens (generation_config.json's EOS ids, in the manifest); its text leaves them out. `max_new_tokens`
+        defaults to what the build's max_seq leaves after the conversation; `stream` and `options` (temperature,
+        top_k, top_p, repetition_penalty, seed, eos_token_id) are `generate`'s."""
+        prompt = self.chat_prompt(messages)
+        if max_new_tokens is None:
+            max_new_tokens = self.manifest.max_seq - len(prompt)
+            if max_new_tokens < 1:
+                raise RequestError(f"the conversation ({len(prompt)} tokens) fills this build's max_seq "
+                                   f"{self.manifest.max_seq}: start a new one, or rebuild with a larger --max-seq")
+        return self.generate([prompt], max_new_tokens, stream=stream, **options)[0]
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids the build's chat template makes of `messages`, ending where the assistant's reply starts."""
+        self.check_chat()
+        return chat_template.render(self.tokenizer, messages)
+
+    def check_chat(self) -> None:
+        """Refuse chat where the build kept no chat template."""
+        chat_template.require(self.tokenizer, self.out)
 
 
 def load(out: str | Path, backend: str = "ort", cuda_graph: bool = True) -> CompiledModel:

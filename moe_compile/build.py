@@ -28,6 +28,7 @@ from .models.config_check import check_fits
 from .models.loading import DTYPES, load_model, read_family, resolve_checkpoint
 from .passes import LOWERINGS, PassManager, lowering_pipeline
 from .passes.auto import DEFAULT_THRESHOLD
+from .runtime.ort_install import import_onnxruntime
 from .runtime.torch_backend import PROGRAM_FILE
 from .trt.engine import build_engine
 
@@ -73,6 +74,7 @@ def build(
                            "one com.microsoft:MoE node; build with --form portable")
     if form == "ort" and backend == "trt":
         raise RequestError("TensorRT engines are built from the portable form; build with --form portable")
+    import_onnxruntime()  # the check stage runs the ONNX on ONNX Runtime: without one, refuse before any work
     stages = _Stages(progress)
     if backend == "trt":  # refuse before any work: the engine needs TensorRT, and the portable form
         engine_builder(backend, lowering or "auto")

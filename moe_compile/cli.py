@@ -60,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs the build's tokenizer)")
     source.add_argument("--input-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    run.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    source.add_argument("--chat", action="store_true", help="talk with a chat model in the terminal (/reset, /exit, Ctrl-D)")
+    source.add_argument("--message", help="one chat turn: print the reply to this user message and exit")
+    run.add_argument("--system", help="--chat/--message: the system message")
+    run.add_argument("--max-new-tokens", type=int, default=None,
+                     help="tokens to generate (default 64; chat: up to the end of the turn or the build's max_seq)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
@@ -93,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     families = sub.add_parser("families", help="list the supported model families")
     families.add_argument("--markdown", action="store_true", help="print the docs' table (README.md, docs/FAMILIES.md)")
     sub.add_parser("passes", help="list the registered passes")
+    sub.add_parser("doctor", help="versions, ONNX Runtime providers, GPU, and which backends and build forms run here")
     return parser
 
 
@@ -147,27 +152,28 @@ def _build(args) -> None:
 
 def _run(args) -> None:
     from .api import load
+    from .errors import RequestError
+    from .terminal import TextStream, chat, messages
 
+    if args.system is not None and not (args.chat or args.message is not None):
+        raise RequestError("--system is the chat's system message: give it with --chat or --message")
+    if args.message is not None and not args.message.strip():
+        raise RequestError("empty message: give some text")
     out, backend = _target(args.out, args.backend)
     model = load(out, backend, args.cuda_graph)
-    prompt = args.prompt if args.prompt is not None else _token_ids(args.input_ids)
-    generated: list[int] = []
-    printed = ""
-
-    def stream(_row: int, token: int) -> None:
-        nonlocal printed
-        generated.append(token)
-        text = model.decode(generated)
-        if text is None:
-            print(token, end=" ", flush=True)
-        elif not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-
-    model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.chat:
+        return chat(model, args.system, args.max_new_tokens, options)
+    stream = TextStream(model)
+    if args.message is not None:
+        model.chat(messages(args.system, args.message), args.max_new_tokens, stream, **options)
+    else:
+        prompt = args.prompt if args.prompt is not None else _token_ids(args.input_ids)
+        new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
+        model.generate([prompt], max_new_tokens=new_tokens, stream=stream, **options)
+    stream.finish()
     stats = model.last_stats
-    print()
     print(f"[{backend}] prefill {stats.prefill_ms:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
           f"{stats.new_tokens} new tokens", file=sys.stderr)
 
@@ -275,7 +281,14 @@ def _passes(_args) -> None:
         print(f"{name:8} {description}")
 
 
-COMMANDS = {"build": _build, "run": _run, "verify": _verify, "inspect": _inspect, "bench": _bench, "families": _families, "passes": _passes}
+def _doctor(_args) -> None:
+    from .doctor import report
+
+    print("\n".join(report()))
+
+
+COMMANDS = {"build": _build, "run": _run, "verify": _verify, "inspect": _inspect, "bench": _bench, "families": _families, "passes": _passes,
+            "doctor": _doctor}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,12 @@ import torch
 from .spec import FAMILIES
 
 SEED = 0
+CACHE_VERSION = 2  # of what write_checkpoint writes (2: the chat template): a cache of another version is not reused
+# Every embedded tokenizer's chat template, so that `run --chat` works on the demo: the EOS token ends a turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '### ' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### assistant\n' }}{% endif %}"
+)
 
 # name -> (config fields, tokenizer vocabulary size)
 _DEMO = dict(
@@ -92,7 +98,7 @@ EMBEDDED.update({f"tiny-{name.replace('_', '-')}": spec.tiny_config for name, sp
 
 def cache_dir() -> Path:
     root = os.environ.get("MOE_COMPILE_CACHE") or Path.home() / ".cache" / "moe-compile"
-    return Path(root) / "embedded"
+    return Path(root) / f"embedded-{CACHE_VERSION}"
 
 
 def materialize(name: str) -> Path:
@@ -160,4 +166,6 @@ def build_tokenizer(vocab_size: int):
     )
     corpus = resources.files(__package__).joinpath("corpus.txt").read_text().splitlines()
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

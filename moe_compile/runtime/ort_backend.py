@@ -25,9 +25,11 @@ from ..errors import ArtifactError, MoeCompileError
 from ..export.manifest import ONNX_FILE
 from .backend import Backend
 from .memory import memory_for
+from .ort_install import import_onnxruntime
 
 # ONNX element types (onnx.TensorProto): numpy has no bfloat16, so buffers are typed by these.
 _ONNX_TYPES = {"fp32": (1, 4), "fp16": (10, 2), "bf16": (16, 2)}
+FUSED_CPU_MIN = "1.32"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
 
 
 class MissingKernelError(MoeCompileError):
@@ -56,7 +58,7 @@ class OrtBackend(Backend):
         from packaging.version import Version
 
         fused = "fused" in self.manifest.layers.values()
-        if fused and self.provider == "CPUExecutionProvider" and Version(version) < Version("1.32"):
+        if fused and self.provider == "CPUExecutionProvider" and Version(version) < Version(FUSED_CPU_MIN):
             raise MissingKernelError(
                 f"onnxruntime {version}'s CPU MoE kernel gives wrong results for this fused build (fixed in 1.32); "
                 "upgrade onnxruntime, run this build with --backend ort-cuda or torch, or build with --lowering auto"
@@ -69,12 +71,12 @@ class OrtBackend(Backend):
 
     def _open_session(self) -> None:
         """The session on this backend's provider, and what every form binds: device, KV names and types."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         if self.provider not in ort.get_available_providers():
             raise ProviderUnavailableError(
                 f"backend '{self.name}' needs ONNX Runtime's {self.provider}, but onnxruntime {ort.__version__} here offers "
-                f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu on a CUDA machine or use --backend ort"
+                f"{', '.join(ort.get_available_providers())}; on a CUDA machine: pip uninstall -y onnxruntime && "
+                "pip install 'moe-compile[gpu]'; or use --backend ort"
             )
         self._refuse_broken_kernels(ort.__version__)
         options = ort.SessionOptions()
