@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= out/qwen2-moe-demo
 PROMPT ?= The quick brown fox
+MESSAGE ?= What is a mixture of experts?
 
 .PHONY: install demo test
 
@@ -20,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/moe-compile build qwen2-moe-demo -o $(DEMO_OUT) --max-seq 512
 	$(VENV)/bin/moe-compile run $(DEMO_OUT) --prompt "$(PROMPT)" --max-new-tokens 48
+	$(VENV)/bin/moe-compile run $(DEMO_OUT) --system "You are a helpful assistant." --message "$(MESSAGE)" --max-new-tokens 48
 	$(VENV)/bin/moe-compile verify $(DEMO_OUT)
 
 test: install
