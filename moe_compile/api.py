@@ -34,21 +34,21 @@ class CompiledModel:
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.out / "tokenizer")
         self.last_stats: Stats | None = None
-
         # One backend holds one KV cache: calls from several threads take turns.
         self._lock = threading.Lock()
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.out} has no tokenizer: give prompts as token ids")
             if not prompt:
                 raise RequestError("empty prompt: give some text")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as exc:  # undecodable bytes from argv or a file arrive as lone surrogates
                 raise RequestError(f"the prompt is not valid UTF-8 text (at character {exc.start}); "
                                    "convert it to UTF-8 first") from None
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
         if isinstance(prompt, (bytes, bytearray)):
             raise RequestError("a prompt given as bytes: decode it to a str, or give token ids as a list of ints")
         try:
@@ -89,8 +89,8 @@ class CompiledModel:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         )
         results: list[list[int]] = []
-        size = self.manifest.max_batch
         stats: list[Stats] = []
+        size = self.manifest.max_batch
         with self._lock:
             for first in range(0, len(encoded), size):
                 on_token = (lambda row, tok, base=first: stream(base + row, tok)) if stream else None

@@ -109,17 +109,17 @@ def _cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     command = "start-up"
     try:
-        return COMMANDS[args.command](args) or 0
-    except MoeCompileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP during a build (build_dir.py)
         args = _parser().parse_args(argv)
         command = args.command
         logging.basicConfig(format="%(message)s", level=logging.WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch/transformers internals, not the user's
         warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
+        return COMMANDS[args.command](args) or 0
+    except MoeCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP during a build (build_dir.py)
         print("interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signal", signal.SIGINT)
     except BrokenPipeError:  # `moe-compile run ... | head`: the reader left; say nothing more

@@ -25,6 +25,12 @@ FORMAT = f"moe-compile/{FORMAT_VERSION}"
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 CHECKSUMMED = (ONNX_FILE,)  # the graph; the weights' files are checked by size (hashing GBs would slow every build)
+# model.onnx files up to this size (graph only, or small inline weights) are cross-checked on every load; a
+# larger one (inline weights under 2 GB) only by `verify`/`inspect`: parsing it would double a load's peak memory.
+IO_CHECK_BYTES = 256 * 2**20
+KV_DTYPES = {name: onnx.helper.tensor_dtype_to_np_dtype(t).name
+             for name, t in (("fp32", onnx.TensorProto.FLOAT), ("fp16", onnx.TensorProto.FLOAT16),
+                             ("bf16", onnx.TensorProto.BFLOAT16))}
 
 
 class IoValue(TypedDict):
@@ -83,6 +89,8 @@ class Manifest(BaseModel):
         bad = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
         if bad:
             raise ValueError(f"'{bad[0]}' is not a file name in the build directory")
+        if ONNX_FILE not in files:
+            raise ValueError(f"{ONNX_FILE} is not listed")
         return files
 
     @pydantic.model_validator(mode="after")
@@ -97,6 +105,12 @@ class Manifest(BaseModel):
             raise ValueError(f"kv.num_layers is {self.kv['num_layers']} but kv.layers has {len(self.kv['layers'])}")
         if any(len(layer) != 2 or any(len(kv) != 2 for kv in layer) for layer in self.kv["layers"]):
             raise ValueError("kv.layers must hold [[heads, key_dim], [heads, value_dim]] per layer")
+        kv_inputs = [v for v in self.inputs if v["name"].startswith("past_key_values.")]
+        if len(kv_inputs) != 2 * self.kv["num_layers"]:
+            raise ValueError(f"inputs has {len(kv_inputs)} KV tensors for kv.num_layers {self.kv['num_layers']}")
+        wrong = sorted({v["dtype"] for v in kv_inputs} - {KV_DTYPES[self.dtype]})
+        if wrong:
+            raise ValueError(f"dtype is {self.dtype} but the KV inputs are {', '.join(wrong)}")
         unlisted = sorted(set(self.file_sizes) - set(self.files))
         if unlisted:
             raise ValueError(f"file_sizes names '{unlisted[0]}', which files does not list")
@@ -148,7 +162,8 @@ def tool_versions() -> dict[str, str]:
 
 def read_manifest(out: Path, check: bool = False) -> Manifest:
     """Read and validate OUT/manifest.json and the sizes of the files it lists, failing with one line
-    that names the problem. `check` also compares model.onnx's sha256 and inputs/outputs with the record."""
+    that names the problem. `check` also compares model.onnx's sha256 with the record and reads its external data
+    sizes; model.onnx's inputs/outputs are compared with the record always, or only then for a large file."""
     out = Path(out)
     path = out / MANIFEST
     if not path.is_file():
@@ -199,16 +214,16 @@ def _check_files(out: Path, manifest: Manifest, check: bool) -> None:
         if actual != size:
             raise ArtifactError(f"{out / name} is {actual} bytes, its manifest records {size}: the file was truncated "
                                 "or replaced; rebuild it")
-    if not check:
-        return
-    for name, digest in manifest.sha256.items():
-        if sha256(out / name) != digest:
-            raise ArtifactError(f"{out / name} does not match its manifest's sha256: the file was changed or replaced; "
-                                "rebuild it")
-    _check_onnx(out / ONNX_FILE, manifest)
+    if check:
+        for name, digest in manifest.sha256.items():
+            if sha256(out / name) != digest:
+                raise ArtifactError(f"{out / name} does not match its manifest's sha256: the file was changed or "
+                                    "replaced; rebuild it")
+    if check or (out / ONNX_FILE).stat().st_size <= IO_CHECK_BYTES:
+        _check_onnx(out / ONNX_FILE, manifest, external_data=check)
 
 
-def _check_onnx(path: Path, manifest: Manifest) -> None:
+def _check_onnx(path: Path, manifest: Manifest, external_data: bool) -> None:
     """model.onnx parses, has the recorded inputs/outputs, and its external data files hold every byte it
     declares (a truncated model.onnx.data would otherwise fail only when a runtime loads it)."""
     try:
@@ -219,6 +234,8 @@ def _check_onnx(path: Path, manifest: Manifest) -> None:
     for kind, recorded, actual in (("inputs", manifest.inputs, inputs), ("outputs", manifest.outputs, outputs)):
         if [dict(v) for v in recorded] != actual:
             raise ArtifactError(f"{path}'s {kind} differ from its manifest's: model.onnx is from another build; rebuild it")
+    if not external_data:
+        return
     needed: dict[str, int] = {}
     for tensor in _tensors(model.graph):
         if onnx.external_data_helper.uses_external_data(tensor):

@@ -64,8 +64,8 @@ def read_family(path: Path) -> tuple[CheckpointConfig, FamilySpec]:
         raise CheckpointError(f"{file} has no model_type")
     if isinstance(config, dict) and not isinstance(model_type, str):
         raise CheckpointError(f"{file}: model_type must be a string, got {model_type!r:.60}")
-    checked = validate_config(config, file)
-    return checked, family_for(checked.model_type)
+    family = family_for(model_type) if isinstance(config, dict) else None  # an unknown family: say that first
+    return validate_config(config, file), family
 
 
 def check_safetensors(path: Path) -> None:

@@ -95,7 +95,8 @@ def _choose(logits: np.ndarray, ids: np.ndarray, sampling: Sampling, rng: np.ran
         return ids[rows, logits.argmax(axis=-1)]
     # Shifted by the row's best, then scaled in float64: any temperature > 0, however small, keeps the best
     # token's probability 1 rather than inf / inf = NaN.
-    logits = ((logits - logits.max(axis=-1, keepdims=True)) / np.float64(sampling.temperature)).astype(np.float32)
+    with np.errstate(over="ignore"):  # far below the best is -inf: probability 0, as it should be
+        logits = ((logits - logits.max(axis=-1, keepdims=True)) / np.float64(sampling.temperature)).astype(np.float32)
     if sampling.top_k:
         keep = np.zeros(logits.shape, dtype=bool)
         np.put_along_axis(keep, np.argsort(-logits, axis=-1, kind="stable")[:, : sampling.top_k], True, axis=-1)
