@@ -16,7 +16,7 @@ from .errors import MoeCompileError
 from .runtime.ort_install import EXTRAS, INSTALL, conflict, distributions, import_onnxruntime
 from .trt import compat
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 WIDTH = 14  # the first column
 
 

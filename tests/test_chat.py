@@ -155,7 +155,7 @@ def run_cli(capsys, *args):
 
 
 def test_message_prints_one_reply(qwen_style, capsys):
-    _, out, reply = qwen_style
+    out = qwen_style[1]
     rc, stdout, _ = run_cli(capsys, "run", str(out), "--system", SYSTEM, "--message", CONVERSATION[1]["content"],
                             "--max-new-tokens", "8")
     assert rc == 0
@@ -225,7 +225,7 @@ def flat(text: str) -> str:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_chat_in_a_terminal(qwen_style):
     """Type two turns, read the screen, /reset, one turn, Ctrl-D; and /exit in a second terminal."""
-    checkpoint, out, _ = qwen_style
+    out = qwen_style[1]
     command = [sys.executable, "-m", "moe_compile.cli", "run", str(out), "--chat", "--max-new-tokens", "8"]
     tmux = Tmux(f"moe-compile-test-{os.getpid()}")
     try:

@@ -161,9 +161,9 @@ def _with_floor(row: BenchRow, reads: StepBytes, bandwidth: float) -> BenchRow:
 def _runtime_versions() -> dict[str, str]:
     from importlib import metadata
 
-    import onnxruntime
+    from .ort_install import import_onnxruntime
 
-    found = {"onnxruntime (imported)": onnxruntime.__version__}
+    found = {"onnxruntime (imported)": import_onnxruntime().__version__}
     for package in ("onnxruntime-gpu", "numpy"):
         try:
             found[package] = metadata.version(package)
