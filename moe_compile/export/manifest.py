@@ -152,7 +152,7 @@ def _describe(graph) -> tuple[list[dict], list[dict]]:
 
 def tool_versions() -> dict[str, str]:
     versions = {}
-    for package in ("moe-compile", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+    for package in ("moe-compile", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
