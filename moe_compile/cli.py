@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="trt: also build engine.plan (TensorRT required); onnx: skip it; auto (default): trt when "
                             "tensorrt or tensorrt_rtx is installed")
     build.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to reuse and update across builds")
+    build.add_argument("--quantize", metavar="int8|int4",
+                       help="weight-only quantization of experts, MLP and attention projections (RTN, symmetric, "
+                            "per block; routers, gates, norms and embeddings keep --dtype; docs/QUANTIZATION.md)")
+    build.add_argument("--block-size", type=int, default=None, help="--quantize: weights per scale along K (32, 64 or "
+                                                                   "128; default 32)")
+    build.add_argument("--quantize-lm-head", action="store_true", help="--quantize the LM head too")
     build.add_argument("--no-torch-program", dest="torch_program", action="store_false",
                        help="leave out program.pt2, the torch backends' input (a second copy of the weights)")
 
@@ -146,6 +152,7 @@ def _build(args) -> None:
     out = build(args.model, args.out, dtype=args.dtype, lowering=args.lowering, form=args.form, max_batch=args.max_batch,
                 max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
                 backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program,
+                quantize=args.quantize, block_size=args.block_size, quantize_lm_head=args.quantize_lm_head,
                 force=args.force)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
@@ -257,6 +264,10 @@ def _inspect(args) -> None:
     graph = onnx.load(f"{out}/{ONNX_FILE}", load_external_data=False).graph
     histogram = collections.Counter(node.op_type for node in graph.node)
     print("ops: " + ", ".join(f"{op} {n}" for op, n in histogram.most_common()))
+    if manifest.quantization:
+        from .quantize import bytes_table
+
+        print("\n".join(bytes_table(manifest.quantization)))
     if manifest.engine:
         from .trt.inspect import describe
 

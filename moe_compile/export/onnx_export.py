@@ -31,9 +31,10 @@ DIM_NAMES = {  # (input, axis) -> symbolic dimension name in the ONNX file
 
 
 def export_onnx(program: ExportedProgram, input_names: list[str], output_names: list[str], path: Path,
-                ort_fusions: bool = False) -> Path:
+                ort_fusions: bool = False, rewrite=None) -> Path:
     """Write `path` (plus `path.data` when the weights exceed 1 GB) and check it. `ort_fusions`: the ort
-    form's rewrites into ONNX Runtime's fused ops (export/ort_fusions.py)."""
+    form's rewrites into ONNX Runtime's fused ops (export/ort_fusions.py). `rewrite(model)`: a last
+    change to the ONNX IR before it is written (the build's weight quantization, moe_compile/quantize/)."""
     args = tuple(spec.arg for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT")
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     user_inputs = [placeholders[a.name].meta["val"] for a in args]
@@ -54,6 +55,8 @@ def export_onnx(program: ExportedProgram, input_names: list[str], output_names: 
     rename_dims(model, symbol_names(dict(zip(input_names, user_inputs))))
     if ort_fusions:
         fuse_for_ort(model)
+    if rewrite is not None:
+        rewrite(model)
     unique_node_names(model)
     model.ir_version = IR_VERSION
     weight_bytes = sum(t.nbytes for t in program.state_dict.values()) + sum(

@@ -124,12 +124,16 @@ def pack_matmuls(graph: ir.Graph) -> int:
     # router (60) + shared gate (1) + shared gate/up (2 x 5632) as one odd-width GEMV at a third of the
     # bandwidth (38 us a layer against ~14 us for an aligned width), and zero-padding the width instead
     # made a 5-output Split that copied its arguments to the device every run (measured, docs/BENCHMARKS.md).
+    # A router or gate and a projection never share a pack: a quantized build (moe_compile/quantize/)
+    # quantizes one and not the other; the pack keeps its first node's name scopes (what it reads them by).
+    from ..quantize.onnx_rewrite import quantizable
+
     found = defaultdict(list)
     for node in graph:
         if node.op_type in ("MatMul", "Gemm") and _weight(node) is not None:
-            found[(id(node.inputs[0]), _bias(node) is not None)].append(node)
+            found[(id(node.inputs[0]), _bias(node) is not None, quantizable(node))].append(node)
     groups = []
-    for (_, has_bias), nodes in found.items():
+    for (_, has_bias, _), nodes in found.items():
         if sum(_weight(n).shape[1] for n in nodes) % ALIGN == 0:
             groups.append((has_bias, nodes))
         else:
@@ -145,7 +149,7 @@ def pack_matmuls(graph: ir.Graph) -> int:
         name = nodes[0].name or "packed"
         packed = ir.Value(name=f"{name}.packed_weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
         graph.register_initializer(packed)
-        matmul = ir.Node("", "MatMul", [x, packed], name=f"{name}_packed")
+        matmul = ir.Node("", "MatMul", [x, packed], name=f"{name}_packed", metadata_props=dict(nodes[0].metadata_props))
         new = [matmul]
         outputs = [n.outputs[0] for n in nodes]
         result = matmul.outputs[0]

@@ -1,0 +1,241 @@
+"""Quantize an exported model's weights in place, one initializer at a time (onnx_ir).
+
+ort form (ONNX Runtime's contrib ops, after export/ort_fusions.py):
+
+    MoE(x, logits, fc1 [E,2I,H], -, fc2 [E,H,I])     ─▶ QMoE(x, logits, fc1 codes [E,2I,H·b/8], fc1 scales [E,2I,H/B],
+                                                              -, fc2 codes [E,H,I·b/8], fc2 scales [E,H,I/B];
+                                                              expert_weight_bits=b, block_size=B, + MoE's attributes)
+    MatMul(x, W [K,N]) | Gemm(x, W [N,K], transB=1)  ─▶ MatMulNBits(x, codes [N,K/B,B·b/8], scales [N,K/B][, bias])
+
+portable form (standard ops, opset 21; TensorRT reads it):
+
+    W [..., K, ...] float  ─▶  DequantizeLinear(q int4|int8 [same shape], scales [K/B on the K axis],
+                                                axis=K axis, block_size=B) ─▶ the same consumers
+    (MatMul right operand: K = rows; Gemm transB: K = columns; the MoE lowerings' experts [E, N, K],
+    read by Gather or as MatMul's left operand: K = last)
+
+Which weights: the class of the module that reads them (`weight_class` of torch.onnx's name scopes,
+which export/ort_fusions.py's packs carry over). Anything not recognised stays as it is, named in the
+report's `unquantized` with the reason: a build never quantizes part of a class silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections import defaultdict
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from . import QUANTIZED, Quantization, weight_class
+from .packing import matmul_nbits_weights, qmoe_weights, quantize_rows
+
+log = logging.getLogger("moe_compile.quantize")
+SCOPES = "pkg.torch.onnx.name_scopes"
+DQ_OPSET = 21  # DequantizeLinear with block_size
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def node_weight_class(node: ir.Node) -> str | None:
+    """The weight class of the module a node was exported from (None: no name scopes recorded)."""
+    scopes = node.metadata_props.get(SCOPES)
+    if not scopes:
+        return None
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    return weight_class(names[-2]) if len(names) >= 2 else None  # the last scope is the op itself
+
+
+def quantizable(node: ir.Node) -> bool:
+    """Whether a node's weight is of a class some quantized build quantizes (export/ort_fusions.py packs
+    only weights that agree on this)."""
+    return node_weight_class(node) in (*QUANTIZED, "lm_head")
+
+
+def _weights(graph: ir.Graph) -> list[ir.Value]:
+    return [v for v in graph.initializers.values() if v.const_value is not None and v.dtype in FLOATS
+            and v.shape is not None and len(v.shape) >= 2]
+
+
+def bytes_by_class(model: ir.Model) -> dict[str, int]:
+    """Initializer bytes per weight class of their readers (unclassified readers: "other")."""
+    totals: dict[str, int] = defaultdict(int)
+    for value in model.graph.initializers.values():
+        if value.const_value is None:
+            continue
+        classes = {node_weight_class(use.node) for use in value.uses()} - {None}
+        totals[min(classes) if len(classes) == 1 else "other"] += value.const_value.nbytes
+    return dict(totals)
+
+
+def quantize_model(model: ir.Model, quantization: Quantization, form: str) -> dict:
+    """Rewrite `model` (ort or portable form); returns the manifest's quantization record."""
+    before = bytes_by_class(model)
+    unquantized: dict[str, str] = {}
+    if form == "ort":
+        ops = _quantize_ort(model.graph, quantization, unquantized)
+    else:
+        ops = _quantize_portable(model, quantization, unquantized)
+    RemoveUnusedNodesPass()(model)
+    after = bytes_by_class(model)
+    record = quantization.record()
+    record.update(ops=ops, unquantized=unquantized,
+                  bytes={c: {"before": before.get(c, 0), "after": after.get(c, 0)} for c in sorted({*before, *after})})
+    log.info("[quantize] %s: %s; %d tensors left as they were", quantization.scheme,
+             ", ".join(f"{k}={v}" for k, v in ops.items()), len(unquantized))
+    return record
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    graph.register_initializer(value)
+    return value
+
+
+def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
+    counts = {"QMoE": 0, "MatMulNBits": 0}
+    bits, block = quantization.bits, quantization.block_size
+    for node in list(graph):
+        cls = node_weight_class(node)
+        if node.op_type == "MoE" and node.domain == "com.microsoft":
+            moe_in = [*node.inputs, *[None] * (8 - len(node.inputs))]
+            fc1, fc2 = _const(moe_in[2]), _const(moe_in[4])
+            if fc1 is None or fc2 is None or any(v is not None for v in moe_in[6:]):
+                unquantized[node.name] = "MoE weights are not constants in the fc1/fc2 form"
+                continue
+            if fc1.shape[-1] % block or fc2.shape[-1] % block:
+                unquantized[node.name] = f"expert K ({fc1.shape[-1]}, {fc2.shape[-1]}) not a multiple of {block}"
+                continue
+            dtype = fc1.dtype
+            w1, s1 = qmoe_weights(quantize_rows(fc1, bits, block, dtype))
+            w2, s2 = qmoe_weights(quantize_rows(fc2, bits, block, dtype))
+            name = node.name
+            inputs = [moe_in[0], moe_in[1], _initializer(graph, f"{name}.fc1.q{bits}", w1),
+                      _initializer(graph, f"{name}.fc1.scales", s1), moe_in[3],
+                      _initializer(graph, f"{name}.fc2.q{bits}", w2), _initializer(graph, f"{name}.fc2.scales", s2),
+                      moe_in[5]]
+            if "normalize_routing_weights" in node.attributes and not node.attributes["normalize_routing_weights"].value:
+                # onnxruntime 1.32's CPU QMoE renormalises the top-k weights even with normalize_routing_weights=0
+                # (measured; its MoE does not): the op's router_weights input, the softmax, gives the weights as they are
+                softmax = ir.Node("", "Softmax", [moe_in[1]], attributes=[ir.AttrInt64("axis", -1)], name=f"{name}_probs",
+                                  metadata_props=dict(node.metadata_props))
+                graph.insert_before(node, softmax)
+                softmax.outputs[0].name = f"{name}_probs_out"
+                inputs += [None] * 6 + [softmax.outputs[0]]  # fc3 weights/scales/bias, 3 zero points, router_weights
+            attrs = [*node.attributes.values(), ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block)]
+            _replace(graph, node, ir.Node("com.microsoft", "QMoE", inputs, attributes=attrs, name=f"{name}_q{bits}",
+                                          metadata_props=dict(node.metadata_props)))
+            counts["QMoE"] += 1
+        elif node.op_type in ("MatMul", "Gemm") and cls is not None and quantization.quantizes(cls):
+            rows, bias, why = _matmul_rows(node)
+            if rows is None:
+                unquantized[node.name] = why
+                continue
+            n, k = rows.shape
+            if k % block:
+                unquantized[node.name] = f"K={k} is not a multiple of the block size {block}"
+                continue
+            codes, scales = matmul_nbits_weights(quantize_rows(rows, bits, block, rows.dtype))
+            name = node.name
+            inputs = [node.inputs[0], _initializer(graph, f"{name}.q{bits}", codes),
+                      _initializer(graph, f"{name}.scales", scales)]
+            if bias is not None:
+                inputs += [None, None, bias]
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block)]
+            _replace(graph, node, ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attrs, name=f"{name}_q{bits}",
+                                          metadata_props=dict(node.metadata_props)))
+            counts["MatMulNBits"] += 1
+    return counts
+
+
+def _matmul_rows(node: ir.Node) -> tuple[np.ndarray | None, ir.Value | None, str]:
+    """(weight as rows [N, K], 1-D bias value or None, why not) of a MatMul/Gemm by a constant."""
+    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2:
+        return None, None, "the weight is not a constant matrix"
+    if node.op_type == "MatMul":
+        return np.ascontiguousarray(w.T), None, ""
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None, None, "Gemm with transA, alpha or beta"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and (bias.const_value is None or len(bias.shape) != 1):
+        return None, None, "Gemm bias is not a constant vector"
+    return (w if attrs.get("transB", 0) else np.ascontiguousarray(w.T)), bias, ""
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Swap `old` for `new` and free the float weights nothing reads any more (streaming: one layer's
+    float and quantized weights at a time, not the whole model's twice)."""
+    graph.insert_before(old, new)
+    out = old.outputs[0]
+    new.outputs[0].name = f"{new.name}_out"
+    if out.type is not None:
+        new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    inputs = [v for v in old.inputs if v is not None and v.is_initializer()]
+    graph.remove(old, safe=True)
+    for value in inputs:
+        if not list(value.uses()):
+            del graph.initializers[value.name]
+
+
+def _k_axis(use: ir.Usage, rank: int) -> int | None:
+    """The input-feature axis of a weight for one of its readers, or None for a reader we do not know."""
+    node, idx = use.node, use.idx
+    if node.op_type == "MatMul":
+        return rank - 2 if idx == 1 else rank - 1  # x @ W, or the dense lowering's W @ xᵀ
+    if node.op_type == "Gemm" and idx == 1 and rank == 2:
+        return 1 if node.attributes.get("transB") is not None and node.attributes["transB"].value else 0
+    if node.op_type in ("Gather", "GatherND") and idx == 0 and rank == 3:
+        return 2  # the gather lowering's experts [E, N, K], gathered by expert then multiplied as [.., N, K] @ x
+    return None
+
+
+def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
+    graph = model.graph
+    bits, block = quantization.bits, quantization.block_size
+    count = 0
+    for value in _weights(graph):
+        uses = list(value.uses())
+        classes = {node_weight_class(u.node) for u in uses}
+        if not uses or not all(c is not None and quantization.quantizes(c) for c in classes):
+            if any(c is not None and quantization.quantizes(c) for c in classes):
+                unquantized[value.name] = f"read by classes {sorted(map(str, classes))}"
+            continue
+        rank = len(value.shape)
+        axes = {_k_axis(u, rank) for u in uses}
+        if len(axes) != 1 or None in axes:
+            unquantized[value.name] = f"readers {sorted({u.node.op_type for u in uses})} with no single K axis"
+            continue
+        axis = axes.pop()
+        w = value.const_value.numpy()
+        if w.shape[axis] % block:
+            unquantized[value.name] = f"K={w.shape[axis]} is not a multiple of the block size {block}"
+            continue
+        q = quantize_rows(np.moveaxis(w, axis, -1), bits, block, w.dtype)
+        codes = np.moveaxis(q.unpacked(), -1, axis).astype(ml_dtypes.int4 if bits == 4 else np.int8)
+        scales = np.ascontiguousarray(np.moveaxis(q.scales, -1, axis))
+        name = value.name
+        q_value = _initializer(graph, f"{name}.q{bits}", np.ascontiguousarray(codes))
+        s_value = _initializer(graph, f"{name}.scales", scales)
+        dq = ir.Node("", "DequantizeLinear", [q_value, s_value], name=f"{name}.dequantize",
+                     attributes=[ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)],
+                     metadata_props=dict(uses[0].node.metadata_props))
+        graph.insert_before(graph.node(0), dq)
+        dq.outputs[0].shape, dq.outputs[0].dtype, dq.outputs[0].name = value.shape, value.dtype, f"{name}.dequantized"
+        value.replace_all_uses_with(dq.outputs[0])
+        del graph.initializers[name]
+        count += 1
+    if count:
+        model.opset_imports[""] = max(model.opset_imports.get("", 0), DQ_OPSET)
+    return {"DequantizeLinear": count}
