@@ -32,6 +32,7 @@ from .quantize import check_config as check_quantized_config
 from .quantize import check_request as quantize_request
 from .quantize.onnx_rewrite import DQ_OPSET, quantize_model
 from .quantize.torch_weights import fake_quantize
+from .passes.run_size import experts_shapes, max_run_tokens
 from .runtime.ort_install import import_onnxruntime
 from .runtime.torch_backend import PROGRAM_FILE
 from .trt.engine import build_engine
@@ -112,7 +113,15 @@ def build(
             # The ort form has no If (CUDA graphs refuse it): a layer the MoE node cannot express gets `gather`.
             options = {"fallback": "gather"} if form == "ort" else {}
             passes = PassManager(lowering_pipeline(lowering), auto_threshold=auto_threshold, **options)
+            shapes = experts_shapes(captured.program)
             program, _ = passes.run(captured.program)
+            layers = {name: per_layer(name, passes.layers, lowering) for name in captured.moe_layers}
+            # the portable form's attention materialises [B, heads, S, past + S] scores; GroupQueryAttention does not
+            scores = 0 if form == "ort" else getattr(torch_model.config, "num_attention_heads", 0) * max_seq
+            run_tokens = max_run_tokens(shapes, layers, auto_threshold, scores)
+            if run_tokens is not None and run_tokens < max_batch:
+                raise RequestError(f"a decode step of {max_batch} rows would make tensors past 2^31 elements with this "
+                                   f"lowering; build with --max-batch {run_tokens} or less, or another --lowering")
         with stages("export"):
             quantized = []
             rewrite = (lambda m: quantized.append(quantize_model(m, quantization, form))) if quantization else None
@@ -135,7 +144,7 @@ def build(
             dtype=dtype,
             lowering=lowering,
             auto_threshold=auto_threshold,
-            layers={name: per_layer(name, passes.layers, lowering) for name in captured.moe_layers},
+            layers=layers,
             fallbacks={name: why for name in captured.moe_layers if (why := per_layer(name, passes.reasons, None))},
             max_batch=max_batch,
             max_seq=max_seq,
@@ -149,6 +158,7 @@ def build(
             form=form,
             form_reason=form_reason,
             sampling_candidates=captured.candidates,
+            max_run_tokens=run_tokens,
             inputs=inputs,
             outputs=outputs,
             opset=max([OPSET, *(DQ_OPSET for q in quantized if q["ops"].get("DequantizeLinear"))]),

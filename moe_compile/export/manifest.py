@@ -76,6 +76,8 @@ class Manifest(BaseModel):
     form: Literal["portable", "ort"] = "portable"
     form_reason: str | None = None  # why a build asked for the ort form got the portable one
     sampling_candidates: NonNegativeInt = 0  # ort form: C of the graph's TopK output (top_logits/top_ids)
+    # the most tokens (batch x new) one run may take: its tensors stay under 2^31 elements (passes/run_size.py)
+    max_run_tokens: PositiveInt | None = None
     fallbacks: dict[str, str] = {}  # experts module -> why it did not get `lowering`
     # engine.plan's record (moe_compile/trt/engine.py: package, version, profiles, ...); None without an engine
     engine: dict[str, Any] | None = None

@@ -32,7 +32,9 @@ class Stats:
 def prefill(backend: Backend, prompts: list[list[int]], pad_id: int,
             chooser: Chooser | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad the prompts into one batch and run it; returns (each row's next token [B] as `chooser`
-    picks it, or without a chooser the last position's logits [B, V]; the mask)."""
+    picks it, or without a chooser the last position's logits [B, V]; the mask). A batch of more tokens
+    than one run may take (manifest.max_run_tokens) runs in chunks of columns, each over the cache the
+    previous ones filled: the same logits, and no tensor past 2^31 elements (passes/run_size.py)."""
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), length), dtype=np.int64)
@@ -41,7 +43,12 @@ def prefill(backend: Backend, prompts: list[list[int]], pad_id: int,
         mask[row, length - len(prompt) :] = 1
     positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
     backend.reset(len(prompts))
-    return _step(backend, chooser, ids, mask, positions), mask
+    limit = backend.manifest.max_run_tokens
+    chunk = length if limit is None or backend.manifest.form == "ort" else max(1, limit // len(prompts))
+    *before, last = range(0, length, chunk)
+    for start in before:  # only the cache these chunks fill matters
+        backend.step_last(ids[:, start : start + chunk], mask[:, : start + chunk], positions[:, start : start + chunk])
+    return _step(backend, chooser, ids[:, last:], mask, positions[:, last:]), mask
 
 
 def decode_one(backend: Backend, tokens: np.ndarray, mask: np.ndarray,

@@ -120,6 +120,10 @@ class OrtInplaceBackend(OrtBackend):
         if past == 0:  # prefill: the real tokens of each row first, then padding
             if not lengths.all():
                 raise RequestError("every row needs at least one prompt token")
+            limit = self.manifest.max_run_tokens  # set where a layer fell back to a lowering that grows with T
+            if limit is not None and batch * new > limit:
+                raise RequestError(f"a prompt batch of {batch} x {new} tokens is past the {limit} tokens one run of this "
+                                   "build may take; give fewer or shorter prompts, or use a portable build")
             filled = np.arange(new) < lengths[:, None]
             ids = np.full_like(input_ids, self.manifest.pad_token_id)
             ids[filled] = input_ids[attention_mask == 1]
