@@ -124,7 +124,8 @@ def build(
                                    f"lowering; build with --max-batch {run_tokens} or less, or another --lowering")
         with stages("export"):
             quantized = []
-            rewrite = (lambda m: quantized.append(quantize_model(m, quantization, form))) if quantization else None
+            rewrite = (lambda m: quantized.append(quantize_model(m, quantization, form, engine=tensorrt is not None))
+                       ) if quantization else None
             export_onnx(program, captured.input_names, captured.output_names, tmp / ONNX_FILE, ort_fusions=form == "ort",
                         rewrite=rewrite)
             if torch_program and form == "portable":

@@ -73,21 +73,32 @@ def bytes_by_class(model: ir.Model) -> dict[str, int]:
     return dict(totals)
 
 
-def quantize_model(model: ir.Model, quantization: Quantization, form: str) -> dict:
-    """Rewrite `model` (ort or portable form); returns the manifest's quantization record."""
+# TensorRT-RTX 1.7.1 aborts the process (segfault, CPU build) on an int4 block-quantized 3-D DequantizeLinear
+# (the experts [E, N, K] of the portable lowerings); 2-D int4 and 3-D int8 build. Where an engine is built, int4
+# experts keep their int4 codes and scales in int8 storage: the same dequantized values, 2x their bytes.
+INT4_EXPERTS_IN_INT8 = "TensorRT-RTX 1.7.1 aborts building an engine from int4 3-D DequantizeLinear weights"
+
+
+def quantize_model(model: ir.Model, quantization: Quantization, form: str, engine: bool = False) -> dict:
+    """Rewrite `model` (ort or portable form); returns the manifest's quantization record. `engine`: a
+    TensorRT engine will be built from it (portable form: int4 experts stored as int8, INT4_EXPERTS_IN_INT8)."""
     before = bytes_by_class(model)
     unquantized: dict[str, str] = {}
     if form == "ort":
         ops = _quantize_ort(model.graph, quantization, unquantized)
     else:
-        ops = _quantize_portable(model, quantization, unquantized)
+        ops = _quantize_portable(model, quantization, unquantized, wide_experts=engine)
     RemoveUnusedNodesPass()(model)
     after = bytes_by_class(model)
     record = quantization.record()
+    if ops.get("int4_in_int8"):
+        record["int4_in_int8"] = INT4_EXPERTS_IN_INT8
     record.update(ops=ops, unquantized=unquantized,
                   bytes={c: {"before": before.get(c, 0), "after": after.get(c, 0)} for c in sorted({*before, *after})})
-    log.info("[quantize] %s: %s; %d tensors left as they were", quantization.scheme,
-             ", ".join(f"{k}={v}" for k, v in ops.items()), len(unquantized))
+    log.info("[quantize] %s: %s", quantization.scheme, ", ".join(f"{k}={v}" for k, v in ops.items()))
+    if unquantized:  # never silently: the manifest lists each, and the build says how many
+        log.warning("quantize: %d weights of quantized classes left in the build's dtype (manifest.quantization"
+                    ".unquantized), e.g. %s: %s", len(unquantized), *next(iter(unquantized.items())))
     return record
 
 
@@ -201,10 +212,11 @@ def _k_axis(use: ir.Usage, rank: int) -> int | None:
     return None
 
 
-def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
+def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized: dict[str, str],
+                       wide_experts: bool = False) -> dict[str, int]:
     graph = model.graph
     bits, block = quantization.bits, quantization.block_size
-    count = 0
+    count = wide = 0
     for value in _weights(graph):
         uses = list(value.uses())
         classes = {node_weight_class(u.node) for u in uses}
@@ -223,7 +235,9 @@ def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized:
             unquantized[value.name] = f"K={w.shape[axis]} is not a multiple of the block size {block}"
             continue
         q = quantize_rows(np.moveaxis(w, axis, -1), bits, block, w.dtype)
-        codes = np.moveaxis(q.unpacked(), -1, axis).astype(ml_dtypes.int4 if bits == 4 else np.int8)
+        in_int8 = bits == 4 and wide_experts and rank == 3
+        codes = np.moveaxis(q.unpacked(), -1, axis).astype(ml_dtypes.int4 if bits == 4 and not in_int8 else np.int8)
+        wide += in_int8
         scales = np.ascontiguousarray(np.moveaxis(q.scales, -1, axis))
         name = value.name
         q_value = _initializer(graph, f"{name}.q{bits}", np.ascontiguousarray(codes))
@@ -238,4 +252,4 @@ def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized:
         count += 1
     if count:
         model.opset_imports[""] = max(model.opset_imports.get("", 0), DQ_OPSET)
-    return {"DequantizeLinear": count}
+    return {"DequantizeLinear": count, **({"int4_in_int8": wide} if wide else {})}
