@@ -76,9 +76,14 @@ class Manifest(BaseModel):
     form: Literal["portable", "ort"] = "portable"
     form_reason: str | None = None  # why a build asked for the ort form got the portable one
     sampling_candidates: NonNegativeInt = 0  # ort form: C of the graph's TopK output (top_logits/top_ids)
+    # the most tokens (batch x new) one run may take: its tensors stay under 2^31 elements (passes/run_size.py)
+    max_run_tokens: PositiveInt | None = None
     fallbacks: dict[str, str] = {}  # experts module -> why it did not get `lowering`
     # engine.plan's record (moe_compile/trt/engine.py: package, version, profiles, ...); None without an engine
     engine: dict[str, Any] | None = None
+    # weight-only quantization (moe_compile/quantize/): scheme, bits, block_size, scales, classes quantized, ops,
+    # bytes per weight class before/after, tensors left unquantized and why; None: not quantized
+    quantization: dict[str, Any] | None = None
     tokenizer_error: str | None = None  # why the checkpoint's tokenizer was left out, when it has a broken one
     file_sizes: dict[str, NonNegativeInt] = {}  # bytes of each listed file, checked on every load
     sha256: dict[str, str] = {}  # of CHECKSUMMED files, checked by `verify` and `inspect`
