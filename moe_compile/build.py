@@ -269,7 +269,8 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
         log.warning("check skipped: %s", exc)
         return
     if manifest.form == "ort":  # a right-padded prefill of rows of different lengths, then a decode step
-        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, 3, [4, 2, 3], manifest.max_seq,
+        lengths = [4, 2, 3][: max(2, min(3, manifest.max_batch))]  # the graph serves max(max_batch, 2) rows
+        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, len(lengths), lengths, manifest.max_seq,
                                          manifest.vocab_size, decode=decode) for decode in (False, True)]
     else:
         samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]

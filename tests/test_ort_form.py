@@ -152,3 +152,9 @@ def test_torch_backends_refuse_the_ort_form(built):
 
     with pytest.raises(ArtifactError, match="portable builds"):
         load(built("qwen2_moe", form="ort"), "torch")
+
+
+def test_a_build_for_one_row(built, reference_tokens):
+    # the build's check runs rows of different lengths: no more than the graph serves (max(max_batch, 2))
+    out = built("qwen2", form="ort", max_batch=1)
+    assert [g.token_ids for g in load(out).generate(PROMPTS[:1], max_new_tokens=16)] == reference_tokens("qwen2", PROMPTS[:1], 16)
