@@ -126,7 +126,7 @@ def main() -> None:
     row("floor (read bandwidth / active fp32 weights)", None, {1: (None, bandwidth * 1e9 / active)})
     row("transformers eager", None, {b: bench_transformers(reference, b) for b in batches})
     del reference
-    for lowering in args.lowerings.split(","):
+    for lowering in filter(None, args.lowerings.split(",")):
         out = Path(args.out) / lowering
         start = time.perf_counter()
         choice = dict(form="ort") if lowering == "ort" else dict(form="portable", lowering=lowering)
