@@ -112,12 +112,25 @@ def _cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
                         help="ort-cuda on an ort-form build: run decode steps uncaptured (CUDA graphs are on by default)")
 
 
+class _Stderr(logging.StreamHandler):
+    """Log records go to sys.stderr as it is when each record comes, not as it was at the first call: a caller
+    that redirects or captures stderr between calls of main() (tests, embedding) never meets a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "start-up"
     try:
         args = _parser().parse_args(argv)
         command = args.command
-        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+        logging.basicConfig(format="%(message)s", level=logging.WARNING, handlers=[_Stderr()])
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch/transformers internals, not the user's
         warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("moe_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)

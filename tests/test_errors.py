@@ -144,3 +144,21 @@ def test_build_without_torch_program(checkpoint, tmp_path):
     assert rc == 0
     assert_one_line_error(*cli("run", str(out), "--input-ids", "1,2,3", "--backend", "torch"), "program.pt2",
                           "--no-torch-program")
+
+
+def test_log_records_go_to_stderr_as_it_is_now(monkeypatch):
+    # main() configures logging once; a later call under another stderr (a test's capture, an embedding
+    # caller) must not write into the first one, closed by then ("--- Logging error ---" and a traceback)
+    import io
+    import logging
+
+    from moe_compile.cli import main
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    main(["families"])
+    first.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    logging.getLogger("moe_compile").warning("a warning")
+    assert now.getvalue() == "a warning\n"
