@@ -27,9 +27,9 @@ LOWERINGS = ("gather", "dense", "auto")
 # The parity matrix's builds (conftest.lowerings_for: `auto` for every variant, whose If holds the gather and
 # the dense subgraph; the lowerings alone on a few), fused aside: its engine needs our plugin.
 FP32 = [(v, low, "fp32") for v in sorted(VARIANTS) for low in lowerings_for(v) if low in LOWERINGS]
-# fp16 `auto` builds (each ~25 s here) for one family of each attention form: the fp16 graph differs from the
-# fp32 one in the attention's casts and the softmax dtype policy.
-FP16 = [(v, "auto", "fp16") for v in ("deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "olmoe", "phimoe", "qwen2_moe")]
+# fp16 `auto` builds (each ~70 s of CI with its engine) for the attention forms furthest apart: the fp16 graph
+# differs from the fp32 one in the attention's casts and the softmax dtype policy.
+FP16 = [(v, "auto", "fp16") for v in ("deepseek_v3", "glm4_moe", "gpt_oss", "qwen2_moe")]
 MATRIX = FP32 + FP16
 
 
