@@ -25,12 +25,8 @@ STEPS=${STEPS:-tiny,build,bench,parity,baselines}
 LOWERINGS=${LOWERINGS:-auto,fused,dense,gather}
 JOBS=${JOBS:-2}
 GATHER_GRID=${GATHER_GRID:---batch 1 --prompt-len 128}
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/e2e.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/devsite:$PWD TOKENIZERS_PARALLELISM=false
-left() { echo $((LIMIT - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S) t=${SECONDS}s] $*"; }
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
+LOG=e2e.log
+source "$(dirname "$0")/gpu_common.sh"
 
 python3 -c 'import torch, onnxruntime as o, transformers; print("torch", torch.__version__, "ort", o.__version__, o.get_available_providers(), "transformers", transformers.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1

@@ -55,14 +55,8 @@ TINY_DTYPES=${TINY_DTYPES:-fp16,fp32}  # ORT's CUDA GroupQueryAttention has no f
 KEEP=${KEEP:-0}
 GRAPHS=${GRAPHS:-on,off}  # ort form: bench with CUDA graphs on, and with --no-cuda-graph
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (tiny models, LAYERS=1)
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/issue11.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/devsite:$PWD TOKENIZERS_PARALLELISM=false
-left() { echo $((LIMIT - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S) t=${SECONDS}s] $*"; }
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-# run CMD with what is left minus a margin (seconds); "skipped" once less than 20 s would be left
-within() { local margin=$1; shift; local t=$(( $(left) - margin )); [ "$t" -gt 20 ] || { echo "skipped (time): $*"; return 124; }; timeout "$t" "$@"; }
+LOG=issue11.log
+source "$(dirname "$0")/gpu_common.sh"
 
 python3 -c 'import torch, onnxruntime as o, transformers; print("torch", torch.__version__, "ort", o.__version__, o.get_available_providers(), "transformers", transformers.__version__, torch.cuda.get_device_name())'
 git log --oneline -1 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
@@ -83,7 +77,8 @@ if has shapes; then
   step "real shapes: A2.7B config, $SHAPE_LAYERS layers; portable builds $SHAPE_LOWERINGS"
   S=$WORK/shape-ckpt
   [ -f "$S/config.json" ] || within 60 python3 bench/bench_gpu.py checkpoint "$S" --layers "$SHAPE_LAYERS"
-  echo "$SHAPE_LOWERINGS" | tr ',' '\n' | xargs -P 2 -I{} sh -c "timeout $(( $(left) - 200 )) python3 bench/bench_gpu.py build $S \
+  t=$(( $(left) - 200 )); [ "$t" -gt 20 ] || t=20  # a negative timeout would fail every build at once
+  echo "$SHAPE_LOWERINGS" | tr ',' '\n' | xargs -P 2 -I{} sh -c "timeout $t python3 bench/bench_gpu.py build $S \
     $WORK/shape-{} --form portable --lowering {} --no-torch-program --json $WORK/shape-build-{}.json > $WORK/shape-build-{}.log 2>&1; \
     grep -E '^error|^built' $WORK/shape-build-{}.log"
   : > "$OUT/shapes.json"

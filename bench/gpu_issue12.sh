@@ -31,13 +31,8 @@ PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
 KEEP=${KEEP:-1}
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (LAYERS=1)
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/issue12.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/devsite:$PWD TOKENIZERS_PARALLELISM=false
-left() { echo $((LIMIT - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S) t=${SECONDS}s] $*"; }
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-within() { local margin=$1; shift; local t=$(( $(left) - margin )); [ "$t" -gt 20 ] || { echo "skipped (time): $*"; return 124; }; timeout "$t" "$@"; }
+LOG=issue12.log
+source "$(dirname "$0")/gpu_common.sh"
 python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__)'
 
 C=$WORK/ckpt

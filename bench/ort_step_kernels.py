@@ -1,8 +1,6 @@
 """Per-kernel CUDA time of an ort-form build's batch-1 decode steps on ort-cuda (CUPTI, through
 torch.profiler, which sees ONNX Runtime's kernels): wall ms per step over 50 steps, then over 20 steps
-GPU us per step by kernel, and the GPU span a step occupies (first kernel start to last kernel end,
-over the 20 steps): span - kernel time = the GPU's idle gaps between kernels; wall - span = the host's
-share (Python, the run call, the token copy).
+GPU us per step by kernel.
 
     python bench/ort_step_kernels.py BUILD on|off        # on: CUDA graphs (GPU machine, onnxruntime-gpu)
 
@@ -41,14 +39,12 @@ def main(out: str, graph: bool) -> None:
             token, mask = decode_one(backend, token, mask, chooser)
         torch.cuda.synchronize()
     time_us, count = collections.Counter(), collections.Counter()
-    first, last = float("inf"), 0.0
     for event in prof.events():
         if event.device_type.name == "CUDA":
             time_us[event.name[:90]] += event.device_time_total
             count[event.name[:90]] += 1
-            first, last = min(first, event.time_range.start), max(last, event.time_range.end)
     print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "gpu_us_per_step": sum(time_us.values()) / PROFILED,
-                      "gpu_span_us_per_step": (last - first) / PROFILED, "kernels_per_step": sum(count.values()) / PROFILED}))
+                      "kernels_per_step": sum(count.values()) / PROFILED}))
     for name, us in time_us.most_common(30):
         print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
 
