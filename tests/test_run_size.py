@@ -30,13 +30,17 @@ def test_limits_at_the_a27b_shape():
 
 
 @pytest.mark.parametrize("lowering", ["auto", "gather"])
-def test_prefill_in_chunks_matches_one_run(built, reference_tokens, lowering):
+def test_prefill_in_chunks_matches_one_run(built, reference_tokens, monkeypatch, lowering):
     model = load(built("qwen2_moe", lowering))
     manifest, pad = model.backend.manifest, model.backend.manifest.pad_token_id
     whole, _ = prefill(model.backend, PROMPTS, pad)
     assert manifest.max_run_tokens > 3 * 9  # a tiny build runs these prompts whole
+    widths, step_last = [], model.backend.step_last
+    monkeypatch.setattr(model.backend, "step_last", lambda ids, *rest: widths.append(ids.shape[1]) or step_last(ids, *rest))
     for limit in (3, 4, 7):  # chunks of 1, 1 and 2 columns; rows all padding in the first chunks
         manifest.max_run_tokens = limit
+        widths.clear()
         chunked, _ = prefill(model.backend, PROMPTS, pad)
+        assert sum(widths) == 9 and max(widths) == max(1, limit // 3)  # every run under the limit
         assert np.abs(chunked - whole).max() <= 1e-4 * np.abs(whole).max()
         assert [g.token_ids for g in model.generate(PROMPTS, max_new_tokens=32)] == reference_tokens("qwen2_moe", PROMPTS, 32)
