@@ -54,6 +54,7 @@ TINY_FAMILIES=${TINY_FAMILIES:-}      # default: every registered family
 TINY_DTYPES=${TINY_DTYPES:-fp16,fp32}  # ORT's CUDA GroupQueryAttention has no fp32 kernel: fp32 ort-form builds are refused there
 KEEP=${KEEP:-0}
 GRAPHS=${GRAPHS:-on,off}  # ort form: bench with CUDA graphs on, and with --no-cuda-graph
+MOE_KERNELS=${MOE_KERNELS:-ours,ort}  # ort form, CUDA graphs on: MoE nodes on our kernels (runtime/ort_kernels.py), and on ORT's MoE
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (tiny models, LAYERS=1)
 LOG=issue11.log
 source "$(dirname "$0")/gpu_common.sh"
@@ -120,13 +121,17 @@ bench_build() {  # NAME FORM LOWERING: build, bench (graphs on, and off for the 
   grep -E '^error|^built' "$WORK/build-$name.log"; [ -f "$WORK/build-$name.json" ] && tr -d '\n ' < "$WORK/build-$name.json"; echo
   [ -f "$dir/manifest.json" ] || return 1
   : > "$OUT/bench-$name.json"
-  local graphs=("")
-  [ "$form" = ort ] && graphs=() && for g in ${GRAPHS//,/ }; do graphs+=("$([ "$g" = off ] && echo --no-cuda-graph)"); done
-  for flag in "${graphs[@]}"; do
-    step "moe-compile bench $name --backend $BACKEND ${flag:-(CUDA graphs on)}: batch $BATCHES x prompt $PROMPTS, $NEW new tokens"
-    within 60 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" \
-      $flag --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["cuda_graph_flag"]=sys.argv[2]; print(json.dumps(r))' "$WORK/bench.json" "${flag:-on}" \
+  local runs=("on ours")  # CUDA graphs, MoE kernels
+  if [ "$form" = ort ]; then
+    runs=(); for k in ${MOE_KERNELS//,/ }; do runs+=("on $k"); done
+    for g in ${GRAPHS//,/ }; do [ "$g" = off ] && runs+=("off ${MOE_KERNELS%%,*}"); done
+  fi
+  for run in "${runs[@]}"; do
+    local graph=${run% *} kernels=${run#* } flag=""; [ "$graph" = off ] && flag=--no-cuda-graph
+    step "moe-compile bench $name --backend $BACKEND: CUDA graphs $graph, MoE kernels $kernels: batch $BATCHES x prompt $PROMPTS, $NEW new tokens"
+    MOE_COMPILE_MOE_KERNELS=$([ "$kernels" = ort ] && echo ort) within 60 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
+      --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" $flag --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -3 "$WORK/bench.err"
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["cuda_graph_flag"]=sys.argv[2]; r["moe_kernels"]=sys.argv[3]; print(json.dumps(r))' "$WORK/bench.json" "$graph" "$kernels" \
       >> "$OUT/bench-$name.json" && python3 -c 'import json,sys; from moe_compile.runtime.benchmark import table; print("\n".join(table(json.loads(open(sys.argv[1]).read().splitlines()[-1]))))' "$OUT/bench-$name.json"
   done
 }

@@ -8,6 +8,13 @@ sources and flags skips rebuilds that would change nothing. CUDA's runtime is li
 so the library needs only the driver where it runs. Processes that build at once (pytest-xdist
 workers, parallel builds) take turns on a file lock, and the library appears by an atomic rename,
 so no process links or loads a half-written file.
+
+    python -m moe_compile.plugins.build --ort-include DIR
+
+also builds ``libmoe_compile_ort.so``, the ONNX Runtime custom-op library (ort_csrc/: the kernels
+as ``moe_compile:FusedMoE`` on the CUDA provider). It needs onnxruntime's C API header,
+``onnxruntime_c_api.h``, which no pip package ships: DIR is the ``include/`` of an onnxruntime
+release archive (any version from 1.18 on), or set ``$ONNXRUNTIME_INCLUDE_DIR``.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from pathlib import Path
 from filelock import FileLock
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+ORT_SOURCE_DIR = Path(__file__).resolve().parent / "ort_csrc"
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 LIBRARY_NAME = "libmoe_compile_kernels.so"
+ORT_LIBRARY_NAME = "libmoe_compile_ort.so"
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo")
 
 
@@ -43,6 +52,17 @@ def find_nvcc() -> str | None:
     for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
         if candidate and os.path.exists(candidate):
             return candidate
+    return None
+
+
+def ort_include_dir(explicit: Path | None = None) -> Path | None:
+    """The folder holding onnxruntime_c_api.h: `explicit`, else $ONNXRUNTIME_INCLUDE_DIR; None if neither has it."""
+    for candidate in (explicit, os.environ.get("ONNXRUNTIME_INCLUDE_DIR")):
+        if candidate:
+            folder = Path(candidate)
+            for sub in (folder, folder / "onnxruntime", folder / "onnxruntime" / "core" / "session"):
+                if (sub / "onnxruntime_c_api.h").is_file():
+                    return sub
     return None
 
 
@@ -92,6 +112,36 @@ def build(out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS, j
     return library
 
 
+def build_ort_op(include: Path | None = None, out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS,
+                 force: bool = False, verbose: bool = False) -> Path:
+    """Compile (if needed) the ONNX Runtime custom-op library beside the kernel library; return its path."""
+    header_dir = ort_include_dir(include)
+    if header_dir is None:
+        raise BuildError("onnxruntime_c_api.h not found: pass --ort-include DIR or set ONNXRUNTIME_INCLUDE_DIR to the "
+                         "include/ folder of an onnxruntime release archive")
+    kernels = build(out_dir, archs, force=force, verbose=verbose)
+    out_dir = kernels.parent
+    library, stamp_file = out_dir / ORT_LIBRARY_NAME, out_dir / "stamp-ort"
+    digest = hashlib.sha256((kernels.parent / "stamp").read_bytes() + str(header_dir).encode())
+    for path in sorted(ORT_SOURCE_DIR.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    stamp = digest.hexdigest()
+    if not force and library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        return library
+    with FileLock(out_dir / ".lock"), tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        target = Path(scratch) / ORT_LIBRARY_NAME
+        # host code only; the kernels come from the kernel library, found beside it at load time
+        cmd = [find_nvcc(), "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-shared",
+               f"-I{SOURCE_DIR}", f"-I{header_dir}", *map(str, sorted(ORT_SOURCE_DIR.glob("*.cc"))),
+               f"-L{out_dir}", "-lmoe_compile_kernels", "-Xlinker", "-rpath,$ORIGIN", "-o", str(target)]
+        if verbose:
+            print(" ".join(cmd), flush=True)
+        _run(cmd)
+        os.replace(target, library)
+        stamp_file.write_text(stamp)
+    return library
+
+
 def _compile_and_link(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int | None, verbose: bool) -> None:
     sources = sorted(SOURCE_DIR.glob("*.cu"))
     objects = [out_dir / (src.stem + ".o") for src in sources]
@@ -111,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: %(default)s -> _build/)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
+    parser.add_argument("--ort-include", type=Path, default=None,
+                        help="onnxruntime's include/ folder: also build the ONNX Runtime custom-op library")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
         path = build(args.out, tuple(args.arch.split(",")), args.jobs, args.force, args.verbose)
+        if args.ort_include or os.environ.get("ONNXRUNTIME_INCLUDE_DIR"):
+            print(path)
+            path = build_ort_op(args.ort_include, args.out, tuple(args.arch.split(",")), args.force, args.verbose)
     except BuildError as err:
         print(err, file=sys.stderr)
         return 1

@@ -19,16 +19,20 @@ shape, which CUDA-graph replay needs: builds of the ort form run on the variants
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import ArtifactError, MoeCompileError
 from ..export.manifest import ONNX_FILE
 from .backend import Backend
 from .memory import memory_for
+from . import ort_kernels
 from .ort_install import import_onnxruntime
 
 # ONNX element types (onnx.TensorProto): numpy has no bfloat16, so buffers are typed by these.
 _ONNX_TYPES = {"fp32": (1, 4), "fp16": (10, 2), "bf16": (16, 2)}
+log = logging.getLogger("moe_compile")
 FUSED_CPU_MIN = "1.32"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
 
 
@@ -50,6 +54,10 @@ class OrtBackend(Backend):
 
     def session_options(self, options) -> None:
         """Hook for subclasses (profiling, thread counts); the defaults are ONNX Runtime's."""
+
+    def model_source(self, options) -> str | bytes:
+        """What the session loads: model.onnx's path, or (subclasses) a rewritten graph of it as bytes."""
+        return str(self.out / ONNX_FILE)
 
     def _refuse_broken_kernels(self, version: str) -> None:
         """onnxruntime before 1.32: the CPU com.microsoft:MoE is wrong, silently. Measured with 1.30.0 and
@@ -90,7 +98,7 @@ class OrtBackend(Backend):
             providers.append("CPUExecutionProvider")  # for the shape arithmetic ONNX Runtime keeps on the host
         path = self.out / ONNX_FILE
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(self.model_source(options), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
             reason = str(exc).splitlines()[0][:200]
             if "NOT_IMPLEMENTED" in reason and self.manifest.dtype == "bf16":
@@ -175,3 +183,18 @@ class OrtCudaBackend(OrtBackend):
             "use_tf32": 0 if self.manifest.dtype == "fp32" else 1,
             "arena_extend_strategy": "kSameAsRequested",  # grow by what is asked: peak memory stays meaningful
         }
+
+    def model_source(self, options) -> str | bytes:
+        """model.onnx with its MoE nodes on our kernels where the custom-op library is at hand (ort_kernels.py)."""
+        swap = ort_kernels.prepare(self.out / ONNX_FILE)
+        self.moe_kernels = "moe_compile" if swap.model is not None else "onnxruntime"
+        if swap.model is None:
+            if swap.reason != "no com.microsoft:MoE nodes":
+                log.info("MoE nodes on onnxruntime's com.microsoft:MoE: %s", swap.reason)
+            return str(self.out / ONNX_FILE)
+        options.register_custom_ops_library(str(swap.library))
+        # the graph comes as bytes: ONNX Runtime finds its external data in the build's folder
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out))
+        kept = f" (kept on com.microsoft:MoE: {swap.reason})" if swap.reason else ""
+        log.info("%d MoE nodes on moe_compile's CUDA kernels%s", swap.swapped, kept)
+        return swap.model.SerializeToString()

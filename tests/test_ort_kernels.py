@@ -1,0 +1,147 @@
+"""Our fused MoE kernels inside ONNX Runtime: the `moe_compile:FusedMoE` custom op (plugins/ort_csrc)
+that `ort-cuda` swaps in for each com.microsoft:MoE node it computes (runtime/ort_kernels.py).
+
+On the CPU: the swap's contract (inputs, attributes, gate/up interleave, routing) against
+com.microsoft:MoE as ONNX Runtime's CPU kernel computes it, which nodes are swapped on real builds,
+and the one-line reason when the library is missing. With nvcc and onnxruntime's C header: the
+library builds and registers. With a CUDA device: a build runs on our kernels and on ORT's MoE, the
+same logits within fp16 rounding and the same greedy tokens (bench/gpu_issue11.sh runs these)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from moe_compile import load
+from moe_compile.plugins.build import find_nvcc, ort_include_dir
+from moe_compile.plugins.library import Routing
+from moe_compile.plugins.reference import fused_moe_reference
+from moe_compile.runtime import ort_kernels
+
+from conftest import ort_form_variants
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _moe_model(experts=6, hidden=16, inter=8, k=2, normalize=0, **extra) -> tuple[onnx.ModelProto, dict]:
+    rng = np.random.default_rng(7)
+    fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) / 4  # rows g0, u0, g1, u1, ...
+    fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32) / 3
+    attrs = dict(k=k, normalize_routing_weights=normalize, activation_type="swiglu", swiglu_fusion=1,
+                 activation_alpha=1.0, activation_beta=0.0, use_sparse_mixer=0) | extra
+    node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]),
+                                              helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", experts])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
+                              [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return model, {"fc1": fc1, "fc2": fc2}
+
+
+@pytest.mark.parametrize("normalize", [0, 1])
+def test_fused_moe_contract_is_com_microsoft_moe(normalize):
+    """FusedMoE(x, logits, fc1, fc2; k, normalize) as our kernels compute it (the float64 reference, on the
+    concatenated gate/up rows) equals ONNX Runtime's CPU com.microsoft:MoE on the node it replaces."""
+    model, weights = _moe_model(normalize=normalize)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    logits = rng.standard_normal((5, 6)).astype(np.float32) * 2
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "logits": logits})[0]
+
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    node = model.graph.node[0]
+    assert (node.domain, node.op_type, list(node.input)) == ("moe_compile", "FusedMoE", ["x", "logits", "fc1", "fc2"])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"k": 2, "normalize_routing_weights": normalize}
+    fc1 = torch.from_numpy(weights[node.input[2]])
+    gate_up = torch.cat([fc1[:, 0::2], fc1[:, 1::2]], dim=1)  # the kernels' interleaved layout, de-interleaved
+    ours = fused_moe_reference(torch.from_numpy(x), torch.from_numpy(logits), gate_up, torch.from_numpy(weights["fc2"]),
+                               Routing(top_k=attrs["k"], renormalize=bool(normalize)))
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ({"activation_alpha": 1.702}, "scaled or clamped"),
+    ({"swiglu_limit": 7.0}, "scaled or clamped"),
+    ({"swiglu_fusion": 2}, "fusion 2"),
+    ({"use_sparse_mixer": 1}, "sparse-mixer"),
+])
+def test_nodes_our_kernels_do_not_compute_stay_with_the_reason(extra, reason):
+    model, _ = _moe_model(**extra)
+    swapped, kept = ort_kernels.swap_moe_nodes(model)
+    assert swapped == 0 and reason in kept
+    assert model.graph.node[0].op_type == "MoE"
+
+
+def test_expert_biases_stay_on_com_microsoft_moe():
+    model, _ = _moe_model()
+    model.graph.node[0].input[3] = "fc1_bias"
+    assert ort_kernels.swap_moe_nodes(model) == (0, "expert biases")
+
+
+@pytest.mark.parametrize("variant", ort_form_variants())
+def test_every_silu_moe_node_of_an_ort_build_is_swapped(built, variant):
+    out = built(variant, form="ort")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    before = sum(n.op_type == "MoE" for n in model.graph.node)
+    swapped, kept = ort_kernels.swap_moe_nodes(model)
+    assert (swapped, kept) == (before, "")  # the ort form's families all route by softmax into SiLU experts
+    assert not any(n.op_type == "MoE" for n in model.graph.node)
+    assert any(o.domain == "moe_compile" for o in model.opset_import) or before == 0
+
+
+def test_a_missing_library_is_one_reason_and_ort_kernels_run(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_COMPILE_KERNELS_DIR", str(tmp_path))  # no library built there
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path))  # and no header to build it with
+    monkeypatch.delenv("MOE_COMPILE_ORT_OPS_LIB", raising=False)
+    swap = ort_kernels.prepare(built("qwen2_moe", form="ort") / "model.onnx")
+    assert swap.model is None and "libmoe_compile_ort.so is not built" in swap.reason and "--ort-include" in swap.reason
+    monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(tmp_path / "nothing.so"))
+    assert "is no file" in ort_kernels.prepare(built("qwen2_moe", form="ort") / "model.onnx").reason
+
+
+@pytest.mark.skipif(find_nvcc() is None or ort_include_dir() is None,
+                    reason="building the custom-op library needs nvcc and onnxruntime_c_api.h ($ONNXRUNTIME_INCLUDE_DIR)")
+def test_the_library_builds_and_registers(tmp_path):
+    from moe_compile.plugins.build import build_ort_op
+
+    library = build_ort_op(out_dir=tmp_path, archs=("90",))
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    model, _ = _moe_model()
+    ort_kernels.swap_moe_nodes(model)
+    if not HAS_CUDA:  # the op has a CUDA kernel only: the CPU provider must say so, not run something else
+        with pytest.raises(Exception, match="FusedMoE"):
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _prompt_logits(compiled, prompt: list[int]) -> np.ndarray:
+    backend = compiled.backend
+    backend.reset(1)
+    ids = np.array([prompt], np.int64)
+    return backend.step(ids, np.ones_like(ids), np.arange(len(prompt))[None])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue11.sh)")
+@pytest.mark.parametrize("variant", ["qwen2_moe", "qwen2_moe-renorm", "mixtral"])
+def test_our_kernels_and_ort_moe_agree_on_a_build(built, monkeypatch, variant):
+    out = built(variant, dtype="fp16", form="ort")
+    prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
+    monkeypatch.setenv("MOE_COMPILE_MOE_KERNELS", "ort")
+    theirs = load(out, "ort-cuda")
+    assert theirs.backend.moe_kernels == "onnxruntime"
+    expected_logits = _prompt_logits(theirs, prompts[0])
+    expected = [g.token_ids for g in theirs.generate(prompts, max_new_tokens=16)]
+    del theirs
+    monkeypatch.delenv("MOE_COMPILE_MOE_KERNELS")
+    ours = load(out, "ort-cuda")  # CUDA graphs on
+    assert ours.backend.moe_kernels == "moe_compile"
+    logits = _prompt_logits(ours, prompts[0])
+    assert np.isfinite(logits).all()
+    assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
+    assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
