@@ -4,8 +4,12 @@
 //            expert's tokens at once                                   -> act [P, I]
 //   down+sum: block = 4 rows of H over every active expert; warps take (expert, 2 rows) items,
 //            weight by the routing weight, sum per token in a fixed order -> out [T, H]
+//   T = 1:   routing moves into gate_up (no launch of its own): every block routes the token with
+//            one warp, block 0 writes the tables down+sum reads, and the grid (as many blocks as fit
+//            on the GPU at once) streams (expert, column) items in a grid-stride loop.
 #include "common.cuh"
 #include "kernels.h"
+#include "routing.cuh"
 
 namespace moe {
 
@@ -82,6 +86,81 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
   }
 }
 
+// One warp: the gate and up rows of column j of expert e, dotted with x [H] -> act[row * I + j].
+template <typename T>
+__device__ __forceinline__ void gate_up_column(const Problem& p, const T* __restrict__ x, const T* __restrict__ w,
+                                               int e, int j, int row, T* act) {
+  constexpr int V = Vec<T>::kElems, U = unroll<1>();
+  const int lane = threadIdx.x % kWarp;
+  const T* gate = w + ((size_t)e * 2 * p.I + gate_up_row(p, j, 0)) * p.H;
+  const T* up = w + ((size_t)e * 2 * p.I + gate_up_row(p, j, 1)) * p.H;
+  float g = 0.f, u = 0.f;
+  for (int h0 = lane * V; h0 < p.H; h0 += kWarp * V * U) {
+    Vec<T> gv[U], uv[U];
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int h = h0 + q * kWarp * V;
+      gv[q].raw = uv[q].raw = make_uint4(0, 0, 0, 0);
+      if (h < p.H) { gv[q] = load_vec_stream(gate + h); uv[q] = load_vec_stream(up + h); }
+    }
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int h = h0 + q * kWarp * V;
+      if (h >= p.H) break;
+      const Vec<T> xv = load_vec(x + h);
+      g += dot_vec(gv[q], xv);
+      u += dot_vec(uv[q], xv);
+    }
+  }
+  g = warp_sum(g);
+  u = warp_sum(u);
+  if (lane == 0) act[(size_t)row * p.I + j] = from_float<T>(silu_mul(g, u));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDecodeWarps* kWarp)
+    decode1_route_gate_up_kernel(Problem p, const T* __restrict__ x, const float* __restrict__ logits,
+                                 const float* __restrict__ bias, const T* __restrict__ w, Workspace ws) {
+  extern __shared__ float route_scratch[];  // sel [E], score [E]
+  __shared__ int32_t pick[32];              // the k-th choice's expert
+  __shared__ float pick_w[32];
+  __shared__ int by_row[32];                // experts in row order (ascending id, as the permutation)
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (warp == 0) {
+    route_token_warp(logits, bias, p.routing, p.E, route_scratch, route_scratch + p.E, pick, pick_w);
+    __syncwarp();
+    if (lane < p.K) {
+      const int e = pick[lane];
+      int row = 0;
+      for (int k = 0; k < p.K; ++k) row += pick[k] < e;  // the K choices are distinct experts
+      by_row[row] = e;
+      if (blockIdx.x == 0) {
+        ws.topk_ids[lane] = e;
+        ws.topk_w[lane] = pick_w[lane];
+        ws.tile_expert[row] = e;
+        ws.tile_row[row] = row;
+        ws.perm_entry[row] = lane;
+        ws.entry_pos[lane] = row;
+      }
+    }
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e <= p.E; e += blockDim.x) {
+      int below = 0;
+      for (int k = 0; k < p.K; ++k) below += pick[k] < e;
+      ws.expert_offsets[e] = below;
+    }
+    if (threadIdx.x == 0) *ws.num_tiles = p.K;
+  }
+  T* act = static_cast<T*>(ws.act);
+  const int items = p.K * p.I, stride = gridDim.x * kDecodeWarps;
+  for (int item = blockIdx.x * kDecodeWarps + warp; item < items; item += stride) {
+    const int row = item / p.I;
+    gate_up_column(p, x, w, by_row[row], item % p.I, row, act);
+  }
+}
+
 template <typename T, int NMAX>
 __global__ void __launch_bounds__(kDecodeWarps* kWarp)
     decode_down_sum_kernel(Problem p, const T* __restrict__ w, Workspace ws, T* __restrict__ out) {
@@ -152,6 +231,38 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
     float s = 0.f;
     for (int wp = 0; wp < kDecodeWarps; ++wp) s += partial[wp][r][t];  // fixed order
     out[(size_t)t * p.H + h] = from_float<T>(s);
+  }
+}
+
+// Blocks of decode1_route_gate_up_kernel<T> that are resident at once on this GPU (asked once).
+template <typename T>
+int resident_blocks(size_t smem) {
+  static int blocks = 0;
+  if (!blocks) {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode1_route_gate_up_kernel<T>, kDecodeWarps * kWarp, smem);
+    blocks = sms * (per_sm > 0 ? per_sm : 1);
+  }
+  return blocks;
+}
+
+template <typename T>
+void launch_decode1(const Problem& p, const void* x, const float* logits, const float* bias, const void* w_gate_up,
+                    const Workspace& ws, cudaStream_t s) {
+  const size_t smem = sizeof(float) * 2 * kMaxExperts;  // one occupancy figure for every E
+  const int blocks = min(resident_blocks<T>(smem), (int)ceil_div(p.K * p.I, kDecodeWarps));
+  decode1_route_gate_up_kernel<T><<<blocks, kDecodeWarps * kWarp, sizeof(float) * 2 * p.E, s>>>(
+      p, static_cast<const T*>(x), logits, bias, static_cast<const T*>(w_gate_up), ws);
+}
+
+void launch_decode1_route_gate_up(const Problem& p, const void* x, const float* logits, const float* bias,
+                                  const void* w_gate_up, const Workspace& ws, cudaStream_t s) {
+  switch (p.dtype) {
+    case MOE_DTYPE_F32: launch_decode1<float>(p, x, logits, bias, w_gate_up, ws, s); break;
+    case MOE_DTYPE_F16: launch_decode1<__half>(p, x, logits, bias, w_gate_up, ws, s); break;
+    case MOE_DTYPE_BF16: launch_decode1<__nv_bfloat16>(p, x, logits, bias, w_gate_up, ws, s); break;
   }
 }
 

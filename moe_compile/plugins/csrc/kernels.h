@@ -11,6 +11,7 @@ namespace moe {
 constexpr int kDecodeMaxTokens = 16;     // the GEMV kernels handle up to this many tokens
 constexpr int kDecodeDefaultTokens = 4;  // T at or below this takes them by default: measured on the
                                          // H100, the grouped GEMM streams weights faster from T=8 on
+constexpr int kMaxExperts = 1024;    // moe_shape.num_experts bound (fused_moe.h)
 constexpr int kPermuteChunk = 256;    // routing entries per block in the prefill permutation
 
 struct Problem {
@@ -55,6 +56,9 @@ void launch_permute(const Problem& p, const Workspace& ws, int tile_m, cudaStrea
 
 void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up,
                            const Workspace& ws, cudaStream_t s);
+// T = 1: routing and the tables of a one-token permutation inside the gate/up GEMV (one launch).
+void launch_decode1_route_gate_up(const Problem& p, const void* x, const float* logits, const float* bias,
+                                  const void* w_gate_up, const Workspace& ws, cudaStream_t s);
 void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, void* out,
                             cudaStream_t s);
 

@@ -7,7 +7,7 @@
 //   permute: count | scan -> tile table | place (stable, no host sync)
 //        |                                      |
 //        +--- T <= 4 (decode; up to 16 by env) -----------------------------+
-//        |  route+permute fused in 1 block                                  |
+//        |  route+permute fused in 1 block (T = 1: inside decode_gate_up)   |
 //        |  decode_gate_up: stream each chosen expert's [2I,H] once -> act  |
 //        |  decode_down_sum: stream [H,I] once, weight, sum per token -> out|
 //        |                                                                  |
@@ -91,7 +91,7 @@ bool make_problem(const moe_shape* s, const moe_routing* r, Problem* p) {
   if (s->num_tokens < 0 || s->num_tokens * (int64_t)r->top_k > INT32_MAX) return false;
   if (s->hidden < 8 || s->hidden % 8 || s->intermediate < 8 || s->intermediate % 8) return false;
   if (s->hidden > INT32_MAX || s->intermediate > INT32_MAX) return false;
-  if (s->num_experts < 1 || s->num_experts > 1024) return false;
+  if (s->num_experts < 1 || s->num_experts > kMaxExperts) return false;
   if (s->dtype != MOE_DTYPE_F32 && s->dtype != MOE_DTYPE_F16 && s->dtype != MOE_DTYPE_BF16) return false;
   if (!valid_routing(*r, (int)s->num_experts)) return false;
   if (s->gate_up_layout != MOE_GATE_UP_CONCATENATED && s->gate_up_layout != MOE_GATE_UP_INTERLEAVED) return false;
@@ -153,7 +153,10 @@ extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* ro
   const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
   const int tile_m = gemm_tile_m(p);
 
-  if (use_decode_path(p)) {
+  if (use_decode_path(p) && p.T == 1) {
+    launch_decode1_route_gate_up(p, hidden, router_logits, expert_bias, gate_up, ws, s);
+    launch_decode_down_sum(p, down, ws, out, s);
+  } else if (use_decode_path(p)) {
     launch_route_permute_small(p, router_logits, expert_bias, ws, tile_m, s);
     launch_decode_gate_up(p, hidden, gate_up, ws, s);
     launch_decode_down_sum(p, down, ws, out, s);

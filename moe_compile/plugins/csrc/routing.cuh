@@ -66,7 +66,7 @@ __device__ __forceinline__ void mask_weak_groups(float* choice, int E, int n_gro
 }
 
 // sel and score: this warp's scratch, E floats each. Lane j < K writes the j-th choice.
-__device__ void route_token_warp(const float* logits, const float* bias, const moe_routing& r,
+__device__ __forceinline__ void route_token_warp(const float* logits, const float* bias, const moe_routing& r,
                                  int E, float* sel, float* score, int32_t* ids_out,
                                  float* w_out) {
   const int lane = threadIdx.x % kWarp;
