@@ -378,6 +378,51 @@ def test_last_stats_cover_every_sub_batch(built):
     assert model.last_stats.decode_tokens_per_s > 0
 
 
+# --- memory: the KV cache a backend preallocates --------------------------------------------------------
+
+KV_COPIES = {"portable": 2, "ort": 1}  # max_seq-long caches per KV tensor: past/present pair, in-place buffer
+
+
+def _free_bytes(monkeypatch, free: int) -> None:
+    monkeypatch.setattr("moe_compile.runtime.backend.free_bytes", lambda device: free)
+
+
+@pytest.mark.parametrize("form", sorted(KV_COPIES))
+def test_kv_cache_over_free_memory_is_refused(built, capsys, monkeypatch, form):
+    from moe_compile.export.manifest import read_manifest
+
+    out = built("qwen2_moe", form=form)
+    need = KV_COPIES[form] * read_manifest(out).kv_cache_bytes(1)  # `run` of one prompt: batch 1
+    _free_bytes(monkeypatch, need - 1)
+    assert_one_line_error(*cli(capsys, "run", out, *RUN), "KV cache", f"{need:,} bytes", f"{need - 1:,} bytes",
+                          "smaller batch", "--max-seq")
+    _free_bytes(monkeypatch, need)
+    assert cli(capsys, "run", out, *RUN)[0] == 0
+    monkeypatch.undo()  # the machine's own free memory
+    assert cli(capsys, "run", out, *RUN)[0] == 0
+
+
+@pytest.mark.parametrize("form", sorted(KV_COPIES))
+def test_refused_kv_cache_leaves_the_model_usable(built, monkeypatch, form):
+    import moe_compile
+
+    model = moe_compile.load(built("qwen2_moe", form=form))
+    one, three = (KV_COPIES[form] * model.manifest.kv_cache_bytes(rows) for rows in (1, 3))
+    _free_bytes(monkeypatch, 0)
+    with pytest.raises(RequestError, match="KV cache"):
+        model.generate([[1, 2, 3]], max_new_tokens=2)
+    assert model.backend.batch == 0 and model.backend.capacity == 0  # nothing to step into, nothing allocated
+    monkeypatch.undo()
+    expected = model.generate([[1, 2, 3]], max_new_tokens=2)[0].token_ids
+    _free_bytes(monkeypatch, three - one - 1)  # growing to 3 rows frees the 1-row cache first
+    with pytest.raises(RequestError, match="KV cache"):
+        model.generate([[1, 2, 3]] * 3, max_new_tokens=2)
+    assert model.backend.capacity == 1
+    assert model.generate([[1, 2, 3]], max_new_tokens=2)[0].token_ids == expected  # the kept cache still serves
+    _free_bytes(monkeypatch, three - one)
+    assert [r.token_ids for r in model.generate([[1, 2, 3]] * 3, max_new_tokens=2)] == [expected] * 3
+
+
 # --- the output directory ---------------------------------------------------------------------------------
 
 def test_parent_that_is_a_file(checkpoint, tmp_path, capsys):

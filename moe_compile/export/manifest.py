@@ -121,10 +121,11 @@ class Manifest(BaseModel):
             raise ValueError(f"file_sizes names '{unlisted[0]}', which files does not list")
         return self
 
-    def kv_cache_bytes(self) -> int:
-        """The KV cache of max_batch rows of max_seq tokens: what the ort form preallocates."""
+    def kv_cache_bytes(self, batch: int | None = None) -> int:
+        """The KV cache of `batch` (default max_batch) rows of max_seq tokens: one copy of what a backend preallocates."""
         per_token = sum(heads * dim for layer in self.kv["layers"] for heads, dim in layer)
-        return self.max_batch * self.max_seq * per_token * {"fp32": 4, "fp16": 2, "bf16": 2}[self.dtype]
+        rows = self.max_batch if batch is None else batch
+        return rows * self.max_seq * per_token * {"fp32": 4, "fp16": 2, "bf16": 2}[self.dtype]
 
     def write(self, out: Path) -> None:
         """Record each listed file's size (and the sha256 of CHECKSUMMED ones), then write manifest.json."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import RequestError
 from ..export.manifest import Manifest
+from .memory import free_bytes
 from .sampling import Chooser
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -23,6 +24,7 @@ FORMS: dict[tuple[str, str], type[Backend]] = {}  # (backend name, manifest form
 
 class Backend:
     name: str
+    device: str  # where the KV cache lives: "cpu" or "cuda"
     form = "portable"  # the manifest form this class runs
 
     def __init_subclass__(cls, **kwargs):
@@ -57,8 +59,9 @@ class Backend:
         if not 1 <= batch <= self.manifest.max_batch:
             raise RequestError(f"batch of {batch} is outside this build's 1..{self.manifest.max_batch} (--max-batch)")
         self.activate()
-        self.batch, self.length = batch, 0
+        self.batch, self.length = 0, 0  # a refused or failed `_reset` leaves no batch to step
         self._reset(batch)
+        self.batch = batch
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Feed [B, S] new tokens; returns float32 logits [B, S, V] and extends the KV cache."""
@@ -104,6 +107,23 @@ class Backend:
 
     def _step_tokens(self, input_ids, attention_mask, position_ids, chooser: Chooser) -> np.ndarray:
         return chooser(self._step_last(input_ids, attention_mask, position_ids))
+
+    def require_kv_memory(self, rows: int, copies: int, held_rows: int = 0) -> None:
+        """Refuse, before allocating anything, `copies` KV caches of `rows` sequences of max_seq tokens that the
+        device's free memory cannot hold. `held_rows`: the rows of the caches the backend frees first.
+        Every backend that preallocates its cache calls this just before it does."""
+        free = free_bytes(self.device)
+        if free is None:
+            return
+        free += copies * self.manifest.kv_cache_bytes(held_rows)
+        need = copies * self.manifest.kv_cache_bytes(rows)
+        if need <= free:
+            return
+        raise RequestError(
+            f"backend '{self.name}': the KV cache of {rows} sequence(s) x max_seq {self.manifest.max_seq} needs "
+            f"{need:,} bytes ({need / 2**20:.4g} MiB) on {self.device}, but {free:,} bytes ({free / 2**20:.4g} MiB) "
+            "are free; run fewer sequences at once (a smaller batch, or for TensorRT a build with a smaller --max-batch), "
+            "or rebuild with a smaller --max-seq")
 
     def kv_names(self) -> tuple[list[str], list[str]]:
         past = [i["name"] for i in self.manifest.inputs if i["name"].startswith("past_key_values.")]

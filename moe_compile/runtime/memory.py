@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoeCompileError
+from ..models.config_check import available_memory
 
 _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
 
@@ -39,6 +40,10 @@ class HostMemory:
 
     def used_bytes(self) -> int | None:
         return None
+
+    def free_bytes(self) -> int | None:
+        """Bytes a new allocation can take without swapping (MemAvailable), None where unknown."""
+        return available_memory()
 
     def name(self) -> str:
         return "cpu"
@@ -66,9 +71,17 @@ class CudaMemory(HostMemory):
 
     def used_bytes(self) -> int:
         """Device memory in use on the current device, by every process (cudaMemGetInfo)."""
+        free, total = self._info()
+        return total - free
+
+    def free_bytes(self) -> int:
+        """Device memory free on the current device (cudaMemGetInfo)."""
+        return self._info()[0]
+
+    def _info(self) -> tuple[int, int]:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         _check(self.lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)), "cudaMemGetInfo")
-        return total.value - free.value
+        return free.value, total.value
 
     def name(self) -> str:
         props = ctypes.create_string_buffer(16384)  # cudaDeviceProp starts with char name[256]
@@ -81,6 +94,14 @@ class CudaMemory(HostMemory):
 
 def memory_for(device: str) -> HostMemory:
     return CudaMemory() if device == "cuda" else HostMemory()
+
+
+def free_bytes(device: str) -> int | None:
+    """Bytes a new allocation on `device` ('cpu' or 'cuda') can take now; None where this cannot be known."""
+    try:
+        return memory_for(device).free_bytes()
+    except MoeCompileError:  # no CUDA runtime to ask: the allocation itself will tell
+        return None
 
 
 def _cudart():

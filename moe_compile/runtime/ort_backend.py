@@ -118,6 +118,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         if batch > self.capacity:
+            self.require_kv_memory(batch, copies=2, held_rows=self.capacity)
             self.buffers = [[], []]  # free the old ones first
             self.buffers = [
                 [

@@ -79,6 +79,7 @@ class OrtInplaceBackend(OrtBackend):
         import onnxruntime as ort
 
         if batch > self.capacity:
+            self.require_kv_memory(batch, copies=1, held_rows=self.capacity)
             self.decodes, self.kv = {}, []  # bindings into the old buffers go first, then the buffers
             for heads, dim in self.kv_dims:
                 size = batch * heads * self.manifest.max_seq * dim

@@ -20,6 +20,7 @@ from .backend import Backend
 
 class TrtBackend(Backend):
     name = "trt"
+    device = "cuda"
     # tensorrt_rtx only (full TensorRT would need a new graph for every cache length). Off by default:
     # not yet run on a GPU that TensorRT-RTX supports; set TrtBackend.cuda_graphs = True to opt in.
     cuda_graphs = False
@@ -40,6 +41,7 @@ class TrtBackend(Backend):
         # Two flat buffers per cache tensor, each of the largest size (see the module docstring).
         dtype, batch, length = DTYPES[self.manifest.dtype], self.manifest.max_batch, self.manifest.max_seq
         sizes = [batch * heads * length * dim for key, value in self.manifest.kv["layers"] for heads, dim in (key, value)]
+        self.require_kv_memory(batch, copies=2)
         self.buffers = [[torch.empty(n, dtype=dtype, device="cuda") for n in sizes] for _ in range(2)]
         self.profile = -1
 
