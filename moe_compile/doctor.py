@@ -33,6 +33,7 @@ def report() -> list[str]:
     why_not = _backends(ort, trt, gpu)
     lines += ["", _row("backend", "(moe-compile run --backend)")]
     lines += [_row(name, "yes" if why is None else f"no: {why}") for name, why in why_not.items()]
+    lines.append(_row("", f"ort-cuda MoE nodes: {_moe_kernels()}"))
     lines += ["", _row("form", "(moe-compile build --form)")]
     lines += [_row(form, text) for form, text in _forms(ort, trt, why_not).items()]
     return lines
@@ -117,6 +118,16 @@ def _ort_cuda(ort, gpu) -> str | None:
     if CUDA not in ort.get_available_providers():
         return f"onnxruntime has no {CUDA} (pip uninstall -y onnxruntime && pip install 'moe-compile[gpu]')"
     return None if gpu else "no CUDA GPU"
+
+
+def _moe_kernels() -> str:
+    """Which kernels run ort-cuda's MoE nodes (runtime/ort_kernels.py); never builds anything."""
+    from .runtime.ort_kernels import library
+
+    path, why = library(build=False)
+    if path:
+        return f"moe_compile's kernels ({path})"
+    return f"onnxruntime's com.microsoft:MoE ({why})"
 
 
 def _trt(trt, gpu, torch_gpu: str | None) -> str | None:

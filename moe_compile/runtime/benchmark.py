@@ -95,6 +95,7 @@ def bench(out, backend: str = "ort", batches=(1,), prompt_lens=(128,), new_token
         "dtype": manifest.dtype,
         "lowering": manifest.lowering,
         "backend": backend,
+        "moe_kernels": getattr(runner, "moe_kernels", None),  # ort-cuda: moe_compile's or onnxruntime's (ort_kernels.py)
         "device": memory.name() if memory else "cpu",
         "host": f"{platform.machine()}, {platform.node()}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -175,7 +176,8 @@ def _runtime_versions() -> dict[str, str]:
 def table(record: dict) -> list[str]:
     lines = [
         f"{record['source']} ({record['family']}, {record['dtype']}, lowering {record['lowering']}) "
-        f"on {record['backend']} [{record['device']}]",
+        f"on {record['backend']} [{record['device']}]"
+        + (f", MoE nodes on {record['moe_kernels']}'s kernels" if record.get("moe_kernels") else ""),
     ]
     if record.get("copy_bandwidth_GBps"):
         lines.append(f"floor: a batch-1 step reads {record['floor_bytes_b1'] / 1e9:.3g} GB of weights (+ the KV cache); "

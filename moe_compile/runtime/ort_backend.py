@@ -48,6 +48,7 @@ class OrtBackend(Backend):
     name = "ort"
     provider = "CPUExecutionProvider"
     device = "cpu"
+    moe_kernels: str | None = None  # who runs the MoE nodes where there is a choice (ort-cuda: ort_kernels.py)
 
     def provider_options(self) -> dict:
         return {}
@@ -188,11 +189,12 @@ class OrtCudaBackend(OrtBackend):
     def model_source(self, options) -> str | bytes:
         """model.onnx with its MoE nodes on our kernels where the custom-op library is at hand (ort_kernels.py)."""
         swap = ort_kernels.prepare(self.out / ONNX_FILE)
-        self.moe_kernels = "moe_compile" if swap.model is not None else "onnxruntime"
         if swap.model is None:
-            if swap.reason != "no com.microsoft:MoE nodes":
+            self.moe_kernels = None if swap.reason == ort_kernels.NO_MOE_NODES else "onnxruntime"
+            if self.moe_kernels:
                 log.info("MoE nodes on onnxruntime's com.microsoft:MoE: %s", swap.reason)
             return str(self.out / ONNX_FILE)
+        self.moe_kernels = "moe_compile"
         options.register_custom_ops_library(str(swap.library))
         # the graph comes as bytes: ONNX Runtime finds its external data in the build's folder
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out))

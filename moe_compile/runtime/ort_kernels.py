@@ -25,6 +25,7 @@ from ..plugins.build import ORT_LIBRARY_NAME, BuildError, build_ort_op, default_
 
 DOMAIN = "moe_compile"
 OP = "FusedMoE"
+NO_MOE_NODES = "no com.microsoft:MoE nodes"
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,13 @@ def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
-def library() -> tuple[Path | None, str]:
-    """The custom-op library, built first where nvcc and onnxruntime's header are at hand; else (None, why)."""
+def library(build: bool = True) -> tuple[Path | None, str]:
+    """The custom-op library, built first (`build`) where nvcc and onnxruntime's header are at hand; else (None, why)."""
     prebuilt = os.environ.get("MOE_COMPILE_ORT_OPS_LIB")
     if prebuilt:
         return (Path(prebuilt), "") if Path(prebuilt).is_file() else (None, f"MOE_COMPILE_ORT_OPS_LIB={prebuilt} is no file")
     built = default_build_dir() / ORT_LIBRARY_NAME
-    if find_nvcc() is None or ort_include_dir() is None:
+    if not build or find_nvcc() is None or ort_include_dir() is None:
         if built.is_file():
             return built, ""
         return None, (f"{ORT_LIBRARY_NAME} is not built (python -m moe_compile.plugins.build --ort-include DIR, with "
@@ -102,7 +103,7 @@ def prepare(onnx_path: Path) -> Swap:
         return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
     if not any(n.op_type == "MoE" and n.domain == "com.microsoft" for n in model.graph.node):
-        return Swap(None, None, 0, "no com.microsoft:MoE nodes")
+        return Swap(None, None, 0, NO_MOE_NODES)
     path, why = library()
     if path is None:
         return Swap(None, None, 0, why)
