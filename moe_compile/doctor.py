@@ -29,11 +29,11 @@ def report() -> list[str]:
              _row("transformers", _version("transformers")),
              _row("onnx", _version("onnx")),
              *ort_lines, *trt_lines,
-             _row("GPU", f"{gpu[0]}, compute capability {gpu[1]}" if gpu else "none found")]
+             _row("GPU", f"{gpu[0]}, compute capability {gpu[1]}" if gpu else "none found"),
+             _row("MoE kernels", f"ort-cuda: {_moe_kernels()}")]
     why_not = _backends(ort, trt, gpu)
     lines += ["", _row("backend", "(moe-compile run --backend)")]
     lines += [_row(name, "yes" if why is None else f"no: {why}") for name, why in why_not.items()]
-    lines.append(_row("", f"ort-cuda MoE nodes: {_moe_kernels()}"))
     lines += ["", _row("form", "(moe-compile build --form)")]
     lines += [_row(form, text) for form, text in _forms(ort, trt, why_not).items()]
     return lines
@@ -126,8 +126,8 @@ def _moe_kernels() -> str:
 
     path, why = library(build=False)
     if path:
-        return f"moe_compile's kernels ({path})"
-    return f"onnxruntime's com.microsoft:MoE ({why})"
+        return f"moe_compile's kernels ({path.name})"
+    return f"onnxruntime's MoE ({why})"
 
 
 def _trt(trt, gpu, torch_gpu: str | None) -> str | None:

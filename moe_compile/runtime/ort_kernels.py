@@ -89,8 +89,7 @@ def library(build: bool = True) -> tuple[Path | None, str]:
     if not build or find_nvcc() is None or ort_include_dir() is None:
         if built.is_file():
             return built, ""
-        return None, (f"{ORT_LIBRARY_NAME} is not built (python -m moe_compile.plugins.build --ort-include DIR, with "
-                      "onnxruntime's include/ folder)")
+        return None, f"{ORT_LIBRARY_NAME} is not built: python -m moe_compile.plugins.build --ort-include DIR"
     try:
         return build_ort_op(), ""
     except BuildError as err:
