@@ -5,6 +5,8 @@ a device (bench/gpu_e2e.sh), and are skipped here with that reason."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -68,3 +70,16 @@ def test_ort_cuda_without_a_cuda_provider_is_a_one_line_error(built, capsys):
 def test_ort_cuda_fp32_matches_transformers(built, checkpoint, lowering):
     report = verify(built("qwen2_moe", lowering), model=str(checkpoint("qwen2_moe")), backend="ort-cuda")
     assert report.passed, report.lines()
+
+
+def test_ort_cuda_picks_flash_decoding_over_xqa_unless_the_user_chose(monkeypatch):
+    """onnxruntime 1.31's XQA decode attention measured slower than its flash-decoding path on the H200
+    (docs/BENCHMARKS.md): ort-cuda turns it off through ONNX Runtime's own switch, and keeps a user's value."""
+    from moe_compile.runtime.ort_backend import XQA_SWITCH
+
+    monkeypatch.delenv(XQA_SWITCH, raising=False)
+    OrtCudaBackend.session_options(None, ort.SessionOptions())  # the hook uses no state: no build needed
+    assert os.environ[XQA_SWITCH] == "0"
+    monkeypatch.setenv(XQA_SWITCH, "1")
+    OrtCudaBackend.session_options(None, ort.SessionOptions())
+    assert os.environ[XQA_SWITCH] == "1"

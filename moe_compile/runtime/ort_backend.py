@@ -20,6 +20,7 @@ shape, which CUDA-graph replay needs: builds of the ort form run on the variants
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -33,7 +34,8 @@ from .ort_install import import_onnxruntime
 # ONNX element types (onnx.TensorProto): numpy has no bfloat16, so buffers are typed by these.
 _ONNX_TYPES = {"fp32": (1, 4), "fp16": (10, 2), "bf16": (16, 2)}
 log = logging.getLogger("moe_compile")
-FUSED_CPU_MIN = "1.32"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
+FUSED_CPU_MIN = "1.32"
+XQA_SWITCH = "ORT_ENABLE_XQA"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
 
 
 class MissingKernelError(MoeCompileError):
@@ -185,6 +187,13 @@ class OrtCudaBackend(OrtBackend):
             "use_tf32": 0 if self.manifest.dtype == "fp32" else 1,
             "arena_extend_strategy": "kSameAsRequested",  # grow by what is asked: peak memory stays meaningful
         }
+
+    def session_options(self, options) -> None:
+        # GroupQueryAttention's decode step: onnxruntime 1.31's XQA kernel took 12.0 us a layer at batch 1
+        # where its flash-decoding path (cuDNN) takes 9.2 (H200, A2.7B: 330 vs 300 tok/s in one run,
+        # docs/BENCHMARKS.md). ONNX Runtime reads this switch from the environment when the session
+        # creates its kernels; a value the user set is kept.
+        os.environ.setdefault(XQA_SWITCH, "0")
 
     def model_source(self, options) -> str | bytes:
         """model.onnx with its MoE nodes on our kernels where the custom-op library is at hand (ort_kernels.py)."""
