@@ -17,8 +17,10 @@
 #              each also with CUDA_LAUNCH_BLOCKING=1                                 -> shapes.json
 #   ckpt       A2.7B config with $LAYERS layers (24 = the benchmark), fp16 random, hub layout
 #   ort        `moe-compile build --form ort --dtype fp16`; `moe-compile bench --backend ort-cuda`
-#              (batch $BATCHES x prompt $PROMPTS, $NEW new tokens) with CUDA graphs on and with
-#              --no-cuda-graph; parity vs transformers fp32 (4 prompts x 64 positions); ORT profile
+#              (batch $BATCHES x prompt $PROMPTS, $NEW new tokens) with CUDA graphs on, once per
+#              $MOE_KERNELS (ours: the moe_compile:FusedMoE custom op, needs MOE_COMPILE_ORT_OPS_LIB or
+#              ONNXRUNTIME_INCLUDE_DIR; ort: ONNX Runtime's MoE), and with --no-cuda-graph;
+#              parity vs transformers fp32 (4 prompts x 64 positions); ORT profile
 #              (CUDA graphs off); the build is deleted after unless KEEP=1 (disk: 64 GB)
 #              per-kernel GPU time of a decode step (bench/ort_step_kernels.py, CUDA graphs on)
 #                                                           -> bench-ort.json, parity.json, kernels.txt
