@@ -218,6 +218,9 @@ def main(argv=None):
         for name in args.shapes.split(","):
             bench_shape(name, [int(t) for t in args.tokens.split(",")], rows, args.ours_only,
                         None if args.no_ort else workdir)
+    for pair in filter(None, args.breakdown.split(",")):
+        name, t = pair.split(":")
+        kernel_breakdown(name, int(t))
     if args.ours_only:
         return 0
     a27 = {r["T"]: r for r in rows if r["shape"] == "qwen1.5-moe-a2.7b"}
@@ -227,9 +230,6 @@ def main(argv=None):
     for r in rows:
         if r["T"] == 2048:
             print(f"target T=2048 {r['shape']}: {r['flops'] / r['ours_ms'] / 1e9 / rate:.0%} of bf16 matmul (>= 50%)")
-    for pair in filter(None, args.breakdown.split(",")):
-        name, t = pair.split(":")
-        kernel_breakdown(name, int(t))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"copy_GBps": bandwidth, "matmul_TFLOPs": rate, "rows": rows}, f, indent=1)

@@ -133,7 +133,7 @@ bench_build() {  # NAME FORM LOWERING: build, bench (graphs on, and off for the 
     step "moe-compile bench $name --backend $BACKEND: CUDA graphs $graph, MoE kernels $kernels: batch $BATCHES x prompt $PROMPTS, $NEW new tokens"
     MOE_COMPILE_MOE_KERNELS=$([ "$kernels" = ort ] && echo ort) within 60 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
       --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" $flag --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -3 "$WORK/bench.err"
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["cuda_graph_flag"]=sys.argv[2]; r["moe_kernels"]=sys.argv[3]; print(json.dumps(r))' "$WORK/bench.json" "$graph" "$kernels" \
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["cuda_graph_flag"]=sys.argv[2]; print(json.dumps(r))' "$WORK/bench.json" "$graph" \
       >> "$OUT/bench-$name.json" && python3 -c 'import json,sys; from moe_compile.runtime.benchmark import table; print("\n".join(table(json.loads(open(sys.argv[1]).read().splitlines()[-1]))))' "$OUT/bench-$name.json"
   done
 }

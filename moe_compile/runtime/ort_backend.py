@@ -26,16 +26,16 @@ import numpy as np
 
 from ..errors import ArtifactError, MoeCompileError
 from ..export.manifest import ONNX_FILE
+from . import ort_kernels
 from .backend import Backend
 from .memory import memory_for
-from . import ort_kernels
 from .ort_install import import_onnxruntime
 
 # ONNX element types (onnx.TensorProto): numpy has no bfloat16, so buffers are typed by these.
 _ONNX_TYPES = {"fp32": (1, 4), "fp16": (10, 2), "bf16": (16, 2)}
 log = logging.getLogger("moe_compile")
-FUSED_CPU_MIN = "1.32"
-XQA_SWITCH = "ORT_ENABLE_XQA"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
+FUSED_CPU_MIN = "1.32"  # the first onnxruntime whose CPU com.microsoft:MoE is right (fused and ort-form builds)
+XQA_SWITCH = "ORT_ENABLE_XQA"  # onnxruntime's environment switch for GroupQueryAttention's XQA decode kernel
 
 
 class MissingKernelError(MoeCompileError):
@@ -202,7 +202,7 @@ class OrtCudaBackend(OrtBackend):
             self.moe_kernels = None if swap.reason == ort_kernels.NO_MOE_NODES else "onnxruntime"
             if self.moe_kernels:
                 log.info("MoE nodes on onnxruntime's com.microsoft:MoE: %s", swap.reason)
-            return str(self.out / ONNX_FILE)
+            return super().model_source(options)
         self.moe_kernels = "moe_compile"
         options.register_custom_ops_library(str(swap.library))
         # the graph comes as bytes: ONNX Runtime finds its external data in the build's folder
