@@ -183,6 +183,74 @@ def kernel_breakdown(name, t):
             print(f"  {ev.device_time_total / 20:8.1f}  {ev.key[:100]}")
 
 
+def graph_us(fn, calls=20) -> float:
+    """Device microseconds a call, from a CUDA graph of `calls` calls replayed (no host launch cost in it,
+    as ONNX Runtime's CUDA-graph replay runs them)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture (cuBLAS handles, lazy kernel loading)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench(graph.replay) * 1e3 / calls
+
+
+def bench_shared(tokens):
+    """A2.7B with its shared expert (I_s = 5632), fp16 as the ort form runs it, timed as CUDA-graph replays: the
+    shared expert inside our kernels (moe_shared_expert) against our routed kernels + the shared expert as
+    cuBLAS matmuls and elementwise ops (the graph before the swap took it over). Bytes = selected experts +
+    shared expert."""
+    from moe_compile.plugins import library
+    from moe_compile.plugins.library import Dtype
+
+    name = "qwen1.5-moe-a2.7b"
+    shape, routing = SHAPES[name], SOFTMAX_ROUTING[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, inter, e, si = shape.hidden, shape.intermediate, shape.num_experts, 4 * shape.intermediate
+    gate_up = (torch.randn(e, 2 * inter, h, device="cuda", generator=gen) / h**0.5).half()
+    down = (torch.randn(e, h, inter, device="cuda", generator=gen) / inter**0.5).half()
+    s_gate_up = (torch.randn(2 * si, h, device="cuda", generator=gen) / h**0.5).half()
+    s_down = (torch.randn(h, si, device="cuda", generator=gen) / si**0.5).half()
+    s_gate = (torch.randn(1, h, device="cuda", generator=gen) / h**0.5).half()
+    print("| shared, fp16 |     T | routed only µs | inside ours µs | GB/s | ours + cuBLAS µs | GB/s | rel diff |")
+    for t in tokens:
+        hidden = torch.randn(t, h, device="cuda", generator=gen).half()
+        logits = torch.randn(t, e, device="cuda", generator=gen)
+        gate_logits = (hidden @ s_gate.T).float().flatten()
+        c_shape = library.shape_c(t, h, inter, e, Dtype.F16)
+        shared = library.SharedExpert(si, s_gate_up.data_ptr(), s_down.data_ptr(), gate_logits.data_ptr())
+        out = torch.empty_like(hidden)
+
+        def ours(with_shared):
+            size = library.workspace_size(c_shape, routing, with_shared)
+            ws = torch.empty(size, dtype=torch.uint8, device="cuda")
+            return lambda: library.forward(c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None,
+                                           gate_up.data_ptr(), down.data_ptr(), out.data_ptr(), ws.data_ptr(), size,
+                                           torch.cuda.current_stream().cuda_stream, with_shared)
+
+        routed, inside = ours(None), ours(shared)
+        routed_out = torch.empty_like(hidden)
+
+        def apart():
+            routed()
+            routed_out.copy_(out)
+            gu = hidden @ s_gate_up.T
+            a = torch.nn.functional.silu(gu[:, :si]) * gu[:, si:]
+            return routed_out + torch.sigmoid(hidden @ s_gate.T) * (a @ s_down.T)
+
+        expected = apart().float()
+        inside()
+        diff = ((out.float() - expected).norm() / expected.norm()).item()
+        ids = torch.topk(logits, routing.top_k, dim=-1).indices
+        nbytes = (torch.unique(ids).numel() + 4) * 3 * h * inter * 2
+        us_routed, us_in, us_apart = graph_us(routed), graph_us(inside), graph_us(apart)
+        print(f"| shared, fp16 | {t:5d} | {us_routed:14.1f} | {us_in:14.1f} | {nbytes / us_in / 1e3:4.0f} | "
+              f"{us_apart:16.1f} | {nbytes / us_apart / 1e3:4.0f} | {diff:.1e} |", flush=True)
+
+
 def print_row(r):
     ms = r["ours_ms"]
     others = {k: r[k] for k in ("batched_mm_ms", "grouped_mm_ms", "ort_moe_ms") if k in r}
@@ -203,6 +271,7 @@ def main(argv=None):
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's com.microsoft:MoE (CUDA provider)")
     parser.add_argument("--workdir", default=None, help="where the ORT models' weights are written (default: tmp)")
     parser.add_argument("--breakdown", default="", help="shape:T pairs to profile per kernel, e.g. qwen1.5-moe-a2.7b:1")
+    parser.add_argument("--shared", default="", help="token counts for the A2.7B shared-expert comparison, e.g. 1,8")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
@@ -218,6 +287,8 @@ def main(argv=None):
         for name in args.shapes.split(","):
             bench_shape(name, [int(t) for t in args.tokens.split(",")], rows, args.ours_only,
                         None if args.no_ort else workdir)
+    if args.shared:
+        bench_shared([int(t) for t in args.shared.split(",")])
     for pair in filter(None, args.breakdown.split(",")):
         name, t = pair.split(":")
         kernel_breakdown(name, int(t))

@@ -15,14 +15,15 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from transformers import AutoConfig
 
 from moe_compile import load
 from moe_compile.plugins.build import find_nvcc, ort_include_dir
 from moe_compile.plugins.library import Routing
-from moe_compile.plugins.reference import fused_moe_reference
+from moe_compile.plugins.reference import fused_moe_reference, shared_expert_reference
 from moe_compile.runtime import ort_kernels
 
-from conftest import ort_form_variants
+from conftest import VARIANTS, ort_form_variants
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -65,6 +66,80 @@ def test_fused_moe_contract_is_com_microsoft_moe(normalize):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple[onnx.ModelProto, dict]:
+    """The ort form's Qwen2-MoE MLP: router + shared-gate MatMul and Split, MoE, and the shared expert
+    (gate/up MatMul, Split, QuickGelu, Mul, down Gemm) times the gate's sigmoid, added."""
+    rng = np.random.default_rng(11)
+    w = {"fc1": rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) / 4,
+         "fc2": rng.standard_normal((experts, hidden, inter)).astype(np.float32) / 3,
+         "router": rng.standard_normal((hidden, experts + 1)).astype(np.float32),
+         "shared_gate_up": rng.standard_normal((hidden, 2 * shared)).astype(np.float32) / 4,
+         "shared_down": rng.standard_normal((hidden, shared)).astype(np.float32) / 5,
+         "router_sizes": np.array([experts, 1], np.int64), "shared_sizes": np.array([shared, shared], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "router"], ["L"]),
+        helper.make_node("Split", ["L", "router_sizes"], ["logits", "z"], axis=-1),
+        helper.make_node("MatMul", ["x", "shared_gate_up"], ["gu"]),
+        helper.make_node("Split", ["gu", "shared_sizes"], ["g", "u"], axis=-1),
+        helper.make_node("QuickGelu", ["g"], ["q"], domain="com.microsoft", alpha=1.0),
+        helper.make_node("Mul", ["q", "u"], ["a"]),
+        helper.make_node("Gemm", ["a", "shared_down"], ["d"], transB=1),
+        helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["moe"], domain="com.microsoft", k=k,
+                         normalize_routing_weights=0, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                         activation_beta=0.0),
+        helper.make_node("Sigmoid", ["z"], ["s"]),
+        helper.make_node("Mul", ["s", "d"], ["m"]),
+        helper.make_node("Add", ["moe", "m"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "moe_shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
+                              [numpy_helper.from_array(v, name) for name, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return model, w
+
+
+def test_the_shared_expert_moves_into_the_fused_op():
+    """FusedMoE(x, [router | shared gate] logits, fc1, fc2, shared gate/up rows, shared down; shared_gate=1) as
+    our kernels compute it (the float64 references) equals ONNX Runtime's CPU run of the nine nodes it replaces."""
+    model, w = _shared_expert_model()
+    x = np.random.default_rng(5).standard_normal((7, 16)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    assert [n.op_type for n in model.graph.node] == ["Transpose", "MatMul", "FusedMoE"]
+    transpose, router, fused = model.graph.node
+    assert (transpose.input[0], list(helper.get_attribute_value(transpose.attribute[0]))) == ("shared_gate_up", [1, 0])
+    assert list(fused.input) == ["x", "L", "fc1", "fc2", transpose.output[0], "shared_down"] and fused.output[0] == "y"
+    assert {a.name: helper.get_attribute_value(a) for a in fused.attribute} == {
+        "k": 2, "normalize_routing_weights": 0, "shared_gate": 1}
+    logits = torch.from_numpy(x @ w["router"])
+    fc1 = torch.from_numpy(w["fc1"])
+    routed = fused_moe_reference(torch.from_numpy(x), logits[:, :6], torch.cat([fc1[:, 0::2], fc1[:, 1::2]], dim=1),
+                                 torch.from_numpy(w["fc2"]), Routing(top_k=2))
+    shared = shared_expert_reference(torch.from_numpy(x), torch.from_numpy(w["shared_gate_up"].T),
+                                     torch.from_numpy(w["shared_down"]), logits[:, 6])
+    np.testing.assert_allclose((routed + shared).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["two consumers", "gelu", "no gate"])
+def test_a_shared_expert_of_another_shape_stays_in_the_graph(change):
+    """Anything but the exact pattern keeps the shared expert's nodes; the MoE node is still swapped."""
+    model, _ = _shared_expert_model()
+    nodes = model.graph.node
+    if change == "two consumers":  # the shared expert's output is read elsewhere too
+        model.graph.output.append(helper.make_tensor_value_info("d", TensorProto.FLOAT, ["T", 16]))
+    elif change == "gelu":
+        next(n for n in nodes if n.op_type == "QuickGelu").attribute[0].f = 1.702
+    else:
+        sigmoid = next(n for n in nodes if n.op_type == "Sigmoid")
+        sigmoid.op_type = "Tanh"
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    ops = [n.op_type for n in model.graph.node]
+    assert "FusedMoE" in ops and "Gemm" in ops and "Transpose" not in ops
+    fused = next(n for n in model.graph.node if n.op_type == "FusedMoE")
+    assert len(fused.input) == 4 and fused.output[0] == "moe"
+
+
 @pytest.mark.parametrize("extra, reason", [
     ({"activation_alpha": 1.702}, "scaled or clamped"),
     ({"swiglu_limit": 7.0}, "scaled or clamped"),
@@ -93,6 +168,22 @@ def test_every_silu_moe_node_of_an_ort_build_is_swapped(built, variant):
     assert (swapped, kept) == (before, "")  # the ort form's families all route by softmax into SiLU experts
     assert not any(n.op_type == "MoE" for n in model.graph.node)
     assert any(o.domain == "moe_compile" for o in model.opset_import) or before == 0
+    config = AutoConfig.for_model(**VARIANTS[variant])
+    if getattr(config, "shared_expert_intermediate_size", 0):  # Qwen2-MoE: the shared expert went in with it
+        fused = [n for n in model.graph.node if n.op_type == "FusedMoE"]
+        assert all(len(n.input) == 6 for n in fused) and not any(n.op_type == "Sigmoid" for n in model.graph.node)
+
+
+def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built):
+    """What ort-cuda runs (issue 11's target: 12 nodes a Qwen2-MoE layer): the build's 19 less the shared
+    expert's nine that the fused op takes over. Counted as test_ort_form counts the build's graph; the
+    Transposes of initializers that the swap adds are folded by ONNX Runtime when the session starts."""
+    model = onnx.load(str(built("qwen2_moe", form="ort") / "model.onnx"), load_external_data=False)
+    ort_kernels.swap_moe_nodes(model)
+    nodes = [n for n in model.graph.node if n.op_type != "Transpose"]
+    norms = [i for i, n in enumerate(nodes) if n.op_type.endswith("SimplifiedLayerNormalization")]
+    per_layer = [sum(n.op_type not in ("Shape", "Concat") for n in nodes[a:b]) for a, b in zip(norms[0::2], norms[2::2])]
+    assert per_layer and max(per_layer) <= 12, per_layer
 
 
 def test_a_missing_library_is_one_reason_and_ort_kernels_run(built, tmp_path, monkeypatch):

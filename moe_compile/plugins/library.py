@@ -65,6 +65,30 @@ class Routing:
                         self.routed_scaling_factor)
 
 
+class _Shared(ctypes.Structure):
+    _fields_ = [("intermediate", ctypes.c_int64), ("gate_up_layout", ctypes.c_int32), ("gate_up", ctypes.c_void_p),
+                ("down", ctypes.c_void_p), ("gate_logits", ctypes.c_void_p)]
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """The shared expert every token also runs (``moe_shared_expert``): device pointers as ints.
+    out[t] += g_t * down(silu(gate x_t) * up x_t), g_t = sigmoid(gate_logits[t]) or 1 without them."""
+
+    intermediate: int
+    gate_up: int  # [2I_s, H]
+    down: int  # [H, I_s]
+    gate_logits: int | None = None  # [T] float32
+    gate_up_layout: GateUpLayout = GateUpLayout.CONCATENATED
+
+    def as_c(self) -> _Shared:
+        return _Shared(self.intermediate, int(self.gate_up_layout), self.gate_up, self.down, self.gate_logits)
+
+
+def _shared_ref(shared: SharedExpert | None):
+    return None if shared is None else ctypes.byref(shared.as_c())
+
+
 class KernelError(RuntimeError):
     """A launcher call returned a non-OK status; the message is the library's own text."""
 
@@ -87,14 +111,22 @@ def load() -> ctypes.CDLL:
         path = build()
     lib = ctypes.CDLL(str(path))
     p, vp = ctypes.POINTER, ctypes.c_void_p
-    lib.moe_compile_workspace_size.argtypes = [p(_Shape), p(_Routing)]
+    lib.moe_compile_workspace_size.argtypes = [p(_Shape), p(_Routing), p(_Shared)]
     lib.moe_compile_workspace_size.restype = ctypes.c_size_t
-    lib.moe_compile_forward.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp, vp, vp, ctypes.c_size_t, vp]
+    lib.moe_compile_forward.argtypes = [p(_Shape), p(_Routing), p(_Shared), vp, vp, vp, vp, vp, vp, vp, ctypes.c_size_t,
+                                        vp]
     lib.moe_compile_forward.restype = ctypes.c_int
     lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
     lib.moe_compile_route.restype = ctypes.c_int
-    lib.moe_compile_to_float.argtypes = [vp, ctypes.c_int32, vp, ctypes.c_int64, vp]
+    i64 = ctypes.c_int64
+    lib.moe_compile_to_float.argtypes = [vp, ctypes.c_int32, vp, i64, i64, i64, vp]
     lib.moe_compile_to_float.restype = ctypes.c_int
+    lib.moe_compile_streams_shared.argtypes = [p(_Shape)]
+    lib.moe_compile_streams_shared.restype = ctypes.c_int
+    lib.moe_compile_silu_mul.argtypes = [vp, ctypes.c_int32, vp, i64, i64, vp]
+    lib.moe_compile_silu_mul.restype = ctypes.c_int
+    lib.moe_compile_add_gated.argtypes = [vp, vp, vp, ctypes.c_int32, i64, i64, vp]
+    lib.moe_compile_add_gated.restype = ctypes.c_int
     lib.moe_compile_status_string.argtypes = [ctypes.c_int]
     lib.moe_compile_status_string.restype = ctypes.c_char_p
     return lib
@@ -106,18 +138,18 @@ def check(status: int, what: str) -> None:
         raise KernelError(f"{what}: {Status(status).name}: {text}")
 
 
-def workspace_size(shape: _Shape, routing: Routing) -> int:
+def workspace_size(shape: _Shape, routing: Routing, shared: SharedExpert | None = None) -> int:
     """Workspace bytes for this shape; raises on arguments the kernels reject."""
-    size = load().moe_compile_workspace_size(ctypes.byref(shape), ctypes.byref(routing.as_c()))
+    size = load().moe_compile_workspace_size(ctypes.byref(shape), ctypes.byref(routing.as_c()), _shared_ref(shared))
     if size == 0:
         check(Status.INVALID_ARGUMENT, "moe_compile_workspace_size")
     return size
 
 
 def forward(shape: _Shape, routing: Routing, hidden: int, logits: int, bias: int | None, gate_up: int, down: int,
-            out: int, workspace: int, workspace_bytes: int, stream: int) -> None:
-    status = load().moe_compile_forward(ctypes.byref(shape), ctypes.byref(routing.as_c()), hidden, logits, bias,
-                                        gate_up, down, out, workspace, workspace_bytes, stream)
+            out: int, workspace: int, workspace_bytes: int, stream: int, shared: SharedExpert | None = None) -> None:
+    status = load().moe_compile_forward(ctypes.byref(shape), ctypes.byref(routing.as_c()), _shared_ref(shared),
+                                        hidden, logits, bias, gate_up, down, out, workspace, workspace_bytes, stream)
     check(status, "moe_compile_forward")
 
 
@@ -128,5 +160,20 @@ def route(shape: _Shape, routing: Routing, logits: int, bias: int | None, ids: i
     check(status, "moe_compile_route")
 
 
-def to_float(src: int, dtype: Dtype, dst: int, count: int, stream: int) -> None:
-    check(load().moe_compile_to_float(src, int(dtype), dst, count, stream), "moe_compile_to_float")
+def to_float(src: int, dtype: Dtype, dst: int, rows: int, cols: int, stream: int, src_row_stride: int | None = None) -> None:
+    """dst [rows, cols] float32 from src rows of src_row_stride (default cols) elements of dtype."""
+    stride = cols if src_row_stride is None else src_row_stride
+    check(load().moe_compile_to_float(src, int(dtype), dst, rows, cols, stride, stream), "moe_compile_to_float")
+
+
+def streams_shared(shape: _Shape) -> bool:
+    """Whether forward streams a shared expert inside the routed GEMV kernels at this shape."""
+    return bool(load().moe_compile_streams_shared(ctypes.byref(shape)))
+
+
+def silu_mul(gate_up: int, dtype: Dtype, act: int, rows: int, intermediate: int, stream: int) -> None:
+    check(load().moe_compile_silu_mul(gate_up, int(dtype), act, rows, intermediate, stream), "moe_compile_silu_mul")
+
+
+def add_gated(out: int, y: int, gate_logits: int | None, dtype: Dtype, rows: int, hidden: int, stream: int) -> None:
+    check(load().moe_compile_add_gated(out, y, gate_logits, int(dtype), rows, hidden, stream), "moe_compile_add_gated")

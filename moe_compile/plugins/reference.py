@@ -58,3 +58,13 @@ def fused_moe_reference(hidden: torch.Tensor, logits: torch.Tensor, gate_up_proj
                         expert_bias: torch.Tensor | None = None) -> torch.Tensor:
     ids, weights = route_reference(logits, routing, expert_bias)
     return experts_reference(hidden, ids, weights, gate_up_proj, down_proj)
+
+
+def shared_expert_reference(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                            gate_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """g_t * down(silu(gate x_t) * up x_t) in float64; gate_up [2I_s, H] (gate rows, then up rows),
+    down [H, I_s]; g_t = sigmoid(gate_logits[t]), or 1."""
+    gu = hidden.double() @ gate_up.double().T
+    intermediate = down.shape[-1]
+    y = (torch.nn.functional.silu(gu[:, :intermediate]) * gu[:, intermediate:]) @ down.double().T
+    return y if gate_logits is None else torch.sigmoid(gate_logits.double()).unsqueeze(-1) * y

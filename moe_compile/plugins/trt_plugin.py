@@ -133,7 +133,7 @@ class MoeLaunch:
 
     def enqueue(self, hidden: int, router: int, fc1: int, fc2: int, out: int, workspace: int, stream: int) -> None:
         logits = workspace
-        library.to_float(router, self.dtype, logits, self.tokens * self.experts, stream)
+        library.to_float(router, self.dtype, logits, self.tokens, self.experts, stream)
         offset = _aligned(self.tokens * self.experts * 4)
         size = library.workspace_size(self.shape(), self.attributes.routing)
         library.forward(self.shape(), self.attributes.routing, hidden, logits, None, fc1, fc2, out,

@@ -45,3 +45,26 @@ def test_forward_rejects_a_small_workspace_before_touching_the_gpu():
     need = library.workspace_size(shape, ROUTING)
     with pytest.raises(KernelError, match="WORKSPACE_TOO_SMALL"):
         library.forward(shape, ROUTING, 1, 1, None, 1, 1, 1, 1, need - 1, 0)
+    shared = library.SharedExpert(5632, 1, 1)
+    with pytest.raises(KernelError, match="WORKSPACE_TOO_SMALL"):  # the shared expert's pieces are counted
+        library.forward(shape, ROUTING, 1, 1, None, 1, 1, 1, 1, need, 0, shared)
+
+
+def test_shared_expert_workspace():
+    """T = 1 keeps only the shared expert's activation row ([I_s]); larger T runs it as a problem of its own
+    and keeps its output [T, H] too. A shared width that is not a multiple of 8 is refused."""
+    def size(tokens, shared):
+        return library.workspace_size(library.shape_c(tokens, 2048, 1408, 60, Dtype.F16), ROUTING, shared)
+
+    shared = library.SharedExpert(5632, 0, 0)
+    assert size(1, None) < size(1, shared) <= size(1, None) + 5632 * 2 + 256
+    assert size(64, shared) - size(64, None) >= 64 * 2048 * 2 + 64 * 5632 * 2
+    with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
+        size(1, library.SharedExpert(5630, 0, 0))
+
+
+def test_the_shared_expert_streams_with_the_routed_kernels_only_in_decode():
+    """Batch-1 decode and up to 4 tokens (the GEMV path's default): inside; prefill and larger batches: apart,
+    where the ONNX Runtime op runs it on cuBLAS (plugins/ort_csrc)."""
+    streams = [library.streams_shared(library.shape_c(t, 2048, 1408, 60, Dtype.F16)) for t in (1, 4, 5, 8, 128)]
+    assert streams == [True, True, False, False, False]

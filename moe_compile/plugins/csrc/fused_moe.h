@@ -50,26 +50,55 @@ enum {
   MOE_ERR_CUDA = 3,  // cudaGetLastError after a launch; see moe_compile_last_cuda_error()
 };
 
-// Bytes of workspace moe_compile_forward needs for this shape (256-byte aligned pieces).
-size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing);
+// A shared expert that every token also runs (Qwen2-MoE's `shared_expert`, DeepSeek's shared
+// experts as one wider expert): out[t] += g_t * down_s(silu(gate_s x_t) * up_s x_t), where
+// g_t = sigmoid(gate_logits[t]) (Qwen2-MoE's `shared_expert_gate`), or 1 when gate_logits is NULL.
+typedef struct {
+  int64_t intermediate;       // I_s, multiple of 8
+  int32_t gate_up_layout;     // moe_gate_up_layout of gate_up
+  const void* gate_up;        // [2 I_s, H], the routed experts' dtype
+  const void* down;           // [H, I_s]
+  const float* gate_logits;   // [T] float32, or NULL
+} moe_shared_expert;
 
-// out[T,H] = sum_k w_k * down_e(silu(gate_e x) * up_e x), e = the k-th routed expert.
+// Bytes of workspace moe_compile_forward needs for this shape (256-byte aligned pieces); shared
+// may be NULL (no shared expert).
+size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing,
+                                  const moe_shared_expert* shared);
+
+// out[T,H] = sum_k w_k * down_e(silu(gate_e x) * up_e x), e = the k-th routed expert, plus the
+// shared expert's term when shared is not NULL.
 //   hidden [T,H], gate_up [E,2I,H] (row order: shape->gate_up_layout), down [E,H,I]: dtype
 //   router_logits [T,E] float32; expert_bias [E] float32 or NULL (sigmoid mode only)
 // Deterministic: no float atomics; two runs give bitwise-identical outputs.
-int moe_compile_forward(const moe_shape* shape, const moe_routing* routing, const void* hidden,
-                        const float* router_logits, const float* expert_bias, const void* gate_up,
-                        const void* down, void* out, void* workspace, size_t workspace_bytes,
-                        void* cuda_stream);
+int moe_compile_forward(const moe_shape* shape, const moe_routing* routing, const moe_shared_expert* shared,
+                        const void* hidden, const float* router_logits, const float* expert_bias,
+                        const void* gate_up, const void* down, void* out, void* workspace,
+                        size_t workspace_bytes, void* cuda_stream);
 
 // Routing alone (the same kernel the forward uses): topk_ids [T,K] int32, topk_weights [T,K] f32.
 int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
                       const float* router_logits, const float* expert_bias, int32_t* topk_ids,
                       float* topk_weights, void* cuda_stream);
 
-// dst[i] = (float)src[i] for n elements of moe_dtype `dtype` (router logits arrive in the model's
-// dtype through the TensorRT plugin). MOE_ERR_CUDA carries no text here: see the launch error.
-int moe_compile_to_float(const void* src, int32_t dtype, float* dst, int64_t n, void* cuda_stream);
+// dst[r * cols + c] = (float)src[r * src_row_stride + c] for rows x cols elements of moe_dtype
+// `dtype` (router logits arrive in the model's dtype, and the ort form packs the shared expert's
+// gate logit as column E of the router's). MOE_ERR_CUDA carries no text here: see the launch error.
+int moe_compile_to_float(const void* src, int32_t dtype, float* dst, int64_t rows, int64_t cols,
+                         int64_t src_row_stride, void* cuda_stream);
+
+// 1 when moe_compile_forward streams a shared expert inside the routed GEMV kernels at this shape (batch-1
+// decode and a few tokens), 0 when it runs it apart: a caller with faster GEMMs (cuBLAS through ONNX
+// Runtime) then computes it itself, with moe_compile_silu_mul and moe_compile_add_gated.
+int moe_compile_streams_shared(const moe_shape* shape);
+
+// act[r, j] = silu(gate_up[r, j]) * gate_up[r, I + j]: gate_up [rows, 2I] (gate columns, then up), act [rows, I].
+int moe_compile_silu_mul(const void* gate_up, int32_t dtype, void* act, int64_t rows, int64_t intermediate,
+                         void* cuda_stream);
+
+// out[t] += g_t * y[t] for [rows, hidden] (hidden a multiple of 8), g_t = sigmoid(gate_logits[t]) or 1 (NULL).
+int moe_compile_add_gated(void* out, const void* y, const float* gate_logits, int32_t dtype, int64_t rows,
+                          int64_t hidden, void* cuda_stream);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

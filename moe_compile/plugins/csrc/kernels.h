@@ -9,6 +9,7 @@
 namespace moe {
 
 constexpr int kDecodeMaxTokens = 16;     // the GEMV kernels handle up to this many tokens
+constexpr int kSharedGemvTokens = 8;    // a shared expert at T up to this streams through the GEMV kernels
 constexpr int kDecodeDefaultTokens = 4;  // T at or below this takes them by default: measured on the
                                          // H100, the grouped GEMM streams weights faster from T=8 on
 constexpr int kMaxExperts = 1024;    // moe_shape.num_experts bound (fused_moe.h)
@@ -43,6 +44,21 @@ struct Workspace {
   void* y;                  // [P, H] unweighted expert outputs, dtype (prefill only)
 };
 
+// The shared expert as the GEMV kernels see it (fused_moe.h: moe_shared_expert); gate_up null =
+// none. Beyond kSharedGemvTokens it runs as a one-expert problem of its own (launcher.cu).
+struct Shared {
+  const void* gate_up;       // [2I, H]
+  const void* down;          // [H, I]
+  const float* gate_logits;  // [T] or null (weight 1)
+  int I;
+  bool interleaved;
+  void* act;                 // [T, I] silu(gate)*up, dtype (workspace)
+};
+
+__host__ __device__ inline int shared_gate_up_row(const Shared& s, int j, int up) {
+  return s.interleaved ? 2 * j + up : j + up * s.I;
+}
+
 int max_tiles(const Problem& p, int tile_m);
 int gemm_tile_m(const Problem& p);
 
@@ -54,13 +70,19 @@ void launch_route_permute_small(const Problem& p, const float* logits, const flo
 // Prefill: permutation + tile table from ws.topk_ids, three launches, no host sync.
 void launch_permute(const Problem& p, const Workspace& ws, int tile_m, cudaStream_t s);
 
-void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up,
-                           const Workspace& ws, cudaStream_t s);
-// T = 1: routing and the tables of a one-token permutation inside the gate/up GEMV (one launch).
+// shared.gate_up non-null: its columns are more tiles; routed = false: only those.
+void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
+                           const Shared& shared, bool routed, cudaStream_t s);
+// T = 1: routing and the tables of a one-token permutation inside the gate/up GEMV (one launch);
+// the shared expert's gate/up columns stream while the routing warp works.
 void launch_decode1_route_gate_up(const Problem& p, const void* x, const float* logits, const float* bias,
-                                  const void* w_gate_up, const Workspace& ws, cudaStream_t s);
-void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, void* out,
-                            cudaStream_t s);
+                                  const void* w_gate_up, const Workspace& ws, const Shared& shared, cudaStream_t s);
+// shared.gate_up non-null: the shared expert's down rows join the same sums; routed = false: only
+// those, added to out.
+void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
+                            bool routed, void* out, cudaStream_t s);
+// out[t] += g_t * y[t] (g_t = sigmoid(gate_logits[t]), or 1): the shared expert's term for T > 1.
+void launch_add_shared(const Problem& p, const void* y, const float* gate_logits, void* out, cudaStream_t s);
 
 void launch_gemm_gate_up(const Problem& p, const void* x, const void* w_gate_up,
                          const Workspace& ws, int tile_m, cudaStream_t s);

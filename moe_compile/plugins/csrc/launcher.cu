@@ -15,6 +15,9 @@
 //           gemm gate_up (rows gathered via perm_entry, silu*up epilogue) -> act [P,I]
 //           gemm down                                                     -> y   [P,H]
 //           unpermute: out[t] = sum_k w[t,k] y[pos(t,k)], fixed k order   -> out [T,H]
+//
+//   shared expert: T <= 8, more tiles and items of the decode kernels (after the grouped GEMM: its
+//   own two GEMV launches, added to out); beyond, a one-expert problem -> y_s; out += g_t * y_s
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -76,6 +79,58 @@ size_t carve(const Problem& p, char* base, Workspace* ws) {
   return off;
 }
 
+// The shared expert beside the routed problem p. Up to kSharedGemvTokens: inside the GEMV kernels
+// (needs only its activation rows). Otherwise a problem of its own, one expert that every token
+// picks with weight 1 (softmax of one logit, zeros here), run into y, then added.
+struct SharedPlan {
+  bool gemv;
+  Problem p;           // the one-expert problem (not gemv)
+  float* zero_logits;  // [T]
+  void* y;             // [T, H]
+  Workspace ws;        // of the one-expert problem
+  Shared kernels;      // what the GEMV kernels read
+};
+
+size_t carve_shared(const Problem& p, const moe_shared_expert& s, char* base, SharedPlan* plan) {
+  SharedPlan sp{};
+  sp.gemv = p.T <= kSharedGemvTokens;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = base ? base + off : nullptr;
+    off += align_up(bytes);
+    return ptr;
+  };
+  sp.kernels = Shared{s.gate_up, s.down, s.gate_logits, (int)s.intermediate,
+                      s.gate_up_layout == MOE_GATE_UP_INTERLEAVED, nullptr};
+  if (sp.gemv) {
+    sp.kernels.act = take(dtype_bytes(p.dtype) * p.T * s.intermediate);
+  } else {
+    sp.p = p;
+    sp.p.I = (int)s.intermediate;
+    sp.p.E = 1;
+    sp.p.K = 1;
+    sp.p.P = p.T;
+    sp.p.routing = moe_routing{MOE_ROUTING_SOFTMAX_TOPK, 1, 0, 1, 1, 1.0f};
+    sp.p.gate_up_interleaved = sp.kernels.interleaved;
+    sp.zero_logits = reinterpret_cast<float*>(take(4 * p.T));
+    sp.y = take(dtype_bytes(p.dtype) * p.T * p.H);
+    off += carve(sp.p, base ? base + off : nullptr, &sp.ws);
+  }
+  if (plan) *plan = sp;
+  return off;
+}
+
+bool valid_shared(const moe_shared_expert* s) {
+  if (!s) return true;
+  if (s->intermediate < 8 || s->intermediate % 8 || s->intermediate > INT32_MAX) return false;
+  if (s->gate_up_layout != MOE_GATE_UP_CONCATENATED && s->gate_up_layout != MOE_GATE_UP_INTERLEAVED) return false;
+  return s->gate_up && s->down;
+}
+
+size_t total_bytes(const Problem& p, const moe_shared_expert* s) {
+  return carve(p, nullptr, nullptr) + (s ? carve_shared(p, *s, nullptr, nullptr) : 0);
+}
+
 bool valid_routing(const moe_routing& r, int E) {
   if (r.top_k < 1 || r.top_k > 32 || r.top_k > E) return false;
   if (r.kind == MOE_ROUTING_SOFTMAX_TOPK) return true;
@@ -119,10 +174,12 @@ int check_launch() {
 
 using namespace moe;
 
-extern "C" size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing) {
+extern "C" size_t moe_compile_workspace_size(const moe_shape* shape, const moe_routing* routing,
+                                             const moe_shared_expert* shared) {
   Problem p;
   if (!make_problem(shape, routing, &p)) return 0;
-  return carve(p, nullptr, nullptr);
+  if (shared && (shared->intermediate < 8 || shared->intermediate % 8)) return 0;
+  return total_bytes(p, shared);
 }
 
 extern "C" int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
@@ -137,37 +194,65 @@ extern "C" int moe_compile_route(const moe_shape* shape, const moe_routing* rout
   return check_launch();
 }
 
-extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* routing,
-                                   const void* hidden, const float* router_logits,
-                                   const float* expert_bias, const void* gate_up, const void* down,
-                                   void* out, void* workspace, size_t workspace_bytes,
-                                   void* cuda_stream) {
-  Problem p;
-  if (!make_problem(shape, routing, &p)) return MOE_ERR_INVALID_ARGUMENT;
-  if (p.T == 0) return MOE_OK;
-  if (!hidden || !router_logits || !gate_up || !down || !out || !workspace)
-    return MOE_ERR_INVALID_ARGUMENT;
-  if (workspace_bytes < carve(p, nullptr, nullptr)) return MOE_ERR_WORKSPACE_TOO_SMALL;
-  Workspace ws;
-  carve(p, static_cast<char*>(workspace), &ws);
-  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-  const int tile_m = gemm_tile_m(p);
+namespace moe {
+namespace {
 
+void run_routed(const Problem& p, const void* hidden, const float* router_logits, const float* expert_bias,
+                const void* gate_up, const void* down, void* out, const Workspace& ws, const Shared& shared,
+                cudaStream_t s) {
+  const int tile_m = gemm_tile_m(p);
   if (use_decode_path(p) && p.T == 1) {
-    launch_decode1_route_gate_up(p, hidden, router_logits, expert_bias, gate_up, ws, s);
-    launch_decode_down_sum(p, down, ws, out, s);
+    launch_decode1_route_gate_up(p, hidden, router_logits, expert_bias, gate_up, ws, shared, s);
+    launch_decode_down_sum(p, down, ws, shared, true, out, s);
   } else if (use_decode_path(p)) {
     launch_route_permute_small(p, router_logits, expert_bias, ws, tile_m, s);
-    launch_decode_gate_up(p, hidden, gate_up, ws, s);
-    launch_decode_down_sum(p, down, ws, out, s);
+    launch_decode_gate_up(p, hidden, gate_up, ws, shared, true, s);
+    launch_decode_down_sum(p, down, ws, shared, true, out, s);
   } else {
     launch_route(p, router_logits, expert_bias, ws.topk_ids, ws.topk_w, s);
     launch_permute(p, ws, tile_m, s);
     launch_gemm_gate_up(p, hidden, gate_up, ws, tile_m, s);
     launch_gemm_down(p, down, ws, tile_m, s);
     launch_unpermute(p, ws, out, s);
+    if (shared.gate_up) {  // the GEMV kernels again, for the shared expert alone, added to out
+      launch_decode_gate_up(p, hidden, nullptr, ws, shared, false, s);
+      launch_decode_down_sum(p, nullptr, ws, shared, false, out, s);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe
+
+extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* routing,
+                                   const moe_shared_expert* shared, const void* hidden,
+                                   const float* router_logits, const float* expert_bias, const void* gate_up,
+                                   const void* down, void* out, void* workspace, size_t workspace_bytes,
+                                   void* cuda_stream) {
+  Problem p;
+  if (!make_problem(shape, routing, &p) || !valid_shared(shared)) return MOE_ERR_INVALID_ARGUMENT;
+  if (p.T == 0) return MOE_OK;
+  if (!hidden || !router_logits || !gate_up || !down || !out || !workspace)
+    return MOE_ERR_INVALID_ARGUMENT;
+  if (workspace_bytes < total_bytes(p, shared)) return MOE_ERR_WORKSPACE_TOO_SMALL;
+  Workspace ws;
+  const size_t routed_bytes = carve(p, static_cast<char*>(workspace), &ws);
+  SharedPlan plan{};
+  if (shared) carve_shared(p, *shared, static_cast<char*>(workspace) + routed_bytes, &plan);
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+
+  run_routed(p, hidden, router_logits, expert_bias, gate_up, down, out, ws, plan.gemv ? plan.kernels : Shared{}, s);
+  if (shared && !plan.gemv) {
+    cudaMemsetAsync(plan.zero_logits, 0, sizeof(float) * p.T, s);
+    run_routed(plan.p, hidden, plan.zero_logits, nullptr, shared->gate_up, shared->down, plan.y, plan.ws, Shared{}, s);
+    launch_add_shared(p, plan.y, shared->gate_logits, out, s);
   }
   return check_launch();
+}
+
+extern "C" int moe_compile_streams_shared(const moe_shape* shape) {
+  if (!shape) return 0;
+  return shape->num_tokens <= kSharedGemvTokens && shape->num_tokens <= decode_max_tokens();
 }
 
 extern "C" const char* moe_compile_status_string(int status) {

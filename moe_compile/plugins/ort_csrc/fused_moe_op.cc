@@ -3,13 +3,22 @@
 // onnxruntime's C API only (onnxruntime_c_api.h from the release archive's include/), so one
 // library loads into every onnxruntime-gpu from 1.18 on.
 //
-//   FusedMoE(input [..., H], router_logits [..., E], fc1 [E, 2I, H] (g0, u0, g1, u1, ...), fc2 [E, H, I])
-//     k, normalize_routing_weights  ->  output [..., H]
+//   FusedMoE(input [..., H], router_logits [..., E (+1)], fc1 [E, 2I, H] (g0, u0, g1, u1, ...), fc2 [E, H, I],
+//            shared_fc1 [2I_s, H] (gate rows, then up rows), shared_fc2 [H, I_s])   the last two optional
+//     k, normalize_routing_weights, shared_gate  ->  output [..., H]
 //
-// The semantics are com.microsoft:MoE's with activation_type=swiglu, swiglu_fusion=1, alpha 1,
-// beta 0, no biases: the ort form's graph for CUDA (runtime/ort_backend.py) swaps such MoE nodes
-// for this one. No allocation outside ORT: the workspace comes from the kernel context's
-// allocator, so CUDA-graph capture sees the same addresses ORT's own kernels get.
+// The routed part is com.microsoft:MoE's with activation_type=swiglu, swiglu_fusion=1, alpha 1,
+// beta 0, no biases. With shared_fc1/shared_fc2 every token also runs the shared expert, weighted
+// by sigmoid(router_logits[..., E]) when shared_gate = 1 (Qwen2-MoE's shared_expert_gate, packed as
+// one more router column), else by 1. The ort form's graph for CUDA (runtime/ort_kernels.py) swaps
+// MoE nodes, and the shared expert around them, for this one. No allocation outside ORT: the
+// workspace comes from the kernel context's allocator, so CUDA-graph capture sees the same
+// addresses ORT's own kernels get.
+//
+// Where the kernels would not stream the shared expert inside the routed launches (prefill, batches
+// past 4 tokens), the op runs it as two of ONNX Runtime's own CUDA Gemms (cuBLAS, invoked through
+// the C API's CreateOp/InvokeOp) around our SiLU and gated-add kernels: our GEMV and grouped GEMM
+// took 80-100 us a layer for it at 8-128 tokens where cuBLAS takes 45 (H200, A2.7B shape).
 #include <stdio.h>
 
 #include <string>
@@ -59,7 +68,14 @@ OrtStatus* view(const OrtValue* value, TensorView* out) {
 struct Kernel {
   int64_t top_k = 0;
   int64_t normalize = 0;
+  int64_t shared_gate = 0;
+  OrtOp* gemm = nullptr;  // ONNX Runtime's Gemm(A, B, transB=1) on this provider; null: our kernels only
+  ~Kernel() {
+    if (gemm) g_api->ReleaseOp(gemm);
+  }
 };
+
+constexpr size_t kInputs = 6;  // x, router_logits, fc1, fc2, shared_fc1, shared_fc2
 
 int moe_dtype_of(ONNXTensorElementDataType t) {
   switch (t) {
@@ -70,26 +86,90 @@ int moe_dtype_of(ONNXTensorElementDataType t) {
   }
 }
 
-OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
-  const OrtValue* values[4];
-  TensorView x, logits, fc1, fc2;
-  TensorView* views[4] = {&x, &logits, &fc1, &fc2};
-  for (size_t i = 0; i < 4; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (!values[i]) return fail("input " + std::to_string(i) + " is missing");
-    ORT_TRY(view(values[i], views[i]));
+std::string dims_text(const TensorView& t) {
+  std::string text = "[";
+  for (size_t i = 0; i < t.dims.size(); ++i) text += (i ? ", " : "") + std::to_string(t.dims[i]);
+  return text + "]";
+}
+
+// A [rows, cols] tensor of `type` over device memory that stays owned elsewhere.
+OrtStatus* wrap(const OrtMemoryInfo* memory, void* data, int64_t rows, int64_t cols, ONNXTensorElementDataType type,
+                OrtValue** out) {
+  const int64_t dims[2] = {rows, cols};
+  const size_t element = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 2;
+  return g_api->CreateTensorWithDataAsOrtValue(memory, data, (size_t)(rows * cols) * element, dims, 2, type, out);
+}
+
+// out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
+// [T, 2I_s + I_s + H] elements.
+OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemoryInfo* memory, const TensorView& x,
+                          const OrtValue* sfc1, const OrtValue* sfc2, int64_t shared_i, const float* gate_logits,
+                          int dtype, void* out, char* scratch, void* stream) {
+  const int64_t T = x.leading(), H = x.dims.back();
+  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+  char* gate_up = scratch;
+  char* act = gate_up + (size_t)(T * 2 * shared_i) * element;
+  char* y = act + (size_t)(T * shared_i) * element;
+  OrtValue* tensors[4] = {};  // x as [T, H], gate_up, act, y
+  OrtStatus* status = wrap(memory, x.data, T, H, x.type, &tensors[0]);
+  if (!status) status = wrap(memory, gate_up, T, 2 * shared_i, x.type, &tensors[1]);
+  if (!status) status = wrap(memory, act, T, shared_i, x.type, &tensors[2]);
+  if (!status) status = wrap(memory, y, T, H, x.type, &tensors[3]);
+  if (!status) {
+    const OrtValue* in1[2] = {tensors[0], sfc1};
+    status = g_api->InvokeOp(ctx, kernel->gemm, in1, 2, &tensors[1], 1);
   }
+  if (!status) {
+    int rc = moe_compile_silu_mul(gate_up, dtype, act, T, shared_i, stream);
+    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+  }
+  if (!status) {
+    const OrtValue* in2[2] = {tensors[2], sfc2};
+    status = g_api->InvokeOp(ctx, kernel->gemm, in2, 2, &tensors[3], 1);
+  }
+  if (!status) {
+    int rc = moe_compile_add_gated(out, y, gate_logits, dtype, T, H, stream);
+    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+  }
+  for (OrtValue* t : tensors)
+    if (t) g_api->ReleaseValue(t);
+  return status;
+}
+
+OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* values[kInputs] = {};
+  TensorView x, logits, fc1, fc2, sfc1, sfc2;
+  TensorView* views[kInputs] = {&x, &logits, &fc1, &fc2, &sfc1, &sfc2};
+  for (size_t i = 0; i < kInputs && i < count; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+    else if (i < 4) return fail("input " + std::to_string(i) + " is missing");
+  }
+  const bool has_shared = values[4] && values[5];
+  if (!has_shared && (values[4] || values[5])) return fail("shared_fc1 and shared_fc2 come together");
   const int dtype = moe_dtype_of(x.type);
-  if (dtype < 0 || logits.type != x.type || fc1.type != x.type || fc2.type != x.type)
-    return fail("input, router_logits, fc1 and fc2 must share one type of float32, float16, bfloat16");
+  if (dtype < 0 || logits.type != x.type || fc1.type != x.type || fc2.type != x.type ||
+      (has_shared && (sfc1.type != x.type || sfc2.type != x.type)))
+    return fail("input, router_logits and the weights must share one type of float32, float16, bfloat16");
   if (x.dims.empty() || logits.dims.empty() || fc1.dims.size() != 3 || fc2.dims.size() != 3)
     return fail("expected input [..., H], router_logits [..., E], fc1 [E, 2I, H], fc2 [E, H, I]");
   const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
+  const int64_t gate_column = kernel->shared_gate ? 1 : 0;
   if (fc1.dims[2] != H || fc1.dims[1] != 2 * I || fc2.dims[0] != E || fc2.dims[1] != H || fc2.dims[2] != I ||
-      logits.dims.back() != E || logits.leading() != T)
-    return fail("shapes disagree: input [" + std::to_string(T) + ", " + std::to_string(H) + "], fc1 [" +
-                std::to_string(fc1.dims[0]) + ", " + std::to_string(fc1.dims[1]) + ", " + std::to_string(fc1.dims[2]) +
-                "], router_logits last dim " + std::to_string(logits.dims.back()));
+      logits.dims.back() != E + gate_column || logits.leading() != T)
+    return fail("shapes disagree: input " + dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " +
+                dims_text(fc1) + ", fc2 " + dims_text(fc2) + (gate_column ? " (shared_gate: E + 1 logits)" : ""));
+  int64_t shared_i = 0;
+  if (has_shared) {
+    shared_i = sfc2.dims.size() == 2 ? sfc2.dims[1] : -1;
+    if (sfc1.dims.size() != 2 || sfc1.dims[0] != 2 * shared_i || sfc1.dims[1] != H || sfc2.dims[0] != H)
+      return fail("shapes disagree: shared_fc1 " + dims_text(sfc1) + ", shared_fc2 " + dims_text(sfc2) +
+                  " (expected [2I_s, " + std::to_string(H) + "], [" + std::to_string(H) + ", I_s])");
+  } else if (gate_column) {
+    return fail("shared_gate = 1 without shared_fc1 and shared_fc2");
+  }
 
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, x.dims.data(), x.dims.size(), &out));
@@ -101,24 +181,43 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
   const moe_shape shape = {T, H, I, E, dtype, MOE_GATE_UP_INTERLEAVED};
   const moe_routing routing = {MOE_ROUTING_SOFTMAX_TOPK, (int32_t)kernel->top_k, (int32_t)kernel->normalize, 1, 1, 1.0f};
-  const size_t kernel_bytes = moe_compile_workspace_size(&shape, &routing);
+  moe_shared_expert shared = {shared_i, MOE_GATE_UP_CONCATENATED, sfc1.data, sfc2.data, nullptr};
+  // the shared expert inside our launches (batch-1 decode), else by ONNX Runtime's Gemm where it has one
+  const bool shared_apart = has_shared && kernel->gemm && !moe_compile_streams_shared(&shape);
+  const moe_shared_expert* in_kernels = has_shared && !shared_apart ? &shared : nullptr;
+  const size_t kernel_bytes = moe_compile_workspace_size(&shape, &routing, in_kernels);
   if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
-  // router logits as float32 first (the kernels route in fp32), then the kernels' own workspace
-  const size_t logits_bytes = ((size_t)(T * E) * sizeof(float) + 255) / 256 * 256;
+  // router logits (and the shared gate's column) as float32 first (the kernels route in fp32), the
+  // kernels' own workspace, then the shared expert's GEMM scratch
+  auto aligned = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+  const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float)), gate_bytes = aligned((size_t)T * sizeof(float));
+  const size_t scratch_bytes = shared_apart ? (size_t)(T * (3 * shared_i + H)) * element : 0;
 
   const OrtMemoryInfo* memory = nullptr;
   ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
   OrtAllocator* allocator = nullptr;
   ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
   void* workspace = nullptr;
-  OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + kernel_bytes, &workspace);
+  OrtStatus* status =
+      g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + aligned(kernel_bytes) + scratch_bytes, &workspace);
   if (!status) {
-    float* logits_f32 = static_cast<float*>(workspace);
-    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T * E, stream);
+    char* base = static_cast<char*>(workspace);
+    float* logits_f32 = reinterpret_cast<float*>(base);
+    const int64_t columns = E + gate_column;
+    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, columns, stream);
+    if (rc == MOE_OK && gate_column) {
+      shared.gate_logits = reinterpret_cast<float*>(base + logits_bytes);
+      rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
+                                const_cast<float*>(shared.gate_logits), T, 1, columns, stream);
+    }
     if (rc == MOE_OK)
-      rc = moe_compile_forward(&shape, &routing, x.data, logits_f32, nullptr, fc1.data, fc2.data, out_data,
-                               static_cast<char*>(workspace) + logits_bytes, kernel_bytes, stream);
+      rc = moe_compile_forward(&shape, &routing, in_kernels, x.data, logits_f32, nullptr, fc1.data, fc2.data, out_data,
+                               base + logits_bytes + gate_bytes, kernel_bytes, stream);
     if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    if (!status && shared_apart)
+      status = shared_by_gemm(kernel, ctx, memory, x, values[4], values[5], shared_i, shared.gate_logits, dtype,
+                              out_data, base + logits_bytes + gate_bytes + aligned(kernel_bytes), stream);
     // Freed at once, as ORT's own kernels free scratch: the arena hands it out again only to
     // work later on this same stream.
     OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);
@@ -129,6 +228,27 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   return status;
 }
 
+// ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none.
+OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType type) {
+  const int64_t one = 1;
+  OrtOpAttr* trans_b = nullptr;
+  if (OrtStatus* status = api->CreateOpAttr("transB", &one, 1, ORT_OP_ATTR_INT, &trans_b)) {
+    api->ReleaseStatus(status);
+    return nullptr;
+  }
+  const char* names[1] = {"T"};
+  const ONNXTensorElementDataType types[1] = {type};
+  const OrtOpAttr* attrs[1] = {trans_b};
+  OrtOp* op = nullptr;
+  if (OrtStatus* status = api->CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 1, 2, 1, &op)) {
+    api->ReleaseStatus(status);
+    op = nullptr;
+  }
+  api->ReleaseOpAttr(trans_b);
+  return op;
+}
+
+template <ONNXTensorElementDataType kType>
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
   auto* kernel = new Kernel();
   OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "k", &kernel->top_k);
@@ -140,6 +260,13 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, con
     api->ReleaseStatus(missing);  // optional: com.microsoft:MoE's default
     kernel->normalize = 0;
   }
+  if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "shared_gate", &kernel->shared_gate)) {
+    api->ReleaseStatus(missing);  // optional: no gate column
+    kernel->shared_gate = 0;
+  }
+  size_t inputs = 0;
+  if (OrtStatus* failed = api->KernelInfo_GetInputCount(info, &inputs)) api->ReleaseStatus(failed);
+  if (inputs >= kInputs) kernel->gemm = create_gemm(api, info, kType);  // only nodes with a shared expert
   *out = kernel;
   return nullptr;
 }
@@ -158,13 +285,15 @@ OrtCustomOp make_op() {
   op.GetName = [](const OrtCustomOp*) { return "FusedMoE"; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CUDAExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t) { return kType; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kInputs; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return kType; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  op.CreateKernelV2 = create_kernel;
+  op.CreateKernelV2 = create_kernel<kType>;
   op.KernelComputeV2 = compute_kernel;
   op.KernelDestroy = destroy_kernel;
   op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
