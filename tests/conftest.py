@@ -55,6 +55,40 @@ def lowerings_for(variant: str) -> list[str]:
             if low == "auto" or (low == "fused" and fused) or (low != "fused" and variant in STANDALONE_VARIANTS)]
 
 
+# The build each matrix test reads, named by its parameters. pyproject.toml runs pytest-xdist with `--dist
+# loadgroup`: the tests of one build form one group, run one after another on one worker, so the first of them
+# builds it and the others reuse it there. Spread over both workers, two tests of one build used to meet at
+# its lock: one worker built while the other waited, idle, for the whole build (~50 s each, a dozen times a run).
+# A test outside these still reads the same cached build; it is simply not grouped.
+MATRIX_MODULES = {"test_parity.py": None, "test_trt.py": None, "test_fused.py": "fused", "test_ort_form.py": "ort"}
+
+
+def build_group(item) -> str | None:
+    """The name of the build a matrix test reads, or None for any other test."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if item.path.name not in MATRIX_MODULES or "variant" not in params:
+        return None
+    kind = MATRIX_MODULES[item.path.name] or params.get("lowering", "auto")
+    return f"build-{params['variant']}-{kind}-{params.get('dtype', 'fp32')}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(items):
+    for item in items:  # before pytest-xdist's own hook reads the marks
+        if group := build_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    # pytest-xdist 3.8 appends "@group" to a test's id by writing item._nodeid, which pytest 9.2 no longer reads
+    # (the id lives in item._id): without this, --dist loadgroup quietly schedules as --dist load.
+    for item in items:
+        suffixed = getattr(item, "_nodeid", None)
+        if suffixed and suffixed != item.nodeid and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(suffixed)
+    return result
+
+
 def _shared_root(tmp_path_factory) -> Path:
     """One directory for every pytest-xdist worker of this run (the plain session dir without xdist),
     so checkpoints and builds are made once per run, not once per worker."""
