@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from moe_compile.export.manifest import read_manifest
 from moe_compile.trt import compat, profiles
 from moe_compile.trt.engine import EngineBuildError, build_engine, collecting_logger, io_mismatch, network_from_onnx, tensor_io
 
-from conftest import VARIANTS, lowerings_for
+from conftest import VARIANTS, _once, _shared_root, lowerings_for
 from test_errors import assert_one_line_error, cli
 
 LOWERINGS = ("gather", "dense", "auto")
@@ -125,18 +126,29 @@ def test_profile_choice_and_bounds(built):
             profiles.pick(shapes, bad)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine_build(checkpoint, tmp_path_factory):
-    """One build through the CLI with the engine: --fp16 shorthand, --backend trt, --timing-cache."""
-    out = tmp_path_factory.mktemp("trt") / "qwen2_moe-fp16"
-    cache = out.with_name("timing.cache")
-    result = subprocess.run([sys.executable, "-m", "moe_compile.cli", "build", str(checkpoint("qwen2_moe")), "-o", str(out),
-                             "--fp16", "--backend", "trt", "--max-batch", "4", "--max-seq", "128", "--timing-cache", str(cache)],
-                            capture_output=True, text=True, timeout=900)
+    """One build through the CLI with the engine: --fp16 shorthand, --backend trt, --timing-cache. Made once per
+    run and shared by the pytest-xdist workers (conftest._once), its output kept beside it for the tests."""
+    def make(root):
+        root.mkdir()
+        out, cache = root / "qwen2_moe-fp16", root / "timing.cache"
+        result = subprocess.run([sys.executable, "-m", "moe_compile.cli", "build", str(checkpoint("qwen2_moe")), "-o",
+                                 str(out), "--fp16", "--backend", "trt", "--max-batch", "4", "--max-seq", "128",
+                                 "--timing-cache", str(cache)], capture_output=True, text=True, timeout=900)
+        (root / "result.json").write_text(json.dumps(
+            {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}))
+
+    root = _once(_shared_root(tmp_path_factory) / "trt-engine-build", make)
+    result = SimpleNamespace(**json.loads((root / "result.json").read_text()))
     assert result.returncode == 0, result.stderr
-    return out, result, cache
+    return root / "qwen2_moe-fp16", result, root / "timing.cache"
 
 
+ENGINE_BUILD_GROUP = pytest.mark.xdist_group("trt-engine-build")  # its tests on one worker: none waits for the build
+
+
+@ENGINE_BUILD_GROUP
 def test_build_writes_engine_and_manifest_record(engine_build):
     out, result, cache = engine_build
     assert re.search(r"export +[\d.]+ s", result.stderr) and re.search(r"engine +[\d.]+ s", result.stderr), result.stderr
@@ -148,6 +160,7 @@ def test_build_writes_engine_and_manifest_record(engine_build):
     assert "no timing cache" in result.stderr and not cache.exists() and manifest.engine["timing_cache"] is None
 
 
+@ENGINE_BUILD_GROUP
 def test_inspect_plan(engine_build):
     out, _, _ = engine_build
     result = subprocess.run([sys.executable, "-m", "moe_compile.cli", "inspect", str(out / "engine.plan")],
@@ -178,6 +191,7 @@ def _edited(out, tmp_path, **engine):
     return copy
 
 
+@ENGINE_BUILD_GROUP
 def test_run_refusals(engine_build, built, tensorrt, tmp_path, capsys):
     out, _, _ = engine_build
     plan = str(out / "engine.plan")
