@@ -1,5 +1,6 @@
 """The kernels compile for every target architecture with nvcc alone (runs on CPU machines)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,13 +30,33 @@ def test_rebuild_is_skipped_when_sources_are_unchanged():
     assert build.build().stat().st_mtime_ns == mtime
 
 
+# Stands in for nvcc in the test below: notes its arguments, then takes a second per call, long enough that two
+# processes building without the lock would both run it, and writes its -o file. The kernels' real compile is
+# test_builds_every_target_architecture's (sm_90 among them); this test is about the lock, so it costs ~10 s, not
+# another nvcc build of every kernel.
+FAKE_NVCC = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls"
+while [ $# -gt 1 ]; do [ "$1" = -o ] && out=$2; shift; done
+sleep 1
+: > "$out"
+"""
+
+
 def test_builds_at_once_take_turns(tmp_path):
     # pytest-xdist workers load the library at the same time: one builds, the other waits for it.
-    cmd = [sys.executable, "-m", "moe_compile.plugins.build", "--arch", "90", "--out", str(tmp_path), "-v"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "nvcc").write_text(FAKE_NVCC)
+    (bin_dir / "nvcc").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "moe_compile.plugins.build", "--arch", "90", "--out", str(out), "-v"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outputs = [proc.communicate() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
-    library = tmp_path / build.LIBRARY_NAME
+    library = out / build.LIBRARY_NAME
     assert [out.splitlines()[-1] for out, _ in outputs] == [str(library)] * 2
     assert sum("nvcc" in out for out, _ in outputs) == 1, "both processes compiled"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", build.LIBRARY_NAME, "stamp"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", build.LIBRARY_NAME, "stamp"])
+    calls = (bin_dir / "calls").read_text().splitlines()  # each source once, then the link: by one process
+    assert len(calls) == len(list(build.SOURCE_DIR.glob("*.cu"))) + 1, calls
+    assert all("arch=compute_90,code=sm_90" in call for call in calls), calls
