@@ -15,20 +15,23 @@ from moe_compile.models.loading import load_model
 from moe_compile.verify import default_prompt, verify
 
 
+# The shared build (max_batch 4, max_seq 128) and its bounds; a build of its own for these bounds would cost a minute.
 def test_serves_untraced_batch_and_lengths_up_to_bounds(built):
-    model = load(built("qwen2_moe", "auto", max_batch=4, max_seq=64))
-    prompts = [[7] * n for n in (1, 33, 5, 60)]  # batch 4 (traced with 2), lengths 1..60
+    model = load(built("qwen2_moe", "auto"))
+    seq = model.manifest.max_seq
+    assert (model.manifest.max_batch, seq) == (4, 128)
+    prompts = [[7] * n for n in (1, 65, 5, seq - 4)]  # batch 4 (traced with 2), lengths 1..124
     results = model.generate(prompts, max_new_tokens=4)
     assert all(1 <= len(r.token_ids) <= 4 for r in results)
     model.backend.reset(1)
-    ids = np.ones((1, 64), dtype=np.int64)
-    assert model.backend.step(ids, ids, np.arange(64)[None]).shape == (1, 64, 512)  # exactly max_seq
+    ids = np.ones((1, seq), dtype=np.int64)
+    assert model.backend.step(ids, ids, np.arange(seq)[None]).shape == (1, seq, 512)  # exactly max_seq
 
 
 def test_past_the_bounds_is_a_clear_error(built):
-    model = load(built("qwen2_moe", "auto", max_batch=4, max_seq=64))
+    model = load(built("qwen2_moe", "auto"))
     with pytest.raises(RequestError, match="max_seq"):
-        model.generate([[7] * 60], max_new_tokens=5)
+        model.generate([[7] * (model.manifest.max_seq - 4)], max_new_tokens=5)
     with pytest.raises(RequestError, match="max-batch"):
         model.backend.reset(5)
 
