@@ -229,22 +229,34 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
 }
 
 // ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none.
+// Every attribute is given: a kernel created this way gets no schema defaults (the CUDA Gemm refuses
+// to construct without transA).
 OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType type) {
-  const int64_t one = 1;
-  OrtOpAttr* trans_b = nullptr;
-  if (OrtStatus* status = api->CreateOpAttr("transB", &one, 1, ORT_OP_ATTR_INT, &trans_b)) {
+  const int64_t zero = 0, one = 1;
+  const float alpha = 1.0f, beta = 0.0f;
+  OrtOpAttr* attrs[4] = {};
+  OrtStatus* status = api->CreateOpAttr("transA", &zero, 1, ORT_OP_ATTR_INT, &attrs[0]);
+  if (!status) status = api->CreateOpAttr("transB", &one, 1, ORT_OP_ATTR_INT, &attrs[1]);
+  if (!status) status = api->CreateOpAttr("alpha", &alpha, 1, ORT_OP_ATTR_FLOAT, &attrs[2]);
+  if (!status) status = api->CreateOpAttr("beta", &beta, 1, ORT_OP_ATTR_FLOAT, &attrs[3]);
+  if (status) {
     api->ReleaseStatus(status);
+    for (OrtOpAttr* a : attrs)
+      if (a) api->ReleaseOpAttr(a);
     return nullptr;
   }
   const char* names[1] = {"T"};
   const ONNXTensorElementDataType types[1] = {type};
-  const OrtOpAttr* attrs[1] = {trans_b};
   OrtOp* op = nullptr;
-  if (OrtStatus* status = api->CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 1, 2, 1, &op)) {
+  if (OrtStatus* status = api->CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 4, 2, 1, &op)) {
+    static bool said = false;  // once a process: the op still computes, on our kernels alone
+    if (!said) fprintf(stderr, "moe_compile FusedMoE: ONNX Runtime's Gemm is not available to the op (%s); the shared "
+                       "expert runs on our kernels beyond 4 tokens\n", api->GetErrorMessage(status));
+    said = true;
     api->ReleaseStatus(status);
     op = nullptr;
   }
-  api->ReleaseOpAttr(trans_b);
+  for (OrtOpAttr* a : attrs) api->ReleaseOpAttr(a);
   return op;
 }
 
