@@ -121,13 +121,16 @@ def test_the_shared_expert_moves_into_the_fused_op():
     np.testing.assert_allclose((routed + shared).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["two consumers", "gelu", "no gate"])
+@pytest.mark.parametrize("change", ["two consumers", "gated output read elsewhere", "gelu", "no gate"])
 def test_a_shared_expert_of_another_shape_stays_in_the_graph(change):
     """Anything but the exact pattern keeps the shared expert's nodes; the MoE node is still swapped."""
     model, _ = _shared_expert_model()
     nodes = model.graph.node
     if change == "two consumers":  # the shared expert's output is read elsewhere too
         model.graph.output.append(helper.make_tensor_value_info("d", TensorProto.FLOAT, ["T", 16]))
+    elif change == "gated output read elsewhere":
+        model.graph.node.append(helper.make_node("Neg", ["m"], ["m_neg"]))
+        model.graph.output.append(helper.make_tensor_value_info("m_neg", TensorProto.FLOAT, ["T", 16]))
     elif change == "gelu":
         next(n for n in nodes if n.op_type == "QuickGelu").attribute[0].f = 1.702
     else:

@@ -144,7 +144,7 @@ def _shared_expert(g: _Graph, moe: onnx.NodeProto) -> tuple[list[onnx.NodeProto]
             or list(split_sizes) != [shared_i, shared_i] or g.dims(gate_up.input[1])[1] != 2 * shared_i:
         return None
     inner = [split_shared.output[0], split_shared.output[1], quick_gelu.output[0], act.output[0], down.output[0],
-             sigmoid.output[0], gate_up.output[0], split_router.output[1]]
+             sigmoid.output[0], gate_up.output[0], split_router.output[1], scaled.output[0]]
     if any(len(g.consumers.get(name, [])) != 1 or name in g.outputs for name in inner):
         return None
     replaced = [split_router, sigmoid, gate_up, split_shared, quick_gelu, act, down, scaled, add]
