@@ -251,20 +251,28 @@ def engine_builder(backend: str, lowering: str):
 
 def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     """One sample step through ONNX Runtime against the lowered torch program."""
+    from .quantize.exact import float_activations, qmoe_in_float, rounds_activations
     from .runtime.ort_backend import MissingKernelError, OrtBackend
+
+    rounded = rounds_activations(manifest.quantization)
 
     class Unoptimised(OrtBackend):
         """Runs the graph as written. Optimised, ONNX Runtime's CPU provider would also fold fp32 copies of
         16-bit weights for kernels it has only in fp32: measured, 3.4 GB peak instead of 2.2 GB for 1.4 GB
-        of fp16 weights (docs/BENCHMARKS.md)."""
+        of fp16 weights (docs/BENCHMARKS.md). A build whose quantized ops round activations to int8 (quantized ort
+        form) is checked with them on float activations (quantize/exact.py): its graph and packing exactly."""
 
         def session_options(self, options) -> None:
             import onnxruntime as ort
 
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
+        def model_source(self, options) -> str | bytes:
+            return float_activations(self.out / ONNX_FILE, options) if rounded else super().model_source(options)
+
     try:
-        backend = Unoptimised(out, manifest).activate()
+        with qmoe_in_float() if rounded else contextlib.nullcontext():
+            backend = Unoptimised(out, manifest).activate()
     except MissingKernelError as exc:  # bf16, or fused on an ORT before 1.32, on the CPU: the ONNX is for other runtimes
         log.warning("check skipped: %s", exc)
         return
@@ -293,10 +301,6 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     # In 16 bits a near-tie in a router can pick another expert at one position: that is rounding,
     # not a wrong graph, which moves most positions.
     tolerance, allowed = (1e-4, 0) if manifest.dtype == "fp32" else (5e-2, 1)
-    if manifest.quantization and manifest.quantization["bits"] == 8 and manifest.form == "ort":
-        # the CPU provider's block-wise 8-bit QMoE has no fp32 kernel: it quantizes activations to int8
-        # (the op's documented accuracy_level), about 1% of an MoE layer's output (docs/QUANTIZATION.md)
-        tolerance, allowed = 5e-2, 1
     bad = int((errors > tolerance).sum())
     if bad > allowed:
         raise MoeCompileError(f"check failed: ONNX Runtime differs from the torch program at {bad} of "

@@ -33,11 +33,17 @@ from conftest import ort_form_variants
 ORT_VARIANTS = [v for v in ort_form_variants() if "-" not in v]  # one build per family (CI time)
 PROMPTS = [np.random.default_rng(seed).integers(3, 500, 8).tolist() for seed in range(4)]
 NEW_TOKENS = 64  # 4 prompts x 64 teacher-forced positions = 256
-# int8 on the CPU provider's QMoE: activations quantized to int8 inside the op (no fp32 kernel for block-wise
-# 8-bit experts, onnxruntime 1.32): ~1% of one layer's output (QMOE_INT8), which the chaotic tiny models amplify
-# to 0.04 (Qwen2-MoE) and 0.36 (Qwen3-MoE) relative on the logits, 98% and 94% top-1 agreement with the
-# dequantized reference (measured 2026-12-01). Everything else is exact to float rounding (EXACT).
-EXACT, QMOE_INT8, QMOE_INT8_AGREEMENT = 1e-3, 5e-2, 0.90
+# ort builds round activations to int8 (accuracy_level 4, both widths: QMoE's block-wise 8-bit experts have no fp32
+# kernel on the CPU, and level 4 is the fast one, docs/QUANTIZATION.md): one op is exact to float rounding against the
+# same weights with activations rounded per block of 32 (EXACT), ~0.5-1% against float activations (INT8_ACTIVATIONS).
+# The chaotic tiny models amplify that as they amplify any rounding: tiny Qwen2-MoE int8, 2026-12-01: 84% top-1
+# agreement with the dequantized reference, which itself agrees with fp32 on 84%. So the graph and packing are checked
+# exactly on float activations (quantize/exact.py, as the build's check does), and the shipped graph is held to moving
+# the top-1 no more than rounding the weights to int8 does, within ROUNDING_SLACK: two agreements over 256 positions
+# near 90% each carry ~1.9 points of sampling error, their difference ~2.7 (tiny Qwen3-MoE int4: 87.1% against 90.2%);
+# a wrong layout would sit near chance.
+ROUNDING_SLACK = 0.05
+EXACT, INT8_ACTIVATIONS = 1e-3, 5e-2
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,14 +55,36 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
 
 
+def float_activations_backend(out):
+    """The build's ort-form backend with its quantized ops on float activations (what the build's check runs)."""
+    from moe_compile.export.manifest import ONNX_FILE
+    from moe_compile.quantize.exact import float_activations, qmoe_in_float
+    from moe_compile.runtime.backend import FORMS
+
+    class FloatActivations(FORMS[("ort", "ort")]):
+        def model_source(self, options):
+            return float_activations(self.out / ONNX_FILE, options)
+
+    with qmoe_in_float():
+        return FloatActivations(out, load(out).manifest).activate()
+
+
 def measure(out, checkpoint: str, scheme: str) -> dict:
     """Teacher-forced over fp32 transformers' greedy continuations: the build's logits against fp32 and
-    against the dequantized reference, and the reference's own agreement with fp32."""
+    against the dequantized reference, and the reference's own agreement with fp32. A build that rounds
+    activations (int8 ort) also runs on float activations: `float_*`, its graph and packing alone."""
+    from moe_compile.quantize.exact import rounds_activations
+
     reference = load_model(Path(checkpoint))
     dequantized = load_model(Path(checkpoint))
     fake_quantize(dequantized, Quantization(scheme))
+    int8_weights = load_model(Path(checkpoint))  # a rounding of the size of int8 activations' (the shipped graph's bound)
+    fake_quantize(int8_weights, Quantization("int8"))
     compiled = load(out)
-    ours, fp32, deq = [], [], []
+    backends = {"": compiled.backend}
+    if rounds_activations(compiled.manifest.quantization):
+        backends["float_"] = float_activations_backend(out)
+    ours, fp32, deq, int8 = {key: [] for key in backends}, [], [], []
     with torch.no_grad():
         for prompt in PROMPTS:
             ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -64,24 +92,35 @@ def measure(out, checkpoint: str, scheme: str) -> dict:
             cont = ids[len(prompt):].tolist()
             fp32.append(reference(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
             deq.append(dequantized(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-            ours.append(teacher_forced_logits(compiled.backend, prompt, cont[:-1], compiled.manifest.pad_token_id))
-    ours, fp32, deq = map(np.concatenate, (ours, fp32, deq))
-    return {"positions": len(ours), "agreement_fp32": _agreement(ours, fp32), "kl_fp32": _kl(fp32, ours),
-            "agreement_dequantized": _agreement(ours, deq),
-            "relative_dequantized": float(np.abs(ours - deq).max() / np.abs(deq).max()),
-            "reference_agreement_fp32": _agreement(deq, fp32), "reference_kl_fp32": _kl(fp32, deq)}
+            int8.append(int8_weights(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
+            for key, backend in backends.items():
+                ours[key].append(teacher_forced_logits(backend, prompt, cont[:-1], compiled.manifest.pad_token_id))
+    fp32, deq, int8 = np.concatenate(fp32), np.concatenate(deq), np.concatenate(int8)
+    report = {"positions": len(fp32), "reference_agreement_fp32": _agreement(deq, fp32),
+              "reference_kl_fp32": _kl(fp32, deq), "int8_weights_agreement_fp32": _agreement(int8, fp32)}
+    for key, logits in ours.items():
+        logits = np.concatenate(logits)
+        report.update({f"{key}agreement_fp32": _agreement(logits, fp32), f"{key}kl_fp32": _kl(fp32, logits),
+                       f"{key}agreement_dequantized": _agreement(logits, deq),
+                       f"{key}relative_dequantized": float(np.abs(logits - deq).max() / np.abs(deq).max())})
+    return report
 
 
-def check(report: dict, scheme: str, tolerance: float | None) -> None:
-    """`tolerance` None: the CPU's int8 QMoE, whose activation rounding the logits cannot be held to."""
+def check(report: dict, scheme: str, tolerance: float = EXACT) -> None:
+    """The graph and packing: exact against the dequantized reference (a build whose ops round activations, the
+    ort form, on float activations: `float_*`). The shipped graph of such a build, whose int8 activations the logits
+    cannot be held to, may move the top-1 as much as rounding the weights to int8 does, on top of its own rounding."""
     print(report)  # the issue's figures: agreement and mean KL against fp32 transformers (pytest -s shows them)
     assert report["positions"] == len(PROMPTS) * NEW_TOKENS
-    if tolerance is None:
-        assert report["agreement_dequantized"] >= QMOE_INT8_AGREEMENT, report
-    else:
-        assert report["relative_dequantized"] <= tolerance, report
-        assert report["agreement_dequantized"] >= AGREEMENT[scheme], report
-    assert report["agreement_fp32"] >= report["reference_agreement_fp32"] - 0.03, report
+    weights_only = report["reference_agreement_fp32"]
+    exact = "float_" if "float_relative_dequantized" in report else ""
+    assert report[f"{exact}relative_dequantized"] <= tolerance, report
+    assert report[f"{exact}agreement_dequantized"] >= AGREEMENT[scheme], report
+    assert report[f"{exact}agreement_fp32"] >= weights_only - 0.03, report
+    if exact:  # the shipped graph, int8 activations
+        int8_rounding = report["int8_weights_agreement_fp32"]
+        assert report["agreement_dequantized"] >= int8_rounding - ROUNDING_SLACK, report
+        assert report["agreement_fp32"] >= weights_only + int8_rounding - 1 - ROUNDING_SLACK, report
     assert report["kl_fp32"] > 0, report  # the weights did change
 
 
@@ -123,7 +162,8 @@ def test_weight_classes():
 @pytest.mark.parametrize("renormalize", [0, 1])
 def test_qmoe_runs_the_packed_experts(bits, renormalize):
     """One QMoE node against numpy on the dequantized weights (what the ort-form rewrite emits, routing
-    weights as the MoE node's contract)."""
+    weights as the MoE node's contract). At accuracy level 4 the CPU kernel rounds the inputs of fc1 and fc2 to int8
+    per block of 32: exact to float rounding against numpy doing the same, ~1% against float activations."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -150,14 +190,57 @@ def test_qmoe_runs_the_packed_experts(bits, renormalize):
     d2 = quantize_rows(fc2, bits, 32, np.float32).dequantize()
     probs = np.exp(rs - rs.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    want = np.zeros((t, h), np.float32)
-    for row in range(t):
-        ids = np.argsort(-probs[row])[:k]
-        weights = probs[row, ids] / (probs[row, ids].sum() if renormalize else 1)
-        for expert, weight in zip(ids, weights):
-            g, u = d1[expert, :, 0] @ xs[row], d1[expert, :, 1] @ xs[row]
-            want[row] += weight * (d2[expert] @ (g / (1 + np.exp(-g)) * u))
-    assert np.abs(got - want).max() / np.abs(want).max() <= (EXACT if bits == 4 else QMOE_INT8)
+    def moe(rounded):  # rounded: the activations of both GEMMs rounded as int8 per block of 32 (8 bits)
+        def activation(a):
+            return quantize_rows(a[None], 8, 32, np.float32, np.float32).dequantize()[0] if rounded else a
+
+        want = np.zeros((t, h), np.float32)
+        for row in range(t):
+            ids = np.argsort(-probs[row])[:k]
+            weights = probs[row, ids] / (probs[row, ids].sum() if renormalize else 1)
+            x_row = activation(xs[row])
+            for expert, weight in zip(ids, weights):
+                g, u = d1[expert, :, 0] @ x_row, d1[expert, :, 1] @ x_row
+                want[row] += weight * (d2[expert] @ activation(g / (1 + np.exp(-g)) * u))
+        return want
+
+    want = moe(rounded=True)  # both widths at accuracy level 4 (onnx_rewrite.ACCURACY_LEVEL)
+    assert np.abs(got - want).max() / np.abs(want).max() <= EXACT
+    assert np.abs(got - moe(rounded=False)).max() / np.abs(want).max() <= INT8_ACTIVATIONS
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_runs_the_packed_weight(bits):
+    """One MatMulNBits as the ort-form rewrite emits it, against numpy: accuracy level 4 rounds the activations per
+    block of 32 (symmetric, max/127) before int8 dot products: exact to float rounding against numpy doing the same
+    rounding, ~0.5% against float activations; at level 0 (the build's check), exact on float activations."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from moe_compile.quantize.onnx_rewrite import ACCURACY_LEVEL, _quantize_ort
+
+    rng = np.random.default_rng(bits)
+    t, k, n = 5, 128, 96
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([t, k]))
+    weight = ir.Value(name="w", const_value=ir.tensor(w))
+    matmul = ir.Node("", "MatMul", [x, weight], name="q_proj",
+                     metadata_props={"pkg.torch.onnx.name_scopes": "['', 'model.layers.0.self_attn.q_proj', 'linear']"})
+    matmul.outputs[0].name, matmul.outputs[0].type, matmul.outputs[0].shape = "y", ir.TensorType(ir.DataType.FLOAT), \
+        ir.Shape([t, n])
+    graph = ir.Graph([x], matmul.outputs, nodes=[matmul], initializers=[weight], opset_imports={"": 18, "com.microsoft": 1})
+    assert _quantize_ort(graph, Quantization(f"int{bits}"), {}) == {"QMoE": 0, "MatMulNBits": 1}
+    assert graph.node(0).attributes["accuracy_level"].value == ACCURACY_LEVEL[bits] == 4
+    model = ir.to_proto(ir.Model(graph, ir_version=10))
+    xs = rng.standard_normal((t, k)).astype(np.float32)
+    dequantized = quantize_rows(np.ascontiguousarray(w.T), bits, 32, np.float32).dequantize().T
+    rounded = quantize_rows(xs, 8, 32, np.float32, scale_dtype=np.float32).dequantize()
+    for level, activations in ((4, rounded), (0, xs)):
+        next(a for a in model.graph.node[0].attribute if a.name == "accuracy_level").i = level
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0]
+        want = activations @ dequantized
+        assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5, level
+    assert np.abs(want - rounded @ dequantized).max() / np.abs(want).max() <= INT8_ACTIVATIONS
 
 
 # --- bad requests: one line, before any work ----------------------------------------------------------------
@@ -200,7 +283,7 @@ def test_ort_form_int4(built, checkpoint, variant):
 def test_ort_form_int8(built, checkpoint, variant):
     out = built(variant, form="ort", quantize="int8")
     assert _ops(out)["QMoE"] > 0
-    check(measure(out, str(checkpoint(variant)), "int8"), "int8", None)
+    check(measure(out, str(checkpoint(variant)), "int8"), "int8")
 
 
 # --- portable form: DequantizeLinear, ONNX Runtime and a TensorRT-RTX engine --------------------------------

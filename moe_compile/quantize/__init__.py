@@ -117,8 +117,9 @@ def check_config(quantization: Quantization | None, checkpoint, model_type: str)
 
 def bytes_table(record: dict[str, Any]) -> list[str]:
     """`inspect`'s lines: initializer bytes per weight class before and after quantization."""
+    activations = f", int8 activations (accuracy_level {record['accuracy_level']})" if record.get("accuracy_level") else ""
     lines = [f"quantization: {record['scheme']}, block {record['block_size']}, {record['scale_dtype']} scales, "
-             f"{', '.join(f'{op} {n}' for op, n in record['ops'].items())}",
+             f"{', '.join(f'{op} {n}' for op, n in record['ops'].items())}{activations}",
              f"{'weights':12} {'before':>14} {'after':>14}"]
     rows = record["bytes"]
     for name, row in [*rows.items(), ("total", {k: sum(r[k] for r in rows.values()) for k in ("before", "after")})]:

@@ -5,7 +5,8 @@ ort form (ONNX Runtime's contrib ops, after export/ort_fusions.py):
     MoE(x, logits, fc1 [E,2I,H], -, fc2 [E,H,I])     ─▶ QMoE(x, logits, fc1 codes [E,2I,H·b/8], fc1 scales [E,2I,H/B],
                                                               -, fc2 codes [E,H,I·b/8], fc2 scales [E,H,I/B];
                                                               expert_weight_bits=b, block_size=B, + MoE's attributes)
-    MatMul(x, W [K,N]) | Gemm(x, W [N,K], transB=1)  ─▶ MatMulNBits(x, codes [N,K/B,B·b/8], scales [N,K/B][, bias])
+    MatMul(x, W [K,N]) | Gemm(x, W [N,K], transB=1)  ─▶ MatMulNBits(x, codes [N,K/B,B·b/8], scales [N,K/B][, bias];
+                                                              accuracy_level: ACCURACY_LEVEL)
 
 portable form (standard ops, opset 21; TensorRT reads it):
 
@@ -79,6 +80,21 @@ def bytes_by_class(model: ir.Model) -> dict[str, int]:
 INT4_EXPERTS_IN_INT8 = "TensorRT-RTX 1.7.1 aborts building an engine from int4 3-D DequantizeLinear weights"
 
 
+# accuracy_level of the ort form's ops: 4 (int8 activations, rounded per block of the weights' block size, in int8
+# dot products) at both widths, the scheme of llama.cpp's q8_0 and q4_0 (whose dot products take q8_0 activations).
+# onnxruntime's CPU provider reads it; its CUDA kernels do not (the onnxruntime-gpu 1.31.1 CUDA library holds no
+# "accuracy_level" string: fp16/bf16 activations there). Measured on this project's CPU benchmark (qwen2-moe-bench,
+# onnxruntime 1.32, docs/QUANTIZATION.md): 8 bits at level 0, MatMulNBits dequantizes its whole weight to fp32 on every
+# call (2.6-4.1 tok/s decode; QMoE's 8-bit experts have no fp32 kernel and round activations at every level); 4 bits,
+# level 4 on both ops decodes ~30% faster than level 0 (level 4 on either op alone: no gain). The build's check runs
+# the same ops on float activations (quantize/exact.py), so graph and packing stay exactly checked.
+ACCURACY_LEVEL = {8: 4, 4: 4}
+ACCURACY_WHY = ("int8 activations (accuracy_level 4) in MatMulNBits and QMoE, as llama.cpp's q8_0/q4_0 dot products: "
+                "onnxruntime 1.32's CPU 8-bit MatMulNBits at level 0 dequantizes its whole weight every call and its 8-bit "
+                "QMoE has no fp32 kernel; 4-bit decodes ~30% faster at level 4 (docs/QUANTIZATION.md). The CUDA provider "
+                "ignores accuracy_level (fp16/bf16 activations)")
+
+
 def quantize_model(model: ir.Model, quantization: Quantization, form: str, engine: bool = False) -> dict:
     """Rewrite `model` (ort or portable form); returns the manifest's quantization record. `engine`: a
     TensorRT engine will be built from it (portable form: int4 experts stored as int8, INT4_EXPERTS_IN_INT8)."""
@@ -93,6 +109,9 @@ def quantize_model(model: ir.Model, quantization: Quantization, form: str, engin
     record = quantization.record()
     if ops.get("int4_in_int8"):
         record["int4_in_int8"] = INT4_EXPERTS_IN_INT8
+    if form == "ort":
+        record["accuracy_level"] = ACCURACY_LEVEL[quantization.bits]
+        record["accuracy_level_reason"] = ACCURACY_WHY
     record.update(ops=ops, unquantized=unquantized,
                   bytes={c: {"before": before.get(c, 0), "after": after.get(c, 0)} for c in sorted({*before, *after})})
     log.info("[quantize] %s: %s", quantization.scheme, ", ".join(f"{k}={v}" for k, v in ops.items()))
@@ -115,6 +134,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
     counts = {"QMoE": 0, "MatMulNBits": 0}
     bits, block = quantization.bits, quantization.block_size
+    level = ACCURACY_LEVEL[bits]
     for node in list(graph):
         cls = node_weight_class(node)
         if node.op_type == "MoE" and node.domain == "com.microsoft":
@@ -142,7 +162,9 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
                 graph.insert_before(node, softmax)
                 softmax.outputs[0].name = f"{name}_probs_out"
                 inputs += [None] * 6 + [softmax.outputs[0]]  # fc3 weights/scales/bias, 3 zero points, router_weights
-            attrs = [*node.attributes.values(), ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block)]
+            attrs = [*node.attributes.values(), ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block),
+                     ir.AttrInt64("accuracy_level", level),
+                     ir.AttrInt64("weights_prepacked", 0)]  # the raw [E, N, K·b/8] codes (CUDA's default -1: CUTLASS's)
             _replace(graph, node, ir.Node("com.microsoft", "QMoE", inputs, attributes=attrs, name=f"{name}_q{bits}",
                                           metadata_props=dict(node.metadata_props)))
             counts["QMoE"] += 1
@@ -161,7 +183,8 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
                       _initializer(graph, f"{name}.scales", scales)]
             if bias is not None:
                 inputs += [None, None, bias]
-            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block)]
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block),
+                     ir.AttrInt64("accuracy_level", level)]
             _replace(graph, node, ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attrs, name=f"{name}_q{bits}",
                                           metadata_props=dict(node.metadata_props)))
             counts["MatMulNBits"] += 1
