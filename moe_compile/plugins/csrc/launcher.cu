@@ -53,16 +53,23 @@ size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 size_t dtype_bytes(int d) { return d == MOE_DTYPE_F32 ? 4 : 2; }
 
+// Hands out 256-byte aligned pieces from base in order (base nullptr: only counts the bytes).
+struct Carver {
+  char* base;
+  size_t off = 0;
+  char* take(size_t bytes) {
+    char* ptr = base ? base + off : nullptr;
+    off += align_up(bytes);
+    return ptr;
+  }
+};
+
 // Lays the pieces out from base (nullptr = only count bytes).
 size_t carve(const Problem& p, char* base, Workspace* ws) {
   const int tile_m = gemm_tile_m(p);
   const size_t chunks = ceil_div(p.P, kPermuteChunk);
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    char* ptr = base ? base + off : nullptr;
-    off += align_up(bytes);
-    return ptr;
-  };
+  Carver c{base};
+  auto take = [&](size_t bytes) { return c.take(bytes); };
   Workspace w;
   w.topk_ids = reinterpret_cast<int32_t*>(take(4 * p.P));
   w.topk_w = reinterpret_cast<float*>(take(4 * p.P));
@@ -76,7 +83,7 @@ size_t carve(const Problem& p, char* base, Workspace* ws) {
   w.act = take(dtype_bytes(p.dtype) * p.P * p.I);
   w.y = !use_decode_path(p) ? take(dtype_bytes(p.dtype) * p.P * p.H) : nullptr;
   if (ws) *ws = w;
-  return off;
+  return c.off;
 }
 
 // The shared expert beside the routed problem p. Up to kSharedGemvTokens: inside the GEMV kernels
@@ -94,12 +101,8 @@ struct SharedPlan {
 size_t carve_shared(const Problem& p, const moe_shared_expert& s, char* base, SharedPlan* plan) {
   SharedPlan sp{};
   sp.gemv = p.T <= kSharedGemvTokens;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    char* ptr = base ? base + off : nullptr;
-    off += align_up(bytes);
-    return ptr;
-  };
+  Carver c{base};
+  auto take = [&](size_t bytes) { return c.take(bytes); };
   sp.kernels = Shared{s.gate_up, s.down, s.gate_logits, (int)s.intermediate,
                       s.gate_up_layout == MOE_GATE_UP_INTERLEAVED, nullptr};
   if (sp.gemv) {
@@ -114,18 +117,20 @@ size_t carve_shared(const Problem& p, const moe_shared_expert& s, char* base, Sh
     sp.p.gate_up_interleaved = sp.kernels.interleaved;
     sp.zero_logits = reinterpret_cast<float*>(take(4 * p.T));
     sp.y = take(dtype_bytes(p.dtype) * p.T * p.H);
-    off += carve(sp.p, base ? base + off : nullptr, &sp.ws);
+    c.off += carve(sp.p, base ? base + c.off : nullptr, &sp.ws);
   }
   if (plan) *plan = sp;
-  return off;
+  return c.off;
 }
 
-bool valid_shared(const moe_shared_expert* s) {
+// Sizes and layout only (what workspace sizing needs); forward also wants the pointers.
+bool valid_shared_shape(const moe_shared_expert* s) {
   if (!s) return true;
   if (s->intermediate < 8 || s->intermediate % 8 || s->intermediate > INT32_MAX) return false;
-  if (s->gate_up_layout != MOE_GATE_UP_CONCATENATED && s->gate_up_layout != MOE_GATE_UP_INTERLEAVED) return false;
-  return s->gate_up && s->down;
+  return s->gate_up_layout == MOE_GATE_UP_CONCATENATED || s->gate_up_layout == MOE_GATE_UP_INTERLEAVED;
 }
+
+bool valid_shared(const moe_shared_expert* s) { return valid_shared_shape(s) && (!s || (s->gate_up && s->down)); }
 
 size_t total_bytes(const Problem& p, const moe_shared_expert* s) {
   return carve(p, nullptr, nullptr) + (s ? carve_shared(p, *s, nullptr, nullptr) : 0);
@@ -178,7 +183,7 @@ extern "C" size_t moe_compile_workspace_size(const moe_shape* shape, const moe_r
                                              const moe_shared_expert* shared) {
   Problem p;
   if (!make_problem(shape, routing, &p)) return 0;
-  if (shared && (shared->intermediate < 8 || shared->intermediate % 8)) return 0;
+  if (!valid_shared_shape(shared)) return 0;
   return total_bytes(p, shared);
 }
 
