@@ -11,7 +11,7 @@ data file: the swap touches the graph, never the files of the build.
 
 A shared expert beside the MoE node (Qwen2-MoE: gate/up MatMul, Split, SiLU, Mul, down Gemm, times the
 sigmoid of its gate, added to the MoE output) moves into the same op: at batch 1 its columns stream
-while the routing warp works, and its rows join the down kernel's sums (H200, A2.7B shape, fp16,
+while the routing warp works, and its rows join the down kernel's sums (H200, 2026-12-01, A2.7B shape, fp16,
 CUDA-graph replays: 46 µs a layer for routed + shared experts against 71 µs with the shared expert
 as cuBLAS GEMMs and five small kernels; bench/bench_fused_moe.py --shared). Nine nodes a layer go.
 
