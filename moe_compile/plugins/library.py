@@ -167,7 +167,7 @@ def to_float(src: int, dtype: Dtype, dst: int, rows: int, cols: int, stream: int
 
 
 def streams_shared(shape: _Shape) -> bool:
-    """Whether forward streams a shared expert inside the routed GEMV kernels at this shape."""
+    """Whether forward streams a shared expert inside the routed decode kernels at this shape."""
     return bool(load().moe_compile_streams_shared(ctypes.byref(shape)))
 
 

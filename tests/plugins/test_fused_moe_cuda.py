@@ -22,6 +22,10 @@ TOKENS = [1, 3, 16, 128, 1000, 4096]
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 DTYPE_ENUM = {torch.float32: Dtype.F32, torch.float16: Dtype.F16, torch.bfloat16: Dtype.BF16}
 
+# The decode kernels (tensor-core GEMV for 16-bit weights, FMA GEMV for fp32) or the grouped GEMM, for
+# any T up to 16, by the launcher's per-call switch.
+PATHS = {"decode": "16", "gemm": "0"}
+
 
 @functools.lru_cache(maxsize=1)  # one shape's weights on the GPU at a time (Mixtral fp32: 5.6 GB)
 def _weights(shape_name, dtype):
@@ -121,6 +125,16 @@ def test_sigmoid_group_routing_matches_reference(shape_name, num_tokens, dtype):
     _check_case(shape_name, num_tokens, dtype, SIGMOID_ROUTING[shape_name])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("num_tokens", [2, 8, 9, 16])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_decode_kernels_match_reference(shape_name, num_tokens, dtype, monkeypatch):
+    """Both decode kernels (tensor-core GEMV for bf16: one and two n-tiles of 8 tokens; FMA GEMV for fp32)
+    at every token count they take, every model shape, whatever the default crossover."""
+    monkeypatch.setenv("MOE_COMPILE_DECODE_MAX_TOKENS", PATHS["decode"])
+    _check_case(shape_name, num_tokens, dtype, SOFTMAX_ROUTING[shape_name])
+
+
 def test_fake_kernel_gives_the_output_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -137,7 +151,7 @@ def test_fake_kernel_gives_the_output_shape():
 def test_interleaved_gate_up_gives_the_same_bits(num_tokens, dtype):
     """com.microsoft:MoE stores gate/up rows interleaved (g0, u0, g1, ...); the TensorRT plugin
     passes that layout straight to the kernels. Same products in the same order: same bits, on
-    the GEMV (T <= 4), tensor-core and fp32 paths."""
+    the decode (T <= 16 in bf16, 4 in fp32), grouped-GEMM and fp32 paths."""
     name = "qwen1.5-moe-a2.7b"
     s, routing = SHAPES[name], SOFTMAX_ROUTING[name]
     gate_up, down = _weights(name, dtype)
@@ -152,13 +166,15 @@ def test_interleaved_gate_up_gives_the_same_bits(num_tokens, dtype):
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("num_tokens", [1, 3, 8, 16, 300])
-def test_shared_expert_matches_reference(num_tokens, dtype, gated, monkeypatch):
-    """Qwen1.5-MoE-A2.7B's shared expert (I_s = 5632 = 4 routed widths) beside its routed experts: inside the
-    GEMV kernels up to 8 tokens (T = 1 and 3 with the routed experts, T = 8 after the grouped GEMM), as a
-    one-expert problem of its own beyond; against the float64 reference, every element written, two runs
-    bitwise identical. At T = 1 the in-kernel and the grouped-GEMM path agree."""
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 9, 16, 300])
+def test_shared_expert_matches_reference(num_tokens, dtype, path, gated, monkeypatch):
+    """Qwen1.5-MoE-A2.7B's shared expert (I_s = 5632 = 4 routed widths) beside its routed experts, on every
+    path: inside the decode kernels (tensor-core GEMV up to 16 tokens, 8 per n-tile; FMA GEMV up to 8), after
+    the grouped GEMM, and as a one-expert problem of its own beyond; against the float64 reference, every
+    element written, two runs bitwise identical. At T = 1 the in-kernel and the grouped-GEMM path agree."""
+    monkeypatch.setenv("MOE_COMPILE_DECODE_MAX_TOKENS", PATHS[path])
     name = "qwen1.5-moe-a2.7b"
     s, routing = SHAPES[name], SOFTMAX_ROUTING[name]
     gate_up, down = _weights(name, dtype)
@@ -183,7 +199,7 @@ def test_shared_expert_matches_reference(num_tokens, dtype, gated, monkeypatch):
     rel = ((first.double() - expected).norm() / expected.norm()).item()
     print(f"CASE shared T={num_tokens} {str(dtype).removeprefix('torch.')} gated={gated} rel_err={rel:.2e}")
     assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
-    if num_tokens == 1:
+    if num_tokens == 1 and path != "gemm":
         monkeypatch.setenv("MOE_COMPILE_DECODE_MAX_TOKENS", "0")  # the separate (grouped GEMM) path
         apart = _run_kernel(hidden, logits, None, gate_up, down, routing, shared=shared)
         rel_apart = ((apart.double() - expected).norm() / expected.norm()).item()

@@ -11,10 +11,10 @@ ROUTING = Routing(RoutingKind.SOFTMAX_TOPK, top_k=4)
 
 
 def test_workspace_grows_with_tokens_and_prefill_adds_expert_outputs():
-    sizes = [library.workspace_size(library.shape_c(t, 2048, 1408, 60, Dtype.BF16), ROUTING) for t in (1, 4, 5, 4096)]
+    sizes = [library.workspace_size(library.shape_c(t, 2048, 1408, 60, Dtype.BF16), ROUTING) for t in (1, 16, 17, 4096)]
     assert sizes == sorted(sizes) and sizes[0] > 0
-    # Past the decode threshold (T=4 by default) the grouped-GEMM path also keeps y [T*K, H].
-    assert sizes[2] - sizes[1] >= 5 * 4 * 2048 * 2
+    # Past the decode threshold (16 tokens for 16-bit weights) the grouped-GEMM path also keeps y [T*K, H].
+    assert sizes[2] - sizes[1] >= 17 * 4 * 2048 * 2
 
 
 @pytest.mark.parametrize("shape, routing, reason", [
@@ -64,7 +64,11 @@ def test_shared_expert_workspace():
 
 
 def test_the_shared_expert_streams_with_the_routed_kernels_only_in_decode():
-    """Batch-1 decode and up to 4 tokens (the GEMV path's default): inside; prefill and larger batches: apart,
-    where the ONNX Runtime op runs it on cuBLAS (plugins/ort_csrc)."""
-    streams = [library.streams_shared(library.shape_c(t, 2048, 1408, 60, Dtype.F16)) for t in (1, 4, 5, 8, 128)]
-    assert streams == [True, True, False, False, False]
+    """Decode: inside, up to 16 tokens for 16-bit weights (the tensor-core GEMV) and 4 for fp32 (the FMA
+    GEMV's default); prefill and larger batches: apart, where the ONNX Runtime op runs it on cuBLAS
+    (plugins/ort_csrc)."""
+    tokens = (1, 4, 5, 8, 16, 17, 128)
+    streams = {dtype: [library.streams_shared(library.shape_c(t, 2048, 1408, 60, dtype)) for t in tokens]
+               for dtype in (Dtype.F16, Dtype.BF16, Dtype.F32)}
+    assert streams[Dtype.F16] == streams[Dtype.BF16] == [True] * 5 + [False] * 2
+    assert streams[Dtype.F32] == [True, True, False, False, False, False, False]

@@ -1,5 +1,6 @@
-// Decode path (T <= kDecodeMaxTokens): GEMV kernels that stream each selected expert's weights
-// exactly once, whatever number of tokens chose it.
+// Decode path on CUDA cores (fp32 weights, and the routing gate/up launch at T = 1 for every
+// dtype; 16-bit weights' other decode launches are decode_mma.cu): GEMV kernels that stream each
+// selected expert's weights exactly once, whatever number of tokens chose it.
 //   gate_up: block (expert tile, 8 output columns), warp = one gate row + its up row, all the
 //            expert's tokens at once                                   -> act [P, I]
 //   down+sum: block = 4 rows of H over every active expert; warps take (expert, 2 rows) items,
@@ -7,7 +8,7 @@
 //   T = 1:   routing moves into gate_up (no launch of its own): every block routes the token with
 //            one warp, block 0 writes the tables down+sum reads, and the grid (as many blocks as fit
 //            on the GPU at once) streams (expert, column) items in a grid-stride loop.
-//   shared expert (T <= kSharedGemvTokens): its gate/up columns are more tiles of gate_up (at T = 1
+//   shared expert (launcher.cu's shared_stream_tokens): its gate/up columns are more tiles of gate_up (at T = 1
 //            streamed by the other 7 warps while one routes), its down rows more items of down+sum,
 //            in chunks of I; each token's sum gets g_t times its term.
 #include "common.cuh"
@@ -368,23 +369,15 @@ void dispatch_tokens(const Problem& p, const void* x, const void* wgu, const voi
   else launch_decode<T, kDecodeMaxTokens>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
 }
 
-template <typename... Args>
-void dispatch_dtype(const Problem& p, Args... args) {
-  switch (p.dtype) {
-    case MOE_DTYPE_F32: dispatch_tokens<float>(p, args...); break;
-    case MOE_DTYPE_F16: dispatch_tokens<__half>(p, args...); break;
-    case MOE_DTYPE_BF16: dispatch_tokens<__nv_bfloat16>(p, args...); break;
-  }
-}
-
+// fp32 only: 16-bit weights take the tensor-core kernels (launcher.cu: use_mma).
 void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
                            const Shared& shared, bool routed, cudaStream_t s) {
-  dispatch_dtype(p, x, w_gate_up, (const void*)nullptr, ws, shared, routed, (void*)nullptr, s, true);
+  dispatch_tokens<float>(p, x, w_gate_up, nullptr, ws, shared, routed, nullptr, s, true);
 }
 
 void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
                             bool routed, void* out, cudaStream_t s) {
-  dispatch_dtype(p, (const void*)nullptr, (const void*)nullptr, w_down, ws, shared, routed, out, s, false);
+  dispatch_tokens<float>(p, nullptr, nullptr, w_down, ws, shared, routed, out, s, false);
 }
 
 }  // namespace moe

@@ -8,10 +8,11 @@
 
 namespace moe {
 
-constexpr int kDecodeMaxTokens = 16;     // the GEMV kernels handle up to this many tokens
-constexpr int kSharedGemvTokens = 8;    // a shared expert at T up to this streams through the GEMV kernels
-constexpr int kDecodeDefaultTokens = 4;  // T at or below this takes them by default: measured on the
-                                         // H100, the grouped GEMM streams weights faster from T=8 on
+constexpr int kDecodeMaxTokens = 16;  // the decode kernels handle up to this many tokens; 16-bit weights
+                                      // take them that far by default (tensor-core GEMV, launcher.cu)
+constexpr int kFmaDecodeTokens = 4;   // fp32 (FMA GEMV) takes them up to this by default: measured on
+                                      // the H100, the grouped GEMM streams weights faster from T=8 on
+constexpr int kSharedFmaTokens = 8;   // the FMA GEMV streams a shared expert up to this many tokens
 constexpr int kMaxExperts = 1024;    // moe_shape.num_experts bound (fused_moe.h)
 constexpr int kPermuteChunk = 256;    // routing entries per block in the prefill permutation
 
@@ -45,7 +46,7 @@ struct Workspace {
 };
 
 // The shared expert as the GEMV kernels see it (fused_moe.h: moe_shared_expert); gate_up null =
-// none. Beyond kSharedGemvTokens it runs as a one-expert problem of its own (launcher.cu).
+// none. Beyond launcher.cu's shared_stream_tokens it runs as a one-expert problem of its own.
 struct Shared {
   const void* gate_up;       // [2I, H]
   const void* down;          // [H, I]
@@ -70,7 +71,7 @@ void launch_route_permute_small(const Problem& p, const float* logits, const flo
 // Prefill: permutation + tile table from ws.topk_ids, three launches, no host sync.
 void launch_permute(const Problem& p, const Workspace& ws, int tile_m, cudaStream_t s);
 
-// shared.gate_up non-null: its columns are more tiles; routed = false: only those.
+// FMA GEMV (fp32 weights). shared.gate_up non-null: its columns are more tiles; routed = false: only those.
 void launch_decode_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
                            const Shared& shared, bool routed, cudaStream_t s);
 // T = 1: routing and the tables of a one-token permutation inside the gate/up GEMV (one launch);
@@ -81,6 +82,11 @@ void launch_decode1_route_gate_up(const Problem& p, const void* x, const float* 
 // those, added to out.
 void launch_decode_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
                             bool routed, void* out, cudaStream_t s);
+// The same two steps on tensor cores (decode_mma.cu; fp16/bf16 only), same arguments.
+void launch_mma_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
+                        const Shared& shared, bool routed, cudaStream_t s);
+void launch_mma_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
+                         bool routed, void* out, cudaStream_t s);
 // out[t] += g_t * y[t] (g_t = sigmoid(gate_logits[t]), or 1): the shared expert's term for T > 1.
 void launch_add_shared(const Problem& p, const void* y, const float* gate_logits, void* out, cudaStream_t s);
 

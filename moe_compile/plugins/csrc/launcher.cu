@@ -6,18 +6,20 @@
 //        |                                      |
 //   permute: count | scan -> tile table | place (stable, no host sync)
 //        |                                      |
-//        +--- T <= 4 (decode; up to 16 by env) -----------------------------+
-//        |  route+permute fused in 1 block (T = 1: inside decode_gate_up)   |
-//        |  decode_gate_up: stream each chosen expert's [2I,H] once -> act  |
-//        |  decode_down_sum: stream [H,I] once, weight, sum per token -> out|
-//        |                                                                  |
+//        +--- decode: T <= 16 (16-bit weights) or 4 (fp32) ---------------------+
+//        |  route+permute fused in 1 block (T = 1: inside the FMA gate/up GEMV)   |
+//        |  gate_up: stream each chosen expert's [2I,H] once -> act             |
+//        |  down+sum: stream [H,I] once, weight, sum per token -> out           |
+//        |  16-bit: tensor-core GEMV (decode_mma.cu); fp32: FMA GEMV (decode.cu)|
+//        |                                                                      |
 //        +--- otherwise (prefill) ------------------------------------------+
 //           gemm gate_up (rows gathered via perm_entry, silu*up epilogue) -> act [P,I]
 //           gemm down                                                     -> y   [P,H]
 //           unpermute: out[t] = sum_k w[t,k] y[pos(t,k)], fixed k order   -> out [T,H]
 //
-//   shared expert: T <= 8, more tiles and items of the decode kernels (after the grouped GEMM: its
-//   own two GEMV launches, added to out); beyond, a one-expert problem -> y_s; out += g_t * y_s
+//   shared expert: T <= 16 (16-bit) or 8 (fp32), more tiles and items of the decode kernels (after the
+//   grouped GEMM: their own two launches, added to out); beyond, a one-expert problem -> y_s;
+//   out += g_t * y_s
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -26,15 +28,24 @@
 
 namespace moe {
 
-// T at or below which the GEMV path runs: kDecodeDefaultTokens, or MOE_COMPILE_DECODE_MAX_TOKENS
-// (0..kDecodeMaxTokens; read per call, so that one process can sweep the crossover).
-int decode_max_tokens() {
+// 16-bit weights decode on tensor cores (decode_mma.cu), fp32 ones on the FMA GEMV (decode.cu).
+// H200, A2.7B shape, fp16: the tensor-core kernels won at every T from 1 to 16 (T = 8: 146 against
+// 178 µs, and against 160 on the grouped GEMM; docs/FUSED_MOE.md), so they take T up to 16.
+bool use_mma(const Problem& p) { return p.dtype != MOE_DTYPE_F32; }
+
+// T at or below which the decode kernels run: kDecodeMaxTokens on tensor cores, kFmaDecodeTokens
+// on the FMA GEMV, or MOE_COMPILE_DECODE_MAX_TOKENS (0..kDecodeMaxTokens; read per call, so that one
+// process can sweep the crossover).
+int decode_max_tokens(const Problem& p) {
   const char* env = getenv("MOE_COMPILE_DECODE_MAX_TOKENS");
-  const int n = env ? atoi(env) : kDecodeDefaultTokens;
+  const int n = env ? atoi(env) : use_mma(p) ? kDecodeMaxTokens : kFmaDecodeTokens;
   return n < 0 ? 0 : n > kDecodeMaxTokens ? kDecodeMaxTokens : n;
 }
 
-bool use_decode_path(const Problem& p) { return p.T <= decode_max_tokens(); }
+bool use_decode_path(const Problem& p) { return p.T <= decode_max_tokens(p); }
+
+// Tokens up to which the shared expert streams through the decode kernels.
+int shared_stream_tokens(const Problem& p) { return use_mma(p) ? kDecodeMaxTokens : kSharedFmaTokens; }
 
 int gemm_tile_m(const Problem& p) {
   if (use_decode_path(p)) return kDecodeMaxTokens;  // one tile per active expert
@@ -86,7 +97,7 @@ size_t carve(const Problem& p, char* base, Workspace* ws) {
   return c.off;
 }
 
-// The shared expert beside the routed problem p. Up to kSharedGemvTokens: inside the GEMV kernels
+// The shared expert beside the routed problem p. Up to shared_stream_tokens: inside the decode kernels
 // (needs only its activation rows). Otherwise a problem of its own, one expert that every token
 // picks with weight 1 (softmax of one logit, zeros here), run into y, then added.
 struct SharedPlan {
@@ -100,7 +111,7 @@ struct SharedPlan {
 
 size_t carve_shared(const Problem& p, const moe_shared_expert& s, char* base, SharedPlan* plan) {
   SharedPlan sp{};
-  sp.gemv = p.T <= kSharedGemvTokens;
+  sp.gemv = p.T <= shared_stream_tokens(p);
   Carver c{base};
   auto take = [&](size_t bytes) { return c.take(bytes); };
   sp.kernels = Shared{s.gate_up, s.down, s.gate_logits, (int)s.intermediate,
@@ -206,20 +217,30 @@ void run_routed(const Problem& p, const void* hidden, const float* router_logits
                 const void* gate_up, const void* down, void* out, const Workspace& ws, const Shared& shared,
                 cudaStream_t s) {
   const int tile_m = gemm_tile_m(p);
-  if (use_decode_path(p) && p.T == 1) {
+  const bool mma = use_mma(p);
+  if (use_decode_path(p) && p.T == 1) {  // gate/up on the FMA GEMV, which routes inside
     launch_decode1_route_gate_up(p, hidden, router_logits, expert_bias, gate_up, ws, shared, s);
-    launch_decode_down_sum(p, down, ws, shared, true, out, s);
+    if (mma) launch_mma_down_sum(p, down, ws, shared, true, out, s);
+    else launch_decode_down_sum(p, down, ws, shared, true, out, s);
   } else if (use_decode_path(p)) {
     launch_route_permute_small(p, router_logits, expert_bias, ws, tile_m, s);
-    launch_decode_gate_up(p, hidden, gate_up, ws, shared, true, s);
-    launch_decode_down_sum(p, down, ws, shared, true, out, s);
+    if (mma) {
+      launch_mma_gate_up(p, hidden, gate_up, ws, shared, true, s);
+      launch_mma_down_sum(p, down, ws, shared, true, out, s);
+    } else {
+      launch_decode_gate_up(p, hidden, gate_up, ws, shared, true, s);
+      launch_decode_down_sum(p, down, ws, shared, true, out, s);
+    }
   } else {
     launch_route(p, router_logits, expert_bias, ws.topk_ids, ws.topk_w, s);
     launch_permute(p, ws, tile_m, s);
     launch_gemm_gate_up(p, hidden, gate_up, ws, tile_m, s);
     launch_gemm_down(p, down, ws, tile_m, s);
     launch_unpermute(p, ws, out, s);
-    if (shared.gate_up) {  // the GEMV kernels again, for the shared expert alone, added to out
+    if (shared.gate_up && mma) {  // the decode kernels again, for the shared expert alone, added to out
+      launch_mma_gate_up(p, hidden, nullptr, ws, shared, false, s);
+      launch_mma_down_sum(p, nullptr, ws, shared, false, out, s);
+    } else if (shared.gate_up) {
       launch_decode_gate_up(p, hidden, nullptr, ws, shared, false, s);
       launch_decode_down_sum(p, nullptr, ws, shared, false, out, s);
     }
@@ -257,7 +278,10 @@ extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* ro
 
 extern "C" int moe_compile_streams_shared(const moe_shape* shape) {
   if (!shape) return 0;
-  return shape->num_tokens <= kSharedGemvTokens && shape->num_tokens <= decode_max_tokens();
+  Problem p{};
+  p.T = (int)shape->num_tokens;
+  p.dtype = static_cast<moe_dtype>(shape->dtype);
+  return p.T <= shared_stream_tokens(p) && p.T <= decode_max_tokens(p);
 }
 
 extern "C" const char* moe_compile_status_string(int status) {
