@@ -63,8 +63,18 @@ def lowerings_for(variant: str) -> list[str]:
 MATRIX_MODULES = {"test_parity.py": None, "test_trt.py": None, "test_fused.py": "fused", "test_ort_form.py": "ort"}
 
 
+# The tests that load the fused-MoE kernel library, which nvcc builds on first use (~3 min of CI, every target
+# architecture) under a file lock: one group, run after the build on its worker. Apart, the rebuild test waited for
+# the lock on the other worker, idle, for the whole build (144 s of CI's 2594), as did the first ABI test.
+KERNEL_LIBRARY_TESTS = {"test_build.py::test_builds_every_target_architecture",
+                        "test_build.py::test_rebuild_is_skipped_when_sources_are_unchanged",
+                        "test_library_abi.py", "test_trt_plugin.py::test_workspace_holds_fp32_logits_and_the_launcher_workspace"}
+
+
 def build_group(item) -> str | None:
-    """The name of the build a matrix test reads, or None for any other test."""
+    """The name of the build a matrix test reads (or `kernel-library`), or None for any other test."""
+    if item.path.name in KERNEL_LIBRARY_TESTS or f"{item.path.name}::{item.originalname}" in KERNEL_LIBRARY_TESTS:
+        return "kernel-library"
     params = getattr(getattr(item, "callspec", None), "params", {})
     if item.path.name not in MATRIX_MODULES or "variant" not in params:
         return None
