@@ -10,9 +10,21 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from moe_compile.models import FAMILIES
-from moe_compile.models.spec import Routing
-from moe_compile.passes import LOWERINGS
+# One CPU thread per pytest-xdist worker (CI: `-n auto`, a worker per core), set before torch loads, inherited by the
+# CLI subprocesses. torch's OpenMP pool takes every core by default, so a worker's parallel regions wait for a core
+# that the other worker's nvcc, engine builder or ONNX Runtime threads hold: a build beside one busy core took 108 s
+# with 2 threads, 56 s with 1 (alone, 54 s and 57 s; transformers' greedy reference 8.5 s and 1.5 s).
+_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
+import torch  # noqa: E402
+
+from moe_compile.models import FAMILIES  # noqa: E402
+from moe_compile.models.spec import Routing  # noqa: E402
+from moe_compile.passes import LOWERINGS  # noqa: E402
+
+if os.environ["OMP_NUM_THREADS"] == str(_THREADS):  # in case torch was loaded before this file
+    torch.set_num_threads(_THREADS)
 
 # Family variants the parity matrix covers: every registered family, plus config switches
 # that change the routing semantics.
