@@ -106,6 +106,18 @@ def test_floor_bytes_of_moe_nodes(built, form):
     assert f.total(1, 10) == pytest.approx(a.total(1, 10), rel=1e-2)
 
 
+def test_floor_bytes_of_quantized_experts(built):
+    """com.microsoft:QMoE reads packed codes and block scales: the same routed experts and top-k as the
+    unquantized build, each layer's bytes those of its quantized tensors (4-bit codes + fp32 scales per
+    block of 32: 0.625 bytes a weight against 4), so the step reads far less."""
+    plain, quantized = built("qwen2_moe", form="ort"), built("qwen2_moe", form="ort", quantize="int4")
+    p, q = step_bytes(plain, read_manifest(plain)), step_bytes(quantized, read_manifest(quantized))
+    assert [(layer.experts, layer.top_k) for layer in q.experts] == [(layer.experts, layer.top_k) for layer in p.experts]
+    for fp, packed in zip(p.experts, q.experts):
+        assert packed.bytes == pytest.approx(fp.bytes * 0.625 / 4, rel=0.02)
+    assert q.total(1, 10) < p.total(1, 10) / 2
+
+
 def test_bench_of_an_ort_form_build(built):
     """The ort form's greedy steps (ArgMax in the graph) through the same grid."""
     out = built("qwen2_moe", form="ort")

@@ -14,8 +14,8 @@ Bytes a decode step must read at batch B with P tokens in the cache, counted fro
 - the KV cache: B·P positions of every layer's key and value, in the build's dtype.
 
 Not counted: activations, logits, the one KV row a step writes. Expert tensors are the initializers
-named under a MoE layer of the manifest (`layers`), or the weights a `com.microsoft:MoE` node reads
-(its `k` attribute is that layer's top-k). Elsewhere E is the expert tensors' first dim and k the K of
+named under a MoE layer of the manifest (`layers`), or the weights a `com.microsoft:MoE` or `QMoE` node
+reads (its `k` attribute is that layer's top-k; a quantized build's experts count at their packed size). Elsewhere E is the expert tensors' first dim and k the K of
 the router's TopK over E entries (the manifest's `family["top_k"]` first, where a build records it).
 
 Bandwidth convention (as docs/BENCHMARKS.md's copy figure): bytes read + bytes written per second of
@@ -126,16 +126,21 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
+# The expert tensors among an op's inputs: MoE's fc1/fc2/fc3 weights and biases; QMoE's codes, scales,
+# biases and zero points (its input 14, the router weights, is an activation).
+_EXPERT_INPUTS = {"MoE": slice(2, 8), "QMoE": slice(2, 14)}
+
+
 def _fused_layers(graphs, sizes: dict[str, int], dims: dict[str, list[int]]) -> list[ExpertLayer]:
-    """The weights each com.microsoft:MoE node reads (inputs 2.., traced back through the ops that
-    prepare them, e.g. the gate/up interleave), and its k."""
+    """The weights each com.microsoft:MoE or QMoE node reads (inputs 2.., traced back through the ops
+    that prepare them, e.g. the gate/up interleave; QMoE's packed codes and block scales), and its k."""
     producers = {o: n for g in graphs for n in g.node for o in n.output}
     layers = []
     for node in (n for g in graphs for n in g.node):
-        if node.op_type != "MoE" or node.domain != "com.microsoft":
+        if node.op_type not in _EXPERT_INPUTS or node.domain != "com.microsoft":
             continue
         names: set[str] = set()
-        stack = [name for name in node.input[2:] if name]
+        stack = [name for name in node.input[_EXPERT_INPUTS[node.op_type]] if name]
         while stack:
             name = stack.pop()
             if name in sizes:
