@@ -24,7 +24,7 @@ from .capture.trace import MIN_MAX_SEQ, inplace_sample_inputs, sample_inputs
 from .errors import MoeCompileError, RequestError
 from .export.manifest import ONNX_FILE, Manifest, io_signature, tool_versions
 from .export.onnx_export import IR_VERSION, OPSET, export_onnx
-from .models.config_check import check_fits
+from .models.config_check import check_fits, file_bytes
 from .models.loading import DTYPES, load_model, read_family, resolve_checkpoint
 from .passes import LOWERINGS, PassManager, lowering_pipeline
 from .passes.auto import DEFAULT_THRESHOLD
@@ -93,8 +93,8 @@ def build(
     check_quantized_config(quantization, path, family.model_type)
     max_seq = bound_max_seq(max_seq, config.max_position_embeddings)
     needs = check_fits(config, dtype, force)
-    copies = 2 if torch_program and form != "ort" else 1  # program.pt2 holds the weights again
-    with staging(out, needs.weight_bytes * copies) as tmp:
+    program = needs.weight_bytes if torch_program and form != "ort" else 0  # program.pt2: the weights again, unpacked
+    with staging(out, file_bytes(config, dtype, quantization) + program) as tmp:
         with stages("load"):
             torch_model = load_model(path, dtype, trust_remote_code)
             form, form_reason = choose_form(form, family, torch_model.config, lowering, backend)

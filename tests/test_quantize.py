@@ -308,3 +308,21 @@ def test_portable_form(built, checkpoint, variant, scheme):
         quantized = sum(row["after"] for row in manifest.quantization["bytes"].values())
         print(f"{variant} {scheme}: engine {(out / manifest.engine['file']).stat().st_size:,} B, "
               f"weights {quantized:,} B")
+
+
+def test_the_disk_check_counts_a_quantized_build_at_its_packed_size():
+    """The build asks for the room its files take (the rewrite happens before they are written): the A2.7B
+    config's estimates against the model.onnx.data its fp16, int8 and int4 builds wrote on the H200
+    (docs/BENCHMARKS.md, 2026-12-01: 28.63, 15.80 and 8.95 GB)."""
+    from moe_compile.models.config_check import CheckpointConfig, file_bytes
+
+    a27b = CheckpointConfig.model_validate(dict(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        num_experts=60, num_experts_per_tok=4, tie_word_embeddings=False))
+    written = {None: 28.63e9, "int8": 15.80e9, "int4": 8.95e9}
+    for scheme, size in written.items():
+        estimate = file_bytes(a27b, "fp16", Quantization(scheme) if scheme else None)
+        assert estimate == pytest.approx(size, rel=0.01), scheme
+    head = file_bytes(a27b, "fp16", Quantization("int4", lm_head=True))
+    assert written["int4"] - head == pytest.approx(151936 * 2048 * (2 - 0.5625), rel=0.01)

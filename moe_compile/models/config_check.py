@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..quantize import Quantization
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Measured (docs/BENCHMARKS.md, Qwen1.5-MoE-A2.7B fp16): peak host memory 50.9 GB for 28.6 GB of weights.
@@ -78,6 +82,20 @@ def estimate(config: CheckpointConfig, dtype: str) -> Estimate:
     parameters = config.parameters()
     weight_bytes = parameters * BYTES[dtype]
     return Estimate(parameters, weight_bytes, weight_bytes * PEAK_MEMORY_PER_WEIGHT_BYTE)
+
+
+def file_bytes(config: CheckpointConfig, dtype: str, quantization: Quantization | None = None) -> int:
+    """About what model.onnx (+ its data) will hold. Quantized (the rewrite happens before the file is
+    written): the layers' weights at bits/8 bytes plus one scale in the build's dtype per block; the
+    embedding table, and the lm_head unless quantized too, in the build's dtype."""
+    if quantization is None:
+        return config.parameters() * BYTES[dtype]
+    table = config.vocab_size * config.hidden_size
+    head = 0 if config.tie_word_embeddings else table
+    packed = quantization.bits / 8 + BYTES[dtype] / quantization.block_size
+    layers = config.parameters() - table - head
+    return int(table * BYTES[dtype] + (layers + (head if quantization.lm_head else 0)) * packed
+               + (0 if quantization.lm_head else head * BYTES[dtype]))
 
 
 def available_memory() -> int | None:
