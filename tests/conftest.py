@@ -33,8 +33,9 @@ VARIANTS["qwen2_moe-renorm"] = dict(FAMILIES["qwen2_moe"].tiny_config, norm_topk
                                     decoder_sparse_step=2)
 
 
-# Routings com.microsoft:MoE expresses: the fused lowering's parity runs there. Elsewhere it falls
-# back to `auto` in every layer (tests/test_fused.py checks that), so its build is auto's again.
+# Routings com.microsoft:MoE computes itself: the fused lowering's parity matrix runs there. Other routings
+# reach the node computed by the graph (tests/test_fused.py: deepseek_v3 and phimoe; the ort form's tests run
+# it for glm4_moe and phimoe).
 FUSED_ROUTINGS = {Routing.SOFTMAX_TOPK, Routing.TOPK_SOFTMAX}
 
 

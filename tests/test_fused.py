@@ -1,5 +1,6 @@
-"""The `fused` lowering: one com.microsoft:MoE node per MoE layer where the routing is softmax ->
-top-k [-> renormalise]; `auto` with a logged, recorded reason where it is not.
+"""The `fused` lowering: one com.microsoft:MoE node per MoE layer, routing inside it where it is softmax ->
+top-k [-> renormalise], computed by the graph and handed to it otherwise; `auto` with a logged, recorded
+reason where the experts' activation has no form in the op.
 
 Logits and greedy tokens against transformers for every family x `fused` run in test_parity's
 matrix (LOWERINGS includes `fused`); these tests check what is particular to the fused form.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 
 import numpy as np
 import onnx
@@ -64,46 +64,28 @@ def test_torch_backend_runs_the_fused_program(built):
     assert [g.token_ids for g in load(out, "torch").generate(prompts, max_new_tokens=8)] == ort_tokens
 
 
-class Records(logging.Handler):
-    """Collects log records (CI runs pytest with `-p no:logging`: no caplog)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_fallback_is_logged_and_recorded(checkpoint, tmp_path):
-    """DeepSeek-V3 routes by sigmoid + bias among groups, then scales: no com.microsoft:MoE form."""
-    from moe_compile import build
-
-    records, logger = Records(), logging.getLogger("moe_compile.passes")
-    logger.addHandler(records)
-    try:
-        out = build(str(checkpoint("deepseek_v3")), tmp_path / "out", lowering="fused", backend="onnx",
-                    torch_program=False, progress=False)
-    finally:
-        logger.removeHandler(records)
+@pytest.mark.parametrize("variant", ["deepseek_v3", "phimoe"])
+def test_routing_the_op_cannot_compute_stays_in_the_graph(built, checkpoint, variant):
+    """DeepSeek-V3 routes by sigmoid + bias among groups, then scales; PhiMoE by sparsemixer: neither is
+    com.microsoft:MoE's softmax -> top-k, so the graph computes the routing and the node takes the result
+    (passes/fused.py): still one MoE node a layer and no If, and transformers' logits and greedy tokens."""
+    out = built(variant, "fused")
     manifest = json.loads((out / "manifest.json").read_text())
-    layers = manifest["layers"]
-    assert len(layers) == 2 and set(layers.values()) == {"auto"}  # tiny config: 3 layers, the first dense
-    assert manifest["lowering"] == "fused" and set(manifest["fallbacks"]) == set(layers)
-    assert all("sigmoid" in reason for reason in manifest["fallbacks"].values())
-    fallbacks = [m for m in records.messages if "falls back to auto" in m]
-    assert len(fallbacks) == len(layers) and all(any(layer in m for m in fallbacks) for layer in layers)
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert "If" in ops and "MoE" not in ops  # auto's If in every MoE layer
+    assert manifest["layers"] and set(manifest["layers"].values()) == {"fused"} and manifest["fallbacks"] == {}
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["MoE"] == len(manifest["layers"]) and ops["If"] == 0, ops
+    report = verify(out, model=str(checkpoint(variant)), new_tokens=16)
+    assert report.greedy_match and report.relative_error <= 1e-4, report.lines()
 
 
 class Router(torch.nn.Module):
     """A one-layer MoE block with a configurable routing, calling the experts op as capture does."""
 
-    def __init__(self, routing: str, experts=8, hidden=16, inter=8, k=2):
+    def __init__(self, routing: str, activation="silu", experts=8, hidden=16, inter=8, k=2):
         super().__init__()
         torch.manual_seed(0)
-        self.routing, self.k = routing, k
+        self.routing, self.activation, self.k = routing, activation, k
+        self.bias = torch.nn.Parameter(torch.randn(experts) * 0.1)
         self.gate = torch.nn.Linear(hidden, experts, bias=False)
         self.gate_up = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.3)
         self.down = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
@@ -119,13 +101,18 @@ class Router(torch.nn.Module):
         elif self.routing == "eps":  # renormalised with +eps in the denominator (DeepSeek)
             weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return torch.ops.moe_compile.experts(x, ids, weights, self.gate_up, self.down, "silu")
+        elif self.routing == "sigmoid":  # DeepSeek-V3 / GLM-4-MoE: chosen by sigmoid + bias, weighted without it
+            scores = torch.sigmoid(logits)
+            ids = torch.topk(scores + self.bias, self.k, dim=-1).indices
+            weights = scores.gather(1, ids)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+        return torch.ops.moe_compile.experts(x, ids, weights, self.gate_up, self.down, self.activation)
 
 
-def lower(routing: str):
+def lower(routing: str, activation: str = "silu"):
     import moe_compile.capture  # noqa: F401  (registers the experts op)
 
-    module = Router(routing)
+    module = Router(routing, activation)
     x = torch.randn(5, 16)
     program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("tokens", min=1, max=64)},))
     manager = PassManager(["fused"])
@@ -153,11 +140,33 @@ def test_topk_then_softmax_is_fused_as_renormalised_softmax_topk(tmp_path):
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing, says", [("scaled", "mul"), ("eps", "div")])
-def test_routings_the_contract_cannot_express_fall_back(routing, says):
+@pytest.mark.parametrize("routing", ["scaled", "eps", "sigmoid"])
+def test_routings_the_op_cannot_compute_stay_in_the_graph(routing, tmp_path):
+    """The graph's own top-k ids and weights reach the MoE node as logits (log w at the chosen experts,
+    the lowest fp16 elsewhere), its output scaled by the weights' sum: one node, no If, the model's
+    numbers, in torch and in ONNX Runtime."""
+    from moe_compile.export.onnx_export import export_onnx
+
     module, program, matches, reasons = lower(routing)
-    assert matches == 0 and len(reasons) == 1
-    assert says in next(iter(reasons.values())), reasons
+    assert matches == 1 and reasons == {}
+    path = export_onnx(program, ["x"], ["y"], tmp_path / "m.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["MoE"] == 1 and ops["TopK"] == 1 and ops["If"] == 0, ops
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for tokens in (1, 9):
+        x = torch.randn(tokens, 16)
+        with torch.no_grad():
+            expected = module(x)
+            torch.testing.assert_close(program.module()(x), expected)
+        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_activation_the_op_cannot_compute_falls_back_to_auto():
+    module, program, matches, reasons = lower("scaled", activation="gelu")
+    assert matches == 0 and len(reasons) == 1 and "gelu" in next(iter(reasons.values())), reasons
+    assert any(n.target is torch.ops.higher_order.cond for n in program.graph.nodes)  # auto's If
     x = torch.randn(7, 16)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), module(x))

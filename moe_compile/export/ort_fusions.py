@@ -3,6 +3,8 @@ applied; `fuse_for_ort` runs them in order and logs the counts.
 
 - `rms_norm`, `skip_rms_norm`: transformers' RMSNorm (pow, mean, rsqrt, mul) and the residual Add before
   it -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (onnxscript's ort_fusions rules).
+- `skip_layer_norm`: the same for LayerNorm families (PhiMoE): the residual Add and LayerNormalization
+  -> com.microsoft:SkipLayerNormalization.
 - `no_op_reshapes`: a chain of Reshapes that ends in its input's shape (HF's `view(B, S, N, D)` undone by
   the attention's `reshape(B, S, N·D)`) -> nothing.
 - `silu`: x · Sigmoid(x) (torch.onnx's SiLU) -> com.microsoft:QuickGelu(alpha=1), one kernel.
@@ -32,6 +34,7 @@ ALIGN = 64  # weights whose widths are multiples of this pack together, the othe
 RULES = {
     "rms_norm": lambda model: rms_normalization.fuse_rms_normalization(model),
     "skip_rms_norm": lambda model: skip_normalization.fuse_skip_rms_normalization(model),
+    "skip_layer_norm": lambda model: skip_normalization.fuse_skip_layer_normalization(model),
     "no_op_reshapes": lambda model: remove_no_op_reshapes(model.graph),
     "silu": lambda model: silu_as_quick_gelu(model.graph),
     "packed_matmuls": lambda model: pack_matmuls(model.graph),

@@ -163,10 +163,11 @@ GLM4_MOE = register(
         model_type="glm4_moe",
         examples=("zai-org/GLM-4.5-Air",),
         attention="gqa+partial_rope+qk_norm",
-        ort_form_blocker=None,  # not MLA: its sigmoid routing is what keeps it from the ort form
+        ort_form_blocker=None,  # not MLA: the ort form serves it (routing computed in the graph)
         tiny_config=dict(
             _TINY_COMMON,
             model_type="glm4_moe",
+            head_dim=32,  # wider than hidden / heads, as GLM-4.5's: a rotary half of 8, what GroupQueryAttention takes
             moe_intermediate_size=32,
             n_routed_experts=8,
             n_shared_experts=1,

@@ -64,11 +64,15 @@ class FamilySpec:
         """None where the ort form serves this family and config, else why not (manifest and build log)."""
         if self.ort_form_blocker:
             return self.ort_form_blocker
-        if self.routing not in (Routing.NONE, Routing.SOFTMAX_TOPK, Routing.TOPK_SOFTMAX):
-            return (f"{self.routing.value} routing has no com.microsoft:MoE form, and the static forms that stay "
-                    "fast at long prefills branch on the token count (If), which CUDA graphs refuse")
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
             return "sliding-window layers are not in the ort form yet"
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor",
+                                                                     getattr(config, "partial_rotary_factor", 1.0))
+        half = int(head_dim * factor) // 2
+        if half % 8:
+            return (f"GroupQueryAttention rotates in halves that are multiples of 8; this model's rotary "
+                    f"dimension is {2 * half}")
         return None
 
     def describe(self, config: Any) -> dict[str, Any]:

@@ -7,13 +7,20 @@ which the ONNX export writes as ONNX Runtime's `com.microsoft:MoE` (export/fused
 
 com.microsoft:MoE takes the router *logits* and routes itself: softmax over all experts, top-k,
 optionally renormalised over the k. The pass walks back from the experts op's `top_k_index` and
-`top_k_weights` to the logits and accepts exactly the routings that equal this:
+`top_k_weights` to the logits and hands them to the op where the routing equals this:
 softmax → top-k (weights = the probabilities), softmax → top-k → ÷ sum (renormalise), and
-top-k → softmax over the k (the same thing as the renormalised form). Anything else on the
-weights' path (sigmoid scores, a bias, group limits, a scaling factor, a +eps in the
-denominator) or an activation the op has no form for falls back to `auto` for that layer; the
-reason is logged and returned per layer for the manifest. The router matmul stays outside, as
-do shared experts and their gate.
+top-k → softmax over the k (the same thing as the renormalised form).
+
+Any other routing (sigmoid scores, a bias, group limits, a scaling factor, sparsemixer) stays in
+the graph as the model computes it, and the op gets logits made from its result:
+
+    ids, w ──▶ scatter(full([T, E], lowest), ids, log w) ──▶ fused_moe(.., renormalize) ──▶ × Σ_k w
+
+softmax over E of those logits is w / Σ w at the chosen experts and exactly 0 elsewhere, so the op's
+top-k picks the model's experts and its renormalised weights times Σ w are the model's weights: one
+static form for every routing (no If, each expert's weights read once). Only an activation the op
+has no form for falls back, to `auto` for that layer; the reason is logged and returned per layer
+for the manifest. The router matmul stays outside, as do shared experts and their gate.
 """
 
 from __future__ import annotations
@@ -148,9 +155,34 @@ def layer_name(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else node.name
 
 
+# The logit of the experts a token did not choose: finite in every float type (fp16's lowest), so that
+# softmax gives them exactly 0 without an inf in the graph.
+UNCHOSEN = -65504.0
+
+
+def routed_in_graph(fallback):
+    """The experts op, for layers whose routing the op cannot compute, as the op fed with logits made
+    from the graph's own top-k ids and weights (module docstring); `fallback` for an activation the
+    op has no form for."""
+
+    def experts(hidden, top_k_index, top_k_weights, gate_up, down, activation: str, gate_up_bias=None,
+                down_bias=None, alpha: float = 1.0, limit: float | None = None):
+        if moe_attributes(activation, alpha, limit) is None:
+            return fallback(hidden, top_k_index, top_k_weights, gate_up, down, activation, gate_up_bias, down_bias,
+                            alpha, limit)
+        weights = top_k_weights.float()
+        logits = torch.full((hidden.shape[0], gate_up.shape[0]), UNCHOSEN, dtype=torch.float32, device=hidden.device)
+        logits = logits.scatter(1, top_k_index.long(), weights.log().clamp_min(UNCHOSEN))
+        out = torch.ops.moe_compile.fused_moe(hidden, logits, gate_up, down, top_k_index.shape[-1], True, activation,
+                                              gate_up_bias, down_bias, float(alpha), limit)
+        return out * weights.sum(-1, keepdim=True).to(out.dtype)
+
+    return experts
+
+
 class FusedLowering(Pass):
     name = "fused"
-    description = "MoE experts + softmax/top-k router -> one fused MoE op (com.microsoft:MoE); else auto, with the reason"
+    description = "MoE experts + router -> one fused MoE op (com.microsoft:MoE), other routings kept in the graph"
 
     def _apply(self, program: ExportedProgram) -> PassResult:
         op = torch.ops.moe_compile.experts.default
@@ -161,21 +193,25 @@ class FusedLowering(Pass):
             warnings.simplefilter("ignore", FutureWarning)
             module = copy.deepcopy(program.graph_module)
         graph = module.graph
-        layers, reasons, renamed = {}, {}, {}
+        layers, reasons, renamed, in_graph = {}, {}, {}, []
         for node in [n for n in graph.nodes if n.op == "call_function" and n.target == op]:
             layer = layer_name(node)
+            args = experts_arguments(node)
+            if moe_attributes(args["activation"], args.get("alpha", 1.0), args.get("limit")) is None:
+                layers[layer] = self.options.get("fallback", AutoLowering.name)
+                reasons[layer] = (f"experts activation '{args['activation']}' has no com.microsoft:MoE form (its swiglu "
+                                  "covers SiLU(gate)*up and GPT-OSS's clamped SwiGLU)")
+                log.warning("[passes] fused: %s falls back to %s: %s", layer, layers[layer], reasons[layer])
+                continue
             try:
-                args = experts_arguments(node)
                 logits, k, renormalize = match_router(args["top_k_index"], args["top_k_weights"])
                 experts_k = args["top_k_index"].meta["val"].shape[-1]
                 if k != experts_k:
                     raise Mismatch(f"top-k of {k} does not match the experts' {experts_k}")
-                if moe_attributes(args["activation"], args.get("alpha", 1.0), args.get("limit")) is None:
-                    raise Mismatch(f"experts activation '{args['activation']}' has no com.microsoft:MoE form "
-                                   "(its swiglu covers SiLU(gate)*up and GPT-OSS's clamped SwiGLU)")
             except Mismatch as reason:
-                layers[layer], reasons[layer] = self.options.get("fallback", AutoLowering.name), str(reason)
-                log.warning("[passes] fused: %s falls back to %s: %s", layer, layers[layer], reason)
+                layers[layer] = "fused"  # by routed_in_graph, below
+                in_graph.append(layer)
+                log.info("[passes] fused: %s keeps its routing in the graph (%s)", layer, reason)
                 continue
             with graph.inserting_before(node):
                 fused = graph.call_function(
@@ -192,8 +228,8 @@ class FusedLowering(Pass):
         remove_dead_router(graph)
         module.recompile()
         result = program._update(module, output_renamed(program.graph_signature, renamed))
-        if reasons:  # the layers that fell back: `auto` (If on the token count), or the `fallback` option's lowering
+        if reasons or in_graph:  # routing kept in the graph; activations that fall back (`auto`: If on the token count)
             fallback = PASSES[self.options.get("fallback", AutoLowering.name)](**self.options)
-            result = result.run_decompositions({op: fallback.lowering()})
+            result = result.run_decompositions({op: routed_in_graph(fallback.lowering())})
         fused_count = sum(1 for v in layers.values() if v == "fused")
         return PassResult(result, fused_count, layers=layers, reasons=reasons)
