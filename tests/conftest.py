@@ -197,38 +197,3 @@ def reference_tokens(checkpoint, tmp_path_factory):
         return json.loads(_once(root / f"reference-{variant}-{key}.json", run).read_text())
 
     return make
-
-
-def odd_width_config(name: str) -> dict:
-    """A family's tiny config with experts 18 wide: 72-byte expert rows, not a multiple of 16 bytes."""
-    config = dict(FAMILIES[name].tiny_config)
-    key = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
-    return {**config, key: 18}
-
-
-# Its tests on one worker: none waits, idle, for the build.
-NO_TORCH_PROGRAM_BUILD_GROUP = pytest.mark.xdist_group("no-torch-program-build")
-
-
-@pytest.fixture(scope="session")
-def no_torch_program_build(tmp_path_factory):
-    """One `moe-compile build --no-torch-program` (a CLI subprocess) of a tiny GLM-4-MoE with odd expert widths,
-    made once per run: test_errors checks what --no-torch-program leaves out, test_hardening that the odd widths
-    build and match transformers. Each used to make a build of its own. Returns (out, returncode, stderr)."""
-    import json
-    import subprocess
-    import sys
-
-    from moe_compile.models.embedded import write_checkpoint
-
-    def make(root: Path) -> None:
-        root.mkdir()
-        write_checkpoint(odd_width_config("glm4_moe"), root / "ckpt")
-        result = subprocess.run([sys.executable, "-m", "moe_compile.cli", "build", str(root / "ckpt"), "-o",
-                                 str(root / "out"), "--max-seq", "32", "--backend", "onnx", "--form", "portable",
-                                 "--no-torch-program"], capture_output=True, text=True, timeout=600)
-        (root / "result.json").write_text(json.dumps({"returncode": result.returncode, "stderr": result.stderr}))
-
-    root = _once(_shared_root(tmp_path_factory) / "no-torch-program-build", make)
-    result = json.loads((root / "result.json").read_text())
-    return root / "out", result["returncode"], result["stderr"]

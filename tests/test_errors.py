@@ -11,8 +11,6 @@ import sys
 import pytest
 import torch
 
-from conftest import NO_TORCH_PROGRAM_BUILD_GROUP
-
 
 def cli(*args, env=None):
     result = subprocess.run([sys.executable, "-m", "moe_compile.cli", *args], capture_output=True, text=True,
@@ -134,11 +132,11 @@ def test_build_check_catches_a_wrong_graph(built, dtype):
         check_build(out, manifest, program, captured)
 
 
-@NO_TORCH_PROGRAM_BUILD_GROUP
-def test_build_without_torch_program(no_torch_program_build):
-    """--no-torch-program: no program.pt2 (nor in the manifest); ONNX Runtime runs it, the torch backend says why not.
-    The build (--form portable --max-seq 32 --backend onnx, through the CLI) is the odd-width one test_hardening reads."""
-    out, rc, err = no_torch_program_build
+def test_build_without_torch_program(checkpoint, tmp_path):
+    """--no-torch-program: no program.pt2 (nor in the manifest); ONNX Runtime runs it, the torch backend says why not."""
+    out = tmp_path / "out"
+    rc, err = cli("build", str(checkpoint("qwen2_moe")), "-o", str(out), "--max-seq", "32", "--backend", "onnx",
+                  "--form", "portable", "--no-torch-program")
     assert rc == 0, err
     assert not (out / "program.pt2").exists()
     assert "program.pt2" not in json.loads((out / "manifest.json").read_text())["files"]

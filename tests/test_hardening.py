@@ -26,8 +26,6 @@ import torch
 from moe_compile.cli import main
 from moe_compile.errors import ArtifactError, RequestError
 
-from conftest import NO_TORCH_PROGRAM_BUILD_GROUP, odd_width_config
-
 RUN = ["--input-ids", "1,2,3", "--max-new-tokens", "2"]
 
 
@@ -547,6 +545,14 @@ def test_ctrl_c_at_start_up(tmp_path):
 
 # --- capture never runs transformers' experts implementations ---------------------------------------------
 
+def _odd_width_config(name: str) -> dict:
+    from moe_compile.models import FAMILIES
+
+    config = dict(FAMILIES[name].tiny_config)
+    key = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
+    return {**config, key: 18}  # 72-byte expert rows: not a multiple of 16 bytes
+
+
 def _expert_families() -> list[str]:
     from moe_compile.models import FAMILIES, Routing
 
@@ -560,13 +566,17 @@ def test_kv_shapes_with_odd_expert_widths(tmp_path, family):
     from moe_compile.capture.decoder_step import kv_shapes
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**odd_width_config(family))).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**_odd_width_config(family))).eval()
     assert len(kv_shapes(model)) == model.config.num_hidden_layers
 
 
-@NO_TORCH_PROGRAM_BUILD_GROUP
-def test_odd_width_glm4_moe_builds_and_matches_transformers(no_torch_program_build, capsys):
-    out, rc, err = no_torch_program_build  # the CLI's build of odd_width_config("glm4_moe") --no-torch-program
+def test_odd_width_glm4_moe_builds_and_matches_transformers(tmp_path, capsys):
+    from moe_compile.models.embedded import write_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(_odd_width_config("glm4_moe"), ckpt)
+    out = tmp_path / "out"
+    rc, err = cli(capsys, "build", ckpt, "-o", out, "--max-seq", "32", "--backend", "onnx", "--no-torch-program")
     assert rc == 0, err
     assert main(["verify", str(out), "--new-tokens", "8"]) == 0
     assert "PASS" in capsys.readouterr().out
