@@ -92,10 +92,9 @@ def file_bytes(config: CheckpointConfig, dtype: str, quantization: Quantization 
         return config.parameters() * BYTES[dtype]
     table = config.vocab_size * config.hidden_size
     head = 0 if config.tie_word_embeddings else table
+    quantized = config.parameters() - table - (0 if quantization.lm_head else head)
     packed = quantization.bits / 8 + BYTES[dtype] / quantization.block_size
-    layers = config.parameters() - table - head
-    return int(table * BYTES[dtype] + (layers + (head if quantization.lm_head else 0)) * packed
-               + (0 if quantization.lm_head else head * BYTES[dtype]))
+    return int(quantized * packed + (config.parameters() - quantized) * BYTES[dtype])
 
 
 def available_memory() -> int | None:

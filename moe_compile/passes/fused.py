@@ -193,7 +193,7 @@ class FusedLowering(Pass):
             warnings.simplefilter("ignore", FutureWarning)
             module = copy.deepcopy(program.graph_module)
         graph = module.graph
-        layers, reasons, renamed, in_graph = {}, {}, {}, []
+        layers, reasons, renamed = {}, {}, {}
         for node in [n for n in graph.nodes if n.op == "call_function" and n.target == op]:
             layer = layer_name(node)
             args = experts_arguments(node)
@@ -210,7 +210,6 @@ class FusedLowering(Pass):
                     raise Mismatch(f"top-k of {k} does not match the experts' {experts_k}")
             except Mismatch as reason:
                 layers[layer] = "fused"  # by routed_in_graph, below
-                in_graph.append(layer)
                 log.info("[passes] fused: %s keeps its routing in the graph (%s)", layer, reason)
                 continue
             with graph.inserting_before(node):
@@ -228,7 +227,7 @@ class FusedLowering(Pass):
         remove_dead_router(graph)
         module.recompile()
         result = program._update(module, output_renamed(program.graph_signature, renamed))
-        if reasons or in_graph:  # routing kept in the graph; activations that fall back (`auto`: If on the token count)
+        if any(n.target == op for n in graph.nodes):  # routing kept in the graph; activations that fall back (`auto`: If)
             fallback = PASSES[self.options.get("fallback", AutoLowering.name)](**self.options)
             result = result.run_decompositions({op: routed_in_graph(fallback.lowering())})
         fused_count = sum(1 for v in layers.values() if v == "fused")

@@ -213,36 +213,39 @@ extern "C" int moe_compile_route(const moe_shape* shape, const moe_routing* rout
 namespace moe {
 namespace {
 
+// The decode kernels' two steps: tensor cores for 16-bit weights, the FMA GEMV for fp32.
+void decode_gate_up(const Problem& p, const void* x, const void* w, const Workspace& ws, const Shared& sh, bool routed,
+                    cudaStream_t s) {
+  if (use_mma(p)) launch_mma_gate_up(p, x, w, ws, sh, routed, s);
+  else launch_decode_gate_up(p, x, w, ws, sh, routed, s);
+}
+
+void decode_down_sum(const Problem& p, const void* w, const Workspace& ws, const Shared& sh, bool routed, void* out,
+                     cudaStream_t s) {
+  if (use_mma(p)) launch_mma_down_sum(p, w, ws, sh, routed, out, s);
+  else launch_decode_down_sum(p, w, ws, sh, routed, out, s);
+}
+
 void run_routed(const Problem& p, const void* hidden, const float* router_logits, const float* expert_bias,
                 const void* gate_up, const void* down, void* out, const Workspace& ws, const Shared& shared,
                 cudaStream_t s) {
   const int tile_m = gemm_tile_m(p);
-  const bool mma = use_mma(p);
   if (use_decode_path(p) && p.T == 1) {  // gate/up on the FMA GEMV, which routes inside
     launch_decode1_route_gate_up(p, hidden, router_logits, expert_bias, gate_up, ws, shared, s);
-    if (mma) launch_mma_down_sum(p, down, ws, shared, true, out, s);
-    else launch_decode_down_sum(p, down, ws, shared, true, out, s);
+    decode_down_sum(p, down, ws, shared, true, out, s);
   } else if (use_decode_path(p)) {
     launch_route_permute_small(p, router_logits, expert_bias, ws, tile_m, s);
-    if (mma) {
-      launch_mma_gate_up(p, hidden, gate_up, ws, shared, true, s);
-      launch_mma_down_sum(p, down, ws, shared, true, out, s);
-    } else {
-      launch_decode_gate_up(p, hidden, gate_up, ws, shared, true, s);
-      launch_decode_down_sum(p, down, ws, shared, true, out, s);
-    }
+    decode_gate_up(p, hidden, gate_up, ws, shared, true, s);
+    decode_down_sum(p, down, ws, shared, true, out, s);
   } else {
     launch_route(p, router_logits, expert_bias, ws.topk_ids, ws.topk_w, s);
     launch_permute(p, ws, tile_m, s);
     launch_gemm_gate_up(p, hidden, gate_up, ws, tile_m, s);
     launch_gemm_down(p, down, ws, tile_m, s);
     launch_unpermute(p, ws, out, s);
-    if (shared.gate_up && mma) {  // the decode kernels again, for the shared expert alone, added to out
-      launch_mma_gate_up(p, hidden, nullptr, ws, shared, false, s);
-      launch_mma_down_sum(p, nullptr, ws, shared, false, out, s);
-    } else if (shared.gate_up) {
-      launch_decode_gate_up(p, hidden, nullptr, ws, shared, false, s);
-      launch_decode_down_sum(p, nullptr, ws, shared, false, out, s);
+    if (shared.gate_up) {  // the decode kernels again, for the shared expert alone, added to out
+      decode_gate_up(p, hidden, nullptr, ws, shared, false, s);
+      decode_down_sum(p, nullptr, ws, shared, false, out, s);
     }
   }
 }
