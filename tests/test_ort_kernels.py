@@ -66,6 +66,68 @@ def test_fused_moe_contract_is_com_microsoft_moe(normalize):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("normalize", [0, 1])
+def test_fused_qmoe_contract_is_com_microsoft_qmoe(scheme, normalize):
+    """FusedQMoE(x, logits, fc1 codes, scales, fc2 codes, scales; k, normalize, bits, block) as our kernels
+    compute it (the float64 reference on the codes dequantized by quantize/packing.py) equals ONNX Runtime's
+    CPU com.microsoft:QMoE on the node it replaces, as our quantizer writes it (with the router Softmax it
+    adds where weights are not renormalised, which goes with the swap)."""
+    import onnx_ir as ir
+
+    from moe_compile.quantize import Quantization
+    from moe_compile.quantize.onnx_rewrite import quantize_model
+    from moe_compile.quantize.packing import Blockwise
+
+    model, _ = _moe_model(hidden=64, inter=32, normalize=normalize)
+    quantization = Quantization(scheme, 32)
+    model_ir = ir.serde.deserialize_model(model)
+    quantize_model(model_ir, quantization, "ort")
+    for node in model_ir.graph:  # float activations: ONNX Runtime's CPU kernels round them at level 4
+        if node.op_type == "QMoE":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
+    model = ir.serde.serialize_model(model_ir)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    logits = rng.standard_normal((5, 6)).astype(np.float32) * 2
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "logits": logits})[0]
+
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    assert [n.op_type for n in model.graph.node] == ["FusedQMoE"]  # the Softmax went with the QMoE node
+    node = model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bits = quantization.bits
+    assert attrs == {"k": 2, "normalize_routing_weights": normalize, "expert_weight_bits": bits, "block_size": 32}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    fc1, fc1_scales, fc2, fc2_scales = (inits[name] for name in node.input[2:])
+    dequantized = [torch.from_numpy(Blockwise(codes.reshape(*codes.shape[:2], -1, 32 * bits // 8), scales, bits,
+                                              32).dequantize()) for codes, scales in ((fc1, fc1_scales), (fc2, fc2_scales))]
+    gate_up = torch.cat([dequantized[0][:, 0::2], dequantized[0][:, 1::2]], dim=1)
+    ours = fused_moe_reference(torch.from_numpy(x), torch.from_numpy(logits), gate_up, dequantized[1],
+                               Routing(top_k=2, renormalize=bool(normalize)))
+    tolerance = 1e-4 if bits == 4 else 2e-2  # onnxruntime's 8-bit CPU QMoE rounds activations at every level
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("extra, reason", [({"weights_prepacked": 1}, "prepacked"), ({"block_size": 16}, "block size 16")])
+def test_qmoe_nodes_our_kernels_do_not_read_stay_with_the_reason(extra, reason):
+    model, _ = _moe_model(hidden=64, inter=32)
+    import onnx_ir as ir
+
+    from moe_compile.quantize import Quantization
+    from moe_compile.quantize.onnx_rewrite import quantize_model
+    model_ir = ir.serde.deserialize_model(model)
+    quantize_model(model_ir, Quantization("int4", 32), "ort")
+    model = ir.serde.serialize_model(model_ir)
+    node = next(n for n in model.graph.node if n.op_type == "QMoE")
+    for a in node.attribute:
+        if a.name in extra:
+            a.i = extra[a.name]
+    swapped, kept = ort_kernels.swap_moe_nodes(model)
+    assert swapped == 0 and reason in kept
+
+
 def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple[onnx.ModelProto, dict]:
     """The ort form's Qwen2-MoE MLP: router + shared-gate MatMul and Split, MoE, and the shared expert
     (gate/up MatMul, Split, QuickGelu, Mul, down Gemm) times the gate's sigmoid, added."""
@@ -177,6 +239,19 @@ def test_every_silu_moe_node_of_an_ort_build_is_swapped(built, variant):
         assert all(len(n.input) == 6 for n in fused) and not any(n.op_type == "Sigmoid" for n in model.graph.node)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_every_qmoe_node_of_a_quantized_ort_build_is_swapped(built, scheme):
+    out = built("qwen2_moe", form="ort", quantize=scheme)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    before = sum(n.op_type == "QMoE" for n in model.graph.node)
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    assert before and ort_kernels.swap_moe_nodes(model) == (before, "")
+    ops = [n.op_type for n in model.graph.node]
+    assert "QMoE" not in ops and ops.count("FusedQMoE") == before
+    assert ops.count("Softmax") == softmaxes - before  # qwen2_moe does not renormalise: each QMoE had its Softmax
+    assert "MatMulNBits" in ops  # the shared expert and attention stay on ONNX Runtime's quantized MatMul
+
+
 def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built):
     """What ort-cuda runs (issue 11's target: 12 nodes a Qwen2-MoE layer): the build's 19 less the shared
     expert's nine that the fused op takes over. Counted as test_ort_form counts the build's graph; the
@@ -239,3 +314,23 @@ def test_our_kernels_and_ort_moe_agree_on_a_build(built, monkeypatch, variant):
     assert np.isfinite(logits).all()
     assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
     assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_our_kernels_and_ort_qmoe_agree_on_a_quantized_build(built, monkeypatch, scheme):
+    """Prompts of 1 and 9 tokens (our decode kernels read the codes) and 40 (the experts dequantized first)."""
+    out = built("qwen2_moe", dtype="fp16", form="ort", quantize=scheme)
+    prompts = [[5], [5, 17, 99, 3, 250, 41, 8, 77, 120], [(7 * i + 3) % 500 for i in range(40)]]
+    monkeypatch.setenv("MOE_COMPILE_MOE_KERNELS", "ort")
+    theirs = load(out, "ort-cuda")
+    assert theirs.backend.moe_kernels == "onnxruntime"
+    expected = [_prompt_logits(theirs, p) for p in prompts]
+    del theirs
+    monkeypatch.delenv("MOE_COMPILE_MOE_KERNELS")
+    ours = load(out, "ort-cuda")
+    assert ours.backend.moe_kernels == "moe_compile"
+    for prompt, reference in zip(prompts, expected):
+        logits = _prompt_logits(ours, prompt)
+        assert np.isfinite(logits).all()
+        assert np.abs(logits - reference).max() <= 2e-2 * np.abs(reference).max(), len(prompt)

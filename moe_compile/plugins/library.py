@@ -89,6 +89,25 @@ def _shared_ref(shared: SharedExpert | None):
     return None if shared is None else ctypes.byref(shared.as_c())
 
 
+class _Quantized(ctypes.Structure):
+    _fields_ = [("bits", ctypes.c_int32), ("block_size", ctypes.c_int32), ("gate_up_scales", ctypes.c_void_p),
+                ("down_scales", ctypes.c_void_p)]
+
+
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """Block-quantized routed experts (``moe_quantized_experts``): their scales as device pointers; the codes
+    are forward_quantized's gate_up and down."""
+
+    bits: int
+    block_size: int
+    gate_up_scales: int  # [E, 2I, H / block_size]
+    down_scales: int  # [E, H, I / block_size]
+
+    def as_c(self) -> _Quantized:
+        return _Quantized(self.bits, self.block_size, self.gate_up_scales, self.down_scales)
+
+
 class KernelError(RuntimeError):
     """A launcher call returned a non-OK status; the message is the library's own text."""
 
@@ -116,6 +135,11 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_forward.argtypes = [p(_Shape), p(_Routing), p(_Shared), vp, vp, vp, vp, vp, vp, vp, ctypes.c_size_t,
                                         vp]
     lib.moe_compile_forward.restype = ctypes.c_int
+    lib.moe_compile_workspace_size_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized)]
+    lib.moe_compile_workspace_size_quantized.restype = ctypes.c_size_t
+    lib.moe_compile_forward_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), vp, vp, vp, vp, vp, vp, vp,
+                                                  ctypes.c_size_t, vp]
+    lib.moe_compile_forward_quantized.restype = ctypes.c_int
     lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
     lib.moe_compile_route.restype = ctypes.c_int
     i64 = ctypes.c_int64
@@ -151,6 +175,23 @@ def forward(shape: _Shape, routing: Routing, hidden: int, logits: int, bias: int
     status = load().moe_compile_forward(ctypes.byref(shape), ctypes.byref(routing.as_c()), _shared_ref(shared),
                                         hidden, logits, bias, gate_up, down, out, workspace, workspace_bytes, stream)
     check(status, "moe_compile_forward")
+
+
+def workspace_size_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts) -> int:
+    size = load().moe_compile_workspace_size_quantized(ctypes.byref(shape), ctypes.byref(routing.as_c()),
+                                                       ctypes.byref(quant.as_c()))
+    if size == 0:
+        check(Status.INVALID_ARGUMENT, "moe_compile_workspace_size_quantized")
+    return size
+
+
+def forward_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts, hidden: int, logits: int,
+                      bias: int | None, gate_up: int, down: int, out: int, workspace: int, workspace_bytes: int,
+                      stream: int) -> None:
+    status = load().moe_compile_forward_quantized(ctypes.byref(shape), ctypes.byref(routing.as_c()),
+                                                  ctypes.byref(quant.as_c()), hidden, logits, bias, gate_up, down, out,
+                                                  workspace, workspace_bytes, stream)
+    check(status, "moe_compile_forward_quantized")
 
 
 def route(shape: _Shape, routing: Routing, logits: int, bias: int | None, ids: int, weights: int,

@@ -3,6 +3,9 @@
     torch.ops.moe_compile.fused_moe_cuda(hidden, router_logits, gate_up_proj, down_proj, expert_bias,
                                          top_k, renormalize, routing_kind, n_group, topk_group,
                                          routed_scaling_factor) -> out [T, H]
+    torch.ops.moe_compile.fused_moe_quantized_cuda(hidden, router_logits, gate_up_codes, gate_up_scales,
+                                                   down_codes, down_scales, bits, block_size, top_k, renormalize)
+                                         -> out [T, H]   (experts as com.microsoft:QMoE holds them, fused_moe.h)
     torch.ops.moe_compile.moe_route_cuda(router_logits, expert_bias, top_k, renormalize, routing_kind,
                                          n_group, topk_group, routed_scaling_factor)
                                          -> (topk_ids [T, K] int32, topk_weights [T, K] float32)
@@ -68,6 +71,44 @@ def fused_moe_cuda(hidden: torch.Tensor, router_logits: torch.Tensor, gate_up_pr
 @fused_moe_cuda.register_fake
 def _(hidden, router_logits, gate_up_proj, down_proj, expert_bias, top_k, renormalize, routing_kind=0, n_group=1,
       topk_group=1, routed_scaling_factor=1.0):
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("moe_compile::fused_moe_quantized_cuda", mutates_args=(), device_types="cuda")
+def fused_moe_quantized_cuda(hidden: torch.Tensor, router_logits: torch.Tensor, gate_up_codes: torch.Tensor,
+                             gate_up_scales: torch.Tensor, down_codes: torch.Tensor, down_scales: torch.Tensor,
+                             bits: int, block_size: int, top_k: int, renormalize: bool) -> torch.Tensor:
+    if hidden.dtype not in _DTYPES or not (gate_up_scales.dtype == down_scales.dtype == hidden.dtype):
+        raise TypeError("fused_moe_quantized_cuda: hidden and the scales must share one of float32, float16, bfloat16")
+    if gate_up_codes.dtype != torch.uint8 or down_codes.dtype != torch.uint8:
+        raise TypeError("fused_moe_quantized_cuda: codes must be uint8")
+    num_experts, two_i = gate_up_codes.shape[:2]
+    hidden_size = hidden.shape[1]
+    if gate_up_codes.shape != (num_experts, two_i, hidden_size * bits // 8) \
+            or down_codes.shape != (num_experts, hidden_size, two_i // 2 * bits // 8):
+        raise ValueError(f"fused_moe_quantized_cuda: codes {tuple(gate_up_codes.shape)}, {tuple(down_codes.shape)} do "
+                         f"not fit [E, 2I, H*bits/8], [E, H, I*bits/8] for hidden {tuple(hidden.shape)}")
+    tensors = (hidden, gate_up_codes, gate_up_scales, down_codes, down_scales)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("fused_moe_quantized_cuda: inputs must be contiguous")
+    shape = library.shape_c(hidden.shape[0], hidden_size, two_i // 2, num_experts, _DTYPES[hidden.dtype],
+                            library.GateUpLayout.INTERLEAVED)
+    routing = Routing(RoutingKind.SOFTMAX_TOPK, top_k, renormalize)
+    quant = library.QuantizedExperts(bits, block_size, gate_up_scales.data_ptr(), down_scales.data_ptr())
+    logits = router_logits.float().contiguous()
+    out = torch.empty_like(hidden)
+    with torch.cuda.device(hidden.device):
+        size = library.workspace_size_quantized(shape, routing, quant)
+        workspace = torch.empty(size, dtype=torch.uint8, device=hidden.device)
+        library.forward_quantized(shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None,
+                                  gate_up_codes.data_ptr(), down_codes.data_ptr(), out.data_ptr(), workspace.data_ptr(),
+                                  size, torch.cuda.current_stream().cuda_stream)
+    return out
+
+
+@fused_moe_quantized_cuda.register_fake
+def _(hidden, router_logits, gate_up_codes, gate_up_scales, down_codes, down_scales, bits, block_size, top_k,
+      renormalize):
     return torch.empty_like(hidden)
 
 

@@ -17,6 +17,11 @@ as cuBLAS GEMMs and five small kernels; bench/bench_fused_moe.py --shared). Up t
 decode) the same holds on the tensor-core GEMV: 162 µs against 205 with the shared expert on cuBLAS.
 Nine nodes a layer go.
 
+A quantized build's `com.microsoft:QMoE` nodes (`--quantize int4|int8`, weights_prepacked=0) become
+`moe_compile:FusedQMoE` on the same codes and scales: at decode sizes our tensor-core kernels read the
+codes and dequantize in registers, where ONNX Runtime's QMoE took as long on int4 as ours on fp16
+(H200, A2.7B: 397 against 401 tok/s, docs/BENCHMARKS.md). Its shared expert stays on MatMulNBits.
+
     MOE_COMPILE_MOE_KERNELS=ort   keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_ORT_OPS_LIB=PATH  a prebuilt libmoe_compile_ort.so
 """
@@ -33,7 +38,9 @@ from ..plugins.build import ORT_LIBRARY_NAME, BuildError, build_ort_op, default_
 
 DOMAIN = "moe_compile"
 OP = "FusedMoE"
-NO_MOE_NODES = "no com.microsoft:MoE nodes"
+QUANTIZED_OP = "FusedQMoE"
+NO_MOE_NODES = "no com.microsoft:MoE or QMoE nodes"
+MOE_OPS = ("MoE", "QMoE")
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,7 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def why_not_ours(node: onnx.NodeProto) -> str | None:
-    """None if our kernels compute this com.microsoft:MoE node exactly, else the reason."""
-    attrs = _attributes(node)
+def _activation_reason(attrs: dict) -> str | None:
     activation = attrs.get("activation_type", b"relu")
     activation = activation.decode() if isinstance(activation, bytes) else activation
     if activation != "swiglu" or attrs.get("swiglu_fusion", 0) != 1:
@@ -61,9 +66,55 @@ def why_not_ours(node: onnx.NodeProto) -> str | None:
         return "a scaled or clamped SwiGLU (gpt-oss)"
     if attrs.get("use_sparse_mixer", 0):
         return "sparse-mixer routing"
+    return None
+
+
+def why_not_ours(node: onnx.NodeProto) -> str | None:
+    """None if our kernels compute this com.microsoft:MoE node exactly, else the reason."""
+    reason = _activation_reason(_attributes(node))
+    if reason:
+        return reason
     if any(name for name in list(node.input)[5:]) or (len(node.input) > 3 and node.input[3]):
         return "expert biases"
     return None
+
+
+# com.microsoft:QMoE's inputs: x, router_probs, fc1 codes, fc1 scales, fc1 bias, fc2 codes, fc2 scales, fc2 bias,
+# fc3 codes/scales/bias, fc1/fc2/fc3 zero points, router_weights
+_QMOE_EXTRAS = {4: "expert biases", 7: "expert biases", 8: "a third expert matrix (fc3)", 9: "a third expert matrix (fc3)",
+                10: "a third expert matrix (fc3)", 11: "zero points", 12: "zero points", 13: "zero points"}
+
+
+def why_not_ours_quantized(g: "_Graph", node: onnx.NodeProto) -> str | None:
+    """None if our kernels compute this com.microsoft:QMoE node exactly, else the reason."""
+    attrs = _attributes(node)
+    reason = _activation_reason(attrs)
+    if reason:
+        return reason
+    inputs = list(node.input)
+    for index, why in _QMOE_EXTRAS.items():
+        if index < len(inputs) and inputs[index]:
+            return why
+    if len(inputs) > 14 and inputs[14] and _router_softmax(g, node) is None:
+        return "router weights other than the softmax of its logits"
+    bits, block = attrs.get("expert_weight_bits", 4), attrs.get("block_size", 0)
+    if bits not in (4, 8) or attrs.get("weights_prepacked", -1) != 0:
+        return f"{bits}-bit weights prepacked ({attrs.get('weights_prepacked', -1)}); ours read 4/8-bit raw codes"
+    if block < 32 or block % 32:
+        return f"block size {block}; ours take blocks of a multiple of 32 (no per-channel scales)"
+    fc1, fc2 = g.dims(inputs[2]), g.dims(inputs[5])
+    if fc1 is None or fc2 is None or (fc1[2] * 8 // bits) % block or (fc2[2] * 8 // bits) % block:
+        return "expert codes that are no initializers of whole blocks"
+    return None
+
+
+def _router_softmax(g: "_Graph", node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """QMoE's router_weights input when it is Softmax(router logits, last axis) (quantize/onnx_rewrite.py
+    adds it where routing weights are not renormalised), which our kernels compute from the logits."""
+    softmax = g.made_by(node.input[14], "Softmax")
+    if softmax is None or softmax.input[0] != node.input[1] or _attributes(softmax).get("axis", -1) != -1:
+        return None
+    return softmax
 
 
 class _Graph:
@@ -156,13 +207,30 @@ def _shared_expert(g: _Graph, moe: onnx.NodeProto) -> tuple[list[onnx.NodeProto]
 
 def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     """Replace, in place, every MoE node our kernels compute by moe_compile:FusedMoE, with the shared
-    expert around it where there is one (_shared_expert). Returns (nodes swapped, the reasons of the ones
+    expert around it where there is one (_shared_expert), and every QMoE node by moe_compile:FusedQMoE
+    (the router Softmax it was given goes with it). Returns (nodes swapped, the reasons of the ones
     kept, '' if none)."""
     swapped, kept = 0, set()
     g = _Graph(model.graph)
     removed: set[str] = set()  # by first output: protobuf hands out new wrappers on each access
     transposes = []
     for node in model.graph.node:
+        if node.op_type == "QMoE" and node.domain == "com.microsoft":
+            reason = why_not_ours_quantized(g, node)
+            if reason:
+                kept.add(reason)
+                continue
+            if len(node.input) > 14 and node.input[14]:
+                softmax = _router_softmax(g, node)
+                if len(g.consumers.get(softmax.output[0], [])) == 1:
+                    removed.add(softmax.output[0])
+            attrs = _attributes(node)
+            node.CopyFrom(onnx.helper.make_node(
+                QUANTIZED_OP, [node.input[i] for i in (0, 1, 2, 3, 5, 6)], list(node.output), name=node.name,
+                domain=DOMAIN, k=attrs["k"], normalize_routing_weights=attrs.get("normalize_routing_weights", 0),
+                expert_weight_bits=attrs.get("expert_weight_bits", 4), block_size=attrs["block_size"]))
+            swapped += 1
+            continue
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             continue
         reason = why_not_ours(node)
@@ -219,7 +287,7 @@ def prepare(onnx_path: Path) -> Swap:
     if os.environ.get("MOE_COMPILE_MOE_KERNELS", "") == "ort":
         return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
-    if not any(n.op_type == "MoE" and n.domain == "com.microsoft" for n in model.graph.node):
+    if not any(n.op_type in MOE_OPS and n.domain == "com.microsoft" for n in model.graph.node):
         return Swap(None, None, 0, NO_MOE_NODES)
     path, why = library()
     if path is None:

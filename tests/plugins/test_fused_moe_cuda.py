@@ -205,3 +205,72 @@ def test_shared_expert_matches_reference(num_tokens, dtype, path, gated, monkeyp
         rel_apart = ((apart.double() - expected).norm() / expected.norm()).item()
         assert rel_apart <= TOLERANCE[dtype]
         assert ((apart.double() - first.double()).norm() / expected.norm()).item() <= TOLERANCE[dtype]
+
+
+
+@functools.lru_cache(maxsize=12)
+def _quantized(bits, block, dtype):
+    """Qwen1.5-MoE-A2.7B's expert shape (16 of its experts), gate/up rows interleaved as com.microsoft:QMoE
+    holds them, quantized by the build's own quantizer (quantize/packing.py) with the scales in `dtype` as a
+    build stores them: ([codes gate_up, scales, codes down, scales] on the GPU, and the weights they stand
+    for by packing's reference dequantizer: gate_up [E, 2I, H] with gate rows, then up rows; down [E, H, I])."""
+    import numpy as np
+
+    from moe_compile.quantize.packing import Blockwise, qmoe_weights, quantize_rows
+    e, h, i = 16, 2048, 1408
+    g = torch.Generator().manual_seed(7)
+    gate_up = torch.randn(e, i, 2, h, generator=g) / h**0.5  # (g0, u0, g1, u1, ...)
+    down = torch.randn(e, h, i, generator=g) / i**0.5
+    parts, weights = [], []
+    for w in (gate_up.reshape(e, 2 * i, h), down):
+        q = quantize_rows(w.numpy(), bits, block, np.float32)
+        q.scales = torch.from_numpy(q.scales).to(dtype).float().numpy()
+        codes, scales = qmoe_weights(q)
+        parts += [torch.from_numpy(np.ascontiguousarray(codes)).cuda(), torch.from_numpy(scales).to(dtype).cuda()]
+        weights.append(torch.from_numpy(q.dequantize()).cuda())
+    concatenated = weights[0].view(e, i, 2, h).transpose(1, 2).reshape(e, 2 * i, h)
+    return parts, concatenated, weights[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (8, 64)], ids=["int4-b32", "int4-b128", "int8-b32",
+                                                                                   "int8-b64"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 9, 16, 40])
+def test_quantized_experts_match_their_dequantized_weights(num_tokens, bits, block, dtype):
+    """Block-quantized experts (com.microsoft:QMoE's layout, the codes our quantizer writes) against the float64
+    reference on the same weights dequantized: the decode kernels reading the codes (16-bit, T <= 16: one and
+    two n-tiles of 8 tokens) and the dequantize-then-float path (T = 40, and fp32); every element written,
+    two runs bitwise identical, the torch op the same bits."""
+    from moe_compile.plugins.torch_ops import fused_moe_quantized_cuda
+
+    routing = library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False)
+    codes, gate_up, down = _quantized(bits, block, dtype)
+    num_experts, two_i, hidden_size = gate_up.shape
+    torch.manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, hidden_size, device="cuda").to(dtype)
+    logits = torch.randn(num_tokens, num_experts, device="cuda")
+    logits[:, -4:] -= 30.0  # experts with no token
+
+    def run():
+        shape = library.shape_c(num_tokens, hidden_size, two_i // 2, num_experts, DTYPE_ENUM[dtype],
+                                library.GateUpLayout.INTERLEAVED)
+        quant = library.QuantizedExperts(bits, block, codes[1].data_ptr(), codes[3].data_ptr())
+        size = library.workspace_size_quantized(shape, routing, quant)
+        workspace = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
+        out = torch.full_like(hidden, float("nan"))
+        library.forward_quantized(shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, codes[0].data_ptr(),
+                                  codes[2].data_ptr(), out.data_ptr(), workspace.data_ptr(), size,
+                                  torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return out
+
+    first, second = run(), run()
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} output elements not written"
+    assert torch.equal(first, second), "two runs differ"
+    ids, weights = route_reference(logits, routing)
+    expected = experts_reference(hidden, ids, weights, gate_up, down)
+    rel = ((first.double() - expected).norm() / expected.norm()).item()
+    print(f"CASE quantized int{bits} block {block} T={num_tokens} {str(dtype).removeprefix('torch.')} rel_err={rel:.2e}")
+    assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
+    got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
+    assert torch.equal(got, first)

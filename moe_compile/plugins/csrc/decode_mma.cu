@@ -12,6 +12,11 @@
 //            so each lane's accumulators hold gate and up of the same outputs -> act [P, I]
 //   down+sum: block = 16 rows of H; warps take (expert, k-slice) items, weight them by the routing
 //            weight (or the shared gate), sum per token in a fixed order      -> out [T, H]
+//
+// Block-quantized routed experts (int4/int8 codes, a scale per block: fused_moe.h) run the same kernels:
+// a lane's 16-byte load of codes holds 32 (int4) or 16 (int8) consecutive k, which it turns into the
+// register pairs of as many 16-bit loads (fp16: the exact magic-number conversion, then one multiply by
+// the block's scale), so the bytes read per weight drop 4x or 2x and nothing else changes.
 #include "common.cuh"
 #include "kernels.h"
 #include "mma.cuh"
@@ -57,17 +62,136 @@ __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T
   }
 }
 
+// Rows of block-quantized weights as the A operand: the codes and scales of row element 0; + n moves n
+// elements along the rows (n a multiple of the block: row starts, expert starts, the down kernel's slices).
+template <typename T, int BITS>
+struct QuantRows {
+  const uint8_t* codes;
+  const T* scales;
+  int block;
+  __device__ __forceinline__ QuantRows operator+(size_t n) const {
+    return {codes + n * BITS / 8, scales + n / block, block};
+  }
+  __device__ __forceinline__ explicit operator bool() const { return codes != nullptr; }
+};
+
+__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// Weights k 8c .. 8c+7 of a 16-byte load of codes as the 4 registers a 16-bit load would give (pairs k 2j,
+// 2j+1), times the block's scale. fp16: a code u under 0x6400 is the half 1024 + u exactly, so one
+// subtraction gives u - 2^(bits-1) exactly and the product with the scale rounds once, as a dequantized
+// fp16 weight does. int4 byte j holds k 2j (lower nibble) and 2j+1: the upper lands as 16 u, undone by x 1/16.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_t (&out)[4]);
+
+template <>
+__device__ __forceinline__ void dequant8<__half, 4>(const uint4& v, int c, __half scale, uint32_t (&out)[4]) {
+  const uint32_t word = (&v.x)[c];
+  const __half2 mul = __halves2half2(__float2half(1.f), __float2half(1.f / 16)),
+                add = __halves2half2(__float2half(-1032.f), __float2half(-72.f)), s2 = __half2half2(scale);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t h = (__byte_perm(word, 0, 0x4040 | (j << 8) | j) & 0x00F0000Fu) | 0x64006400u;
+    out[j] = as_u32(__hmul2(__hfma2(*reinterpret_cast<__half2*>(&h), mul, add), s2));
+  }
+}
+
+template <>
+__device__ __forceinline__ void dequant8<__half, 8>(const uint4& v, int c, __half scale, uint32_t (&out)[4]) {
+  const __half2 bias = __float2half2_rn(1152.f), s2 = __half2half2(scale);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int b = (j % 2) * 2;  // bytes b, b + 1 of word 2c + j / 2
+    uint32_t h = __byte_perm((&v.x)[2 * c + j / 2], 0x64646464u, 0x4040 | ((b + 1) << 8) | b);
+    out[j] = as_u32(__hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), bias), s2));
+  }
+}
+
+// bf16 has no exact 16-bit trick for 8-bit codes: through fp32 (2^23 + u is exact there), both widths.
+template <int BITS>
+__device__ __forceinline__ void dequant8_bf16(const uint4& v, int c, __nv_bfloat16 scale, uint32_t (&out)[4]) {
+  const float s = __bfloat162float(scale), zero = 8388608.f + (1 << (BITS - 1));
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t lo, hi;
+    if (BITS == 4) {
+      const uint32_t byte = ((&v.x)[c] >> (8 * j)) & 0xFFu;
+      lo = byte & 0xFu, hi = byte >> 4;
+    } else {
+      const uint32_t word = (&v.x)[2 * c + j / 2];
+      lo = (word >> (16 * (j % 2))) & 0xFFu, hi = (word >> (16 * (j % 2) + 8)) & 0xFFu;
+    }
+    out[j] = pack2<__nv_bfloat16>((__uint_as_float(0x4B000000u | lo) - zero) * s,
+                                  (__uint_as_float(0x4B000000u | hi) - zero) * s);
+  }
+}
+template <>
+__device__ __forceinline__ void dequant8<__nv_bfloat16, 4>(const uint4& v, int c, __nv_bfloat16 s, uint32_t (&out)[4]) {
+  dequant8_bf16<4>(v, c, s, out);
+}
+template <>
+__device__ __forceinline__ void dequant8<__nv_bfloat16, 8>(const uint4& v, int c, __nv_bfloat16 s, uint32_t (&out)[4]) {
+  dequant8_bf16<8>(v, c, s, out);
+}
+
+// mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
+// inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
+// len % C == 0 (a multiple of the block size).
+template <typename T, int NT, int BITS>
+__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS> w_lo, QuantRows<T, BITS> w_hi, const T* const (&xs)[NT],
+                                           int len, float (&acc)[NT][4]) {
+  constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
+  constexpr int U = NT == 1 ? 4 : 2;
+  const int t = threadIdx.x % 4;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int base = 0; base < len; base += 4 * C * U) {  // uniform over the warp
+    uint4 lo[U], hi[U];
+    T s_lo[U], s_hi[U];
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int k = base + (4 * q + t) * C;
+      const bool ok = k < len;
+      lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
+      hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
+      s_lo[q] = ok && w_lo ? w_lo.scales[k / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
+      s_hi[q] = ok && w_hi ? w_hi.scales[k / w_hi.block] : from_float<T>(0.f);
+    }
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      if (base + 4 * q * C >= len) break;
+      const int k = base + (4 * q + t) * C;
+      const bool ok = k < len;
+#pragma unroll
+      for (int c = 0; c < C / 8; ++c) {
+        uint32_t a_lo[4], a_hi[4];
+        dequant8<T, BITS>(lo[q], c, s_lo[q], a_lo);
+        dequant8<T, BITS>(hi[q], c, s_hi[q], a_hi);
+        const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
+        const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
+          const uint32_t b0[2] = {xv.x, xv.y};
+          const uint32_t b1[2] = {xv.z, xv.w};
+          mma_16816<T>(acc[nt], a0, b0);
+          mma_16816<T>(acc[nt], a1, b1);
+        }
+      }
+    }
+  }
+}
+
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in
-// chunks of I, every token; grid.y: 64 columns of the tile or chunk.
-template <typename T, int NT>
+// chunks of I, every token; grid.y: 64 columns of the tile or chunk. W: the routed experts' rows (const T*,
+// or QuantRows); the shared expert's are always 16-bit.
+template <typename T, int NT, typename W>
 __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
-    mma_gate_up_kernel(Problem p, const T* __restrict__ x, const T* __restrict__ w, Workspace ws, Shared sh,
-                       int routed_grid) {
+    mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid) {
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int j0 = (blockIdx.y * kMmaGateUpWarps + threadIdx.x / kWarp) * 8;  // the warp's 8 columns
   if (j0 >= p.I) return;  // I % 8 == 0: all 8 in range
   const T* xs[NT];
-  const T *w_lo, *w_hi;
+  float acc[NT][4] = {};
   T* dst;  // act row of the tile's first token, column j0 + g
   size_t dst_stride;
   int n;  // tokens of the tile
@@ -81,9 +205,9 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
       const int s = g + 8 * nt;
       xs[nt] = s < n ? x + (size_t)(ws.perm_entry[row0 + s] / p.K) * p.H : nullptr;
     }
-    const T* we = w + (size_t)e * 2 * p.I * p.H;
-    w_lo = we + (size_t)gate_up_row(p, j0 + g, 0) * p.H;
-    w_hi = we + (size_t)gate_up_row(p, j0 + g, 1) * p.H;
+    const W we = w + (size_t)e * 2 * p.I * p.H;
+    mma_rows16<T, NT>(we + (size_t)gate_up_row(p, j0 + g, 0) * p.H, we + (size_t)gate_up_row(p, j0 + g, 1) * p.H, xs,
+                      p.H, acc);
     dst = static_cast<T*>(ws.act) + (size_t)row0 * p.I + j0 + g;
     dst_stride = p.I;
   } else {
@@ -96,13 +220,11 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
       xs[nt] = s < n ? x + (size_t)s * p.H : nullptr;
     }
     const T* ws_ = static_cast<const T*>(sh.gate_up);
-    w_lo = ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H;
-    w_hi = ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H;
+    mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
+                      ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, p.H, acc);
     dst = static_cast<T*>(sh.act) + j + g;
     dst_stride = sh.I;
   }
-  float acc[NT][4] = {};
-  mma_rows16<T, NT>(w_lo, w_hi, xs, p.H, acc);
   // acc[nt] = {gate, gate, up, up} of column j0 + g for tokens 8 nt + 2t and 8 nt + 2t + 1.
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -116,10 +238,9 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
 // Work items of a block: (routed tile, k-slice) first, then (shared k-slice); each warp sums its
 // items into its own partial rows, and the block adds the warps' rows in a fixed order.
 // routed = false: only the shared items, added to what out holds (the routed part ran apart).
-template <typename T, int NT>
+template <typename T, int NT, typename W>
 __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
-    mma_down_sum_kernel(Problem p, const T* __restrict__ w, Workspace ws, Shared sh, bool routed,
-                        T* __restrict__ out) {
+    mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out) {
   constexpr int TMAX = 8 * NT;
   __shared__ float partial[kMmaDownWarps][16][TMAX];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -140,11 +261,11 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
       const int k0 = (item % routed_slices) * kMmaDownSlice, len = min(kMmaDownSlice, p.I - k0);
       const int row0 = ws.expert_offsets[e];
       const int n = ws.expert_offsets[e + 1] - row0;
-      const T* we = w + (size_t)e * p.H * p.I + k0;
+      const W we = w + ((size_t)e * p.H * p.I + k0);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = g + 8 * nt < n ? act + (size_t)(row0 + g + 8 * nt) * p.I + k0 : nullptr;
-      mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : nullptr, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : nullptr,
-                        xs, len, acc);
+      mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : W{}, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : W{}, xs,
+                        len, acc);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -186,43 +307,78 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
   }
 }
 
-template <typename T, int NT>
-void launch_mma(const Problem& p, const void* x, const void* w_gate_up, const void* w_down, const Workspace& ws,
-                const Shared& sh, bool routed, void* out, cudaStream_t s, bool gate_up) {
+template <typename T, int NT, typename W>
+void launch_mma(const Problem& p, const void* x, W w_gate_up, W w_down, const Workspace& ws, const Shared& sh,
+                bool routed, void* out, cudaStream_t s, bool gate_up) {
   if (gate_up) {
     const int routed_grid = routed ? min(p.E, p.P) : 0;
     const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
     const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, kMmaGateUpWarps * 8));
-    mma_gate_up_kernel<T, NT><<<grid, kMmaGateUpWarps * kWarp, 0, s>>>(
-        p, static_cast<const T*>(x), static_cast<const T*>(w_gate_up), ws, sh, routed_grid);
+    mma_gate_up_kernel<T, NT, W><<<grid, kMmaGateUpWarps * kWarp, 0, s>>>(p, static_cast<const T*>(x), w_gate_up, ws,
+                                                                        sh, routed_grid);
   } else {
-    mma_down_sum_kernel<T, NT><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(
-        p, static_cast<const T*>(w_down), ws, sh, routed, static_cast<T*>(out));
+    mma_down_sum_kernel<T, NT, W><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(p, w_down, ws, sh, routed,
+                                                                                     static_cast<T*>(out));
   }
 }
 
-template <typename T>
-void mma_dispatch_tokens(const Problem& p, const void* x, const void* wgu, const void* wd, const Workspace& ws,
-                         const Shared& sh, bool routed, void* out, cudaStream_t s, bool gate_up) {
+template <typename T, typename W>
+void mma_dispatch_tokens(const Problem& p, const void* x, W wgu, W wd, const Workspace& ws, const Shared& sh,
+                         bool routed, void* out, cudaStream_t s, bool gate_up) {
   static_assert(kDecodeMaxTokens <= 16, "two n-tiles of 8 tokens");
-  if (p.T <= 8) launch_mma<T, 1>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
-  else launch_mma<T, 2>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
+  if (p.T <= 8) launch_mma<T, 1, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
+  else launch_mma<T, 2, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
+}
+
+template <typename T>
+void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const void* wd, const Workspace& ws,
+                        const Shared& sh, bool routed, void* out, cudaStream_t s, bool gate_up) {
+  mma_dispatch_tokens<T, const T*>(p, x, static_cast<const T*>(wgu), static_cast<const T*>(wd), ws, sh, routed, out, s,
+                                   gate_up);
+}
+
+template <typename T, int BITS>
+void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
+                       cudaStream_t s, bool gate_up) {
+  using R = QuantRows<T, BITS>;
+  const R wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
+  const R wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
+  mma_dispatch_tokens<T, R>(p, x, wgu, wd, ws, Shared{}, true, out, s, gate_up);
+}
+
+template <typename T>
+void mma_dispatch_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
+                            cudaStream_t s, bool gate_up) {
+  if (w.bits == 4) mma_dispatch_bits<T, 4>(p, x, w, ws, out, s, gate_up);
+  else mma_dispatch_bits<T, 8>(p, x, w, ws, out, s, gate_up);
 }
 
 void launch_mma_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
                         const Shared& shared, bool routed, cudaStream_t s) {
   if (p.dtype == MOE_DTYPE_BF16)
-    mma_dispatch_tokens<__nv_bfloat16>(p, x, w_gate_up, nullptr, ws, shared, routed, nullptr, s, true);
+    mma_dispatch_dense<__nv_bfloat16>(p, x, w_gate_up, nullptr, ws, shared, routed, nullptr, s, true);
   else
-    mma_dispatch_tokens<__half>(p, x, w_gate_up, nullptr, ws, shared, routed, nullptr, s, true);
+    mma_dispatch_dense<__half>(p, x, w_gate_up, nullptr, ws, shared, routed, nullptr, s, true);
 }
 
 void launch_mma_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared, bool routed,
                          void* out, cudaStream_t s) {
   if (p.dtype == MOE_DTYPE_BF16)
-    mma_dispatch_tokens<__nv_bfloat16>(p, nullptr, nullptr, w_down, ws, shared, routed, out, s, false);
+    mma_dispatch_dense<__nv_bfloat16>(p, nullptr, nullptr, w_down, ws, shared, routed, out, s, false);
   else
-    mma_dispatch_tokens<__half>(p, nullptr, nullptr, w_down, ws, shared, routed, out, s, false);
+    mma_dispatch_dense<__half>(p, nullptr, nullptr, w_down, ws, shared, routed, out, s, false);
+}
+
+void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
+                                  cudaStream_t s) {
+  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, x, w, ws, nullptr, s, true);
+  else mma_dispatch_quantized<__half>(p, x, w, ws, nullptr, s, true);
+}
+
+void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, void* out,
+                                   cudaStream_t s) {
+  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, nullptr, w, ws, out, s, false);
+  else mma_dispatch_quantized<__half>(p, nullptr, w, ws, out, s, false);
 }
 
 }  // namespace moe

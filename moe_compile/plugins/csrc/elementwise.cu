@@ -3,6 +3,7 @@
 //              com.microsoft:MoE types them like the input, while routing reads fp32)
 //   silu_mul:  act = silu(gate) * up of [rows, 2I] GEMM outputs (the ORT op's shared expert beyond decode)
 //   add_gated: out[t] += g_t * y[t], g_t = sigmoid(gate_logits[t]) or 1 (the shared expert's term)
+//   dequantize: block-quantized expert codes -> the float weights (quantized experts beyond decode sizes)
 #include "common.cuh"
 #include "fused_moe.h"
 #include "kernels.h"
@@ -71,6 +72,44 @@ void launch_add_shared(const Problem& p, const void* y, const float* gate_logits
     case MOE_DTYPE_BF16:
       add_shared_kernel<__nv_bfloat16><<<p.T, threads, 0, s>>>(p, static_cast<const __nv_bfloat16*>(y), gate_logits,
                                                                static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+}
+
+// One thread a byte of codes: its 1 (int8) or 2 (int4, the lower nibble first) weights.
+template <typename T>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const T* __restrict__ scales, int64_t bytes,
+                                  int64_t K, int bits, int block, T* __restrict__ out) {
+  const int per_byte = 8 / bits, zero = 1 << (bits - 1);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < bytes; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t first = i * per_byte, row = first / K, k = first % K;
+    const float scale = to_float(scales[row * (K / block) + k / block]);
+    const uint32_t byte = codes[i];
+    for (int j = 0; j < per_byte; ++j) {
+      const int u = bits == 8 ? (int)byte : (int)((byte >> (4 * j)) & 0xFu);
+      out[first + j] = from_float<T>((float)(u - zero) * scale);
+    }
+  }
+}
+
+void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
+                       moe_dtype dtype, void* out, cudaStream_t s) {
+  const int threads = 256;
+  const int64_t bytes = rows * K * bits / 8, blocks = ceil_div(bytes, threads);
+  const unsigned grid = (unsigned)(blocks < 65536 ? blocks : 65536);
+  const uint8_t* c = static_cast<const uint8_t*>(codes);
+  switch (dtype) {
+    case MOE_DTYPE_F32:
+      dequantize_kernel<float><<<grid, threads, 0, s>>>(c, static_cast<const float*>(scales), bytes, K, bits, block,
+                                                        static_cast<float*>(out));
+      break;
+    case MOE_DTYPE_F16:
+      dequantize_kernel<__half><<<grid, threads, 0, s>>>(c, static_cast<const __half*>(scales), bytes, K, bits, block,
+                                                         static_cast<__half*>(out));
+      break;
+    case MOE_DTYPE_BF16:
+      dequantize_kernel<__nv_bfloat16><<<grid, threads, 0, s>>>(c, static_cast<const __nv_bfloat16*>(scales), bytes, K,
+                                                                bits, block, static_cast<__nv_bfloat16*>(out));
       break;
   }
 }

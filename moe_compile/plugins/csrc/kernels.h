@@ -60,6 +60,16 @@ __host__ __device__ inline int shared_gate_up_row(const Shared& s, int j, int up
   return s.interleaved ? 2 * j + up : j + up * s.I;
 }
 
+// Block-quantized routed experts (fused_moe.h: moe_quantized_experts): codes and scales of both.
+struct QuantWeights {
+  const void* gate_up;
+  const void* gate_up_scales;
+  const void* down;
+  const void* down_scales;
+  int bits;
+  int block;
+};
+
 int max_tiles(const Problem& p, int tile_m);
 int gemm_tile_m(const Problem& p);
 
@@ -87,6 +97,14 @@ void launch_mma_gate_up(const Problem& p, const void* x, const void* w_gate_up, 
                         const Shared& shared, bool routed, cudaStream_t s);
 void launch_mma_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
                          bool routed, void* out, cudaStream_t s);
+// The tensor-core steps reading quantized experts, dequantized in registers (routed experts only).
+void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
+                                  cudaStream_t s);
+void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, void* out,
+                                   cudaStream_t s);
+// out [rows, K] of dtype = (u - 2^(bits-1)) * scale from codes [rows, K*bits/8] and scales [rows, K/block].
+void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
+                       moe_dtype dtype, void* out, cudaStream_t s);
 // out[t] += g_t * y[t] (g_t = sigmoid(gate_logits[t]), or 1): the shared expert's term for T > 1.
 void launch_add_shared(const Problem& p, const void* y, const float* gate_logits, void* out, cudaStream_t s);
 

@@ -17,6 +17,9 @@
 //           gemm down                                                     -> y   [P,H]
 //           unpermute: out[t] = sum_k w[t,k] y[pos(t,k)], fixed k order   -> out [T,H]
 //
+//   quantized experts (moe_compile_forward_quantized): the decode path's tensor-core kernels read the codes
+//   (dequantized in registers); elsewhere the layer's experts are dequantized into the workspace first
+//
 //   shared expert: T <= 16 (16-bit) or 8 (fp32), more tiles and items of the decode kernels (after the
 //   grouped GEMM: their own two launches, added to out); beyond, a one-expert problem -> y_s;
 //   out += g_t * y_s
@@ -275,6 +278,65 @@ extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* ro
     cudaMemsetAsync(plan.zero_logits, 0, sizeof(float) * p.T, s);
     run_routed(plan.p, hidden, plan.zero_logits, nullptr, shared->gate_up, shared->down, plan.y, plan.ws, Shared{}, s);
     launch_add_shared(p, plan.y, shared->gate_logits, out, s);
+  }
+  return check_launch();
+}
+
+namespace moe {
+namespace {
+
+bool valid_quantized(const moe_quantized_experts* q, const Problem& p) {
+  if (!q || (q->bits != 4 && q->bits != 8)) return false;
+  // a lane's 16-byte load of codes (32 or 16 weights) stays inside one block
+  return q->block_size >= 32 && q->block_size % 32 == 0 && p.H % q->block_size == 0 && p.I % q->block_size == 0;
+}
+
+// The tensor-core decode kernels read the codes; every other size runs on dequantized weights.
+bool reads_codes(const Problem& p) { return use_mma(p) && use_decode_path(p); }
+
+size_t dequantized_bytes(const Problem& p) {
+  return align_up(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H) + align_up(dtype_bytes(p.dtype) * p.E * p.H * p.I);
+}
+
+}  // namespace
+}  // namespace moe
+
+extern "C" size_t moe_compile_workspace_size_quantized(const moe_shape* shape, const moe_routing* routing,
+                                                       const moe_quantized_experts* quant) {
+  Problem p;
+  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p)) return 0;
+  return total_bytes(p, nullptr) + (reads_codes(p) ? 0 : dequantized_bytes(p));
+}
+
+extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
+                                             const moe_quantized_experts* quant, const void* hidden,
+                                             const float* router_logits, const float* expert_bias,
+                                             const void* gate_up, const void* down, void* out, void* workspace,
+                                             size_t workspace_bytes, void* cuda_stream) {
+  Problem p;
+  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p)) return MOE_ERR_INVALID_ARGUMENT;
+  if (p.T == 0) return MOE_OK;
+  if (!hidden || !router_logits || !gate_up || !down || !out || !workspace || !quant->gate_up_scales ||
+      !quant->down_scales)
+    return MOE_ERR_INVALID_ARGUMENT;
+  if (workspace_bytes < moe_compile_workspace_size_quantized(shape, routing, quant)) return MOE_ERR_WORKSPACE_TOO_SMALL;
+  Workspace ws;
+  char* base = static_cast<char*>(workspace);
+  const size_t routed_bytes = carve(p, base, &ws);
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+  if (reads_codes(p)) {
+    const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
+    launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);
+    launch_mma_gate_up_quantized(p, hidden, w, ws, s);
+    launch_mma_down_sum_quantized(p, w, ws, out, s);
+  } else {
+    char* w_gate_up = base + routed_bytes;
+    char* w_down = w_gate_up + align_up(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H);
+    launch_dequantize(gate_up, quant->gate_up_scales, (int64_t)p.E * 2 * p.I, p.H, quant->bits, quant->block_size,
+                      p.dtype, w_gate_up, s);
+    launch_dequantize(down, quant->down_scales, (int64_t)p.E * p.H, p.I, quant->bits, quant->block_size, p.dtype,
+                      w_down, s);
+    run_routed(p, hidden, router_logits, expert_bias, w_gate_up, w_down, out, ws, Shared{}, s);
   }
   return check_launch();
 }

@@ -20,6 +20,14 @@
 // invoked through the C API's CreateOp/InvokeOp) around our SiLU and gated-add kernels: our FMA GEMV
 // and grouped GEMM took 80-100 us a layer for it at 8-128 tokens where cuBLAS takes 45 (H200, A2.7B
 // shape); our tensor-core GEMV takes ~15 inside the routed launches up to 16 tokens.
+//
+//   FusedQMoE(input [..., H], router_logits [..., E], fc1 codes uint8 [E, 2I, H*bits/8], fc1 scales [E, 2I, H/block],
+//             fc2 codes uint8 [E, H, I*bits/8], fc2 scales [E, H, I/block])
+//     k, normalize_routing_weights, expert_weight_bits, block_size  ->  output [..., H]
+//
+// com.microsoft:QMoE's routed part (weights_prepacked = 0, symmetric blocks, no zero points, SwiGLU as
+// above) on our kernels: decode sizes read the codes (dequantized in registers), others dequantize the
+// layer's experts into the workspace first (fused_moe.h: moe_compile_forward_quantized).
 #include <stdio.h>
 
 #include <string>
@@ -70,6 +78,8 @@ struct Kernel {
   int64_t top_k = 0;
   int64_t normalize = 0;
   int64_t shared_gate = 0;
+  int64_t bits = 0;   // FusedQMoE: expert_weight_bits
+  int64_t block = 0;  // FusedQMoE: block_size
   OrtOp* gemm = nullptr;  // ONNX Runtime's Gemm(A, B, transB=1) on this provider; null: our kernels only
   ~Kernel() {
     if (gemm) g_api->ReleaseOp(gemm);
@@ -229,6 +239,70 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   return status;
 }
 
+// FusedQMoE: x, router_logits, fc1 codes, fc1 scales, fc2 codes, fc2 scales.
+OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
+  const OrtValue* values[6] = {};
+  TensorView x, logits, fc1, fc1_scales, fc2, fc2_scales;
+  TensorView* views[6] = {&x, &logits, &fc1, &fc1_scales, &fc2, &fc2_scales};
+  for (size_t i = 0; i < 6; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (!values[i]) return fail("input " + std::to_string(i) + " is missing");
+    ORT_TRY(view(values[i], views[i]));
+  }
+  const int dtype = moe_dtype_of(x.type);
+  if (dtype < 0 || logits.type != x.type || fc1_scales.type != x.type || fc2_scales.type != x.type ||
+      fc1.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || fc2.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    return fail("input, router_logits and the scales must share one float type, the codes be uint8");
+  const int64_t bits = kernel->bits, block = kernel->block;
+  if (x.dims.empty() || logits.dims.empty() || fc1.dims.size() != 3 || fc2.dims.size() != 3 ||
+      fc1_scales.dims.size() != 3 || fc2_scales.dims.size() != 3)
+    return fail("expected input [..., H], router_logits [..., E], codes and scales [E, N, ...]");
+  const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
+  const bool fits = fc1.dims[1] == 2 * I && fc1.dims[2] * 8 == H * bits && fc2.dims[0] == E && fc2.dims[1] == H &&
+                    fc2.dims[2] * 8 == I * bits && fc1_scales.dims[0] == E && fc1_scales.dims[1] == 2 * I &&
+                    fc1_scales.dims[2] * block == H && fc2_scales.dims[0] == E && fc2_scales.dims[1] == H &&
+                    fc2_scales.dims[2] * block == I && logits.dims.back() == E && logits.leading() == T;
+  if (!fits)
+    return fail("shapes disagree (bits " + std::to_string(bits) + ", block " + std::to_string(block) + "): input " +
+                dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " + dims_text(fc1) + " / " +
+                dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales));
+
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, x.dims.data(), x.dims.size(), &out));
+  void* out_data = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(out, &out_data));
+  if (T == 0) return nullptr;
+
+  void* stream = nullptr;
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const moe_shape shape = {T, H, I, E, dtype, MOE_GATE_UP_INTERLEAVED};
+  const moe_routing routing = {MOE_ROUTING_SOFTMAX_TOPK, (int32_t)kernel->top_k, (int32_t)kernel->normalize, 1, 1, 1.0f};
+  const moe_quantized_experts quant = {(int32_t)bits, (int32_t)block, fc1_scales.data, fc2_scales.data};
+  const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant);
+  if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
+  const size_t logits_bytes = ((size_t)(T * E) * sizeof(float) + 255) / 256 * 256;
+
+  const OrtMemoryInfo* memory = nullptr;
+  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
+  OrtAllocator* allocator = nullptr;
+  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
+  void* workspace = nullptr;
+  OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + kernel_bytes, &workspace);
+  if (!status) {
+    float* logits_f32 = static_cast<float*>(workspace);
+    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, E, stream);
+    if (rc == MOE_OK)
+      rc = moe_compile_forward_quantized(&shape, &routing, &quant, x.data, logits_f32, nullptr, fc1.data, fc2.data,
+                                         out_data, static_cast<char*>(workspace) + logits_bytes, kernel_bytes, stream);
+    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // as compute(): reused only later on this stream
+    if (freed && !status) status = freed;
+    else if (freed) g_api->ReleaseStatus(freed);
+  }
+  g_api->ReleaseAllocator(allocator);
+  return status;
+}
+
 // ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none.
 // Every attribute is given: a kernel created this way gets no schema defaults (the CUDA Gemm refuses
 // to construct without transA).
@@ -261,31 +335,45 @@ OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorEleme
   return op;
 }
 
-template <ONNXTensorElementDataType kType>
+// Reads the attributes every op has (k, optional normalize_routing_weights) and `optional` ones that
+// default to 0; a missing required one fails the session's creation.
+OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Kernel* kernel, bool quantized) {
+  ORT_TRY(api->KernelInfoGetAttribute_int64(info, "k", &kernel->top_k));
+  auto optional = [&](const char* name, int64_t* value) {
+    if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, name, value)) {
+      api->ReleaseStatus(missing);
+      *value = 0;  // com.microsoft:MoE's default normalize_routing_weights; no shared gate column
+    }
+  };
+  optional("normalize_routing_weights", &kernel->normalize);
+  optional("shared_gate", &kernel->shared_gate);
+  if (quantized) {
+    ORT_TRY(api->KernelInfoGetAttribute_int64(info, "expert_weight_bits", &kernel->bits));
+    ORT_TRY(api->KernelInfoGetAttribute_int64(info, "block_size", &kernel->block));
+  }
+  return nullptr;
+}
+
+template <ONNXTensorElementDataType kType, bool kQuantized>
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
   auto* kernel = new Kernel();
-  OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "k", &kernel->top_k);
-  if (status) {
+  if (OrtStatus* status = read_attributes(api, info, kernel, kQuantized)) {
     delete kernel;
     return status;
   }
-  if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "normalize_routing_weights", &kernel->normalize)) {
-    api->ReleaseStatus(missing);  // optional: com.microsoft:MoE's default
-    kernel->normalize = 0;
-  }
-  if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "shared_gate", &kernel->shared_gate)) {
-    api->ReleaseStatus(missing);  // optional: no gate column
-    kernel->shared_gate = 0;
-  }
   size_t inputs = 0;
   if (OrtStatus* failed = api->KernelInfo_GetInputCount(info, &inputs)) api->ReleaseStatus(failed);
-  if (inputs >= kInputs) kernel->gemm = create_gemm(api, info, kType);  // only nodes with a shared expert
+  if (!kQuantized && inputs >= kInputs) kernel->gemm = create_gemm(api, info, kType);  // only nodes with a shared expert
   *out = kernel;
   return nullptr;
 }
 
 OrtStatus* ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* ctx) {
   return compute(static_cast<Kernel*>(kernel), ctx);
+}
+
+OrtStatus* ORT_API_CALL compute_quantized_kernel(void* kernel, OrtKernelContext* ctx) {
+  return compute_quantized(static_cast<Kernel*>(kernel), ctx);
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
@@ -306,7 +394,7 @@ OrtCustomOp make_op() {
   };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  op.CreateKernelV2 = create_kernel<kType>;
+  op.CreateKernelV2 = create_kernel<kType, false>;
   op.KernelComputeV2 = compute_kernel;
   op.KernelDestroy = destroy_kernel;
   op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
@@ -314,8 +402,26 @@ OrtCustomOp make_op() {
   return op;
 }
 
+// FusedQMoE: the codes (inputs 2 and 4) are uint8, everything else kType.
+template <ONNXTensorElementDataType kType>
+OrtCustomOp make_quantized_op() {
+  OrtCustomOp op = make_op<kType>();
+  op.GetName = [](const OrtCustomOp*) { return "FusedQMoE"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) {
+    return i == 2 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kType;
+  };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 6; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.CreateKernelV2 = create_kernel<kType, true>;
+  op.KernelComputeV2 = compute_quantized_kernel;
+  return op;
+}
+
 OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
-                       make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>()};
+                       make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
+                       make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
+                       make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
+                       make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>()};
 
 }  // namespace
 
