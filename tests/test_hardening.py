@@ -30,6 +30,7 @@ RUN = ["--input-ids", "1,2,3", "--max-new-tokens", "2"]
 
 
 def cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()  # what came before (a session fixture writing its checkpoint) is not the command's
     rc = main([str(a) for a in args])
     return rc, capsys.readouterr().err.strip()
 
@@ -37,6 +38,7 @@ def cli(capsys, *args) -> tuple[int, str]:
 def assert_one_line_error(rc: int, err: str, *words: str) -> None:
     assert rc != 0, err
     assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err  # exactly one line: the error, nothing before it
     last = err.splitlines()[-1]
     assert last.startswith("error: ") and "internal error" not in last, err
     for word in words:
@@ -499,6 +501,43 @@ def test_two_builds_take_turns(tmp_path):
     first.join()
     assert order == ["a start", "a end", "b start", "b end"]
     assert (out / "manifest.json").read_text() == "b"
+
+
+# --- the CLI's net under the known failures -----------------------------------------------------------------
+
+NET_LINE = "(MOE_COMPILE_DEBUG=1 shows the traceback)"
+
+
+def _raise(exc):
+    def fail(*_args, **_kwargs):
+        raise exc
+    return fail
+
+
+def test_unexpected_error_is_one_line(capsys, monkeypatch):
+    from moe_compile import cli as cli_module
+
+    monkeypatch.delenv("MOE_COMPILE_DEBUG", raising=False)
+    monkeypatch.setitem(cli_module.COMMANDS, "families", _raise(RuntimeError("went wrong\nsecond line")))
+    rc, err = cli(capsys, "families")
+    assert rc == 1 and err == f"error: internal error in families: RuntimeError: went wrong {NET_LINE}", err
+    monkeypatch.setitem(cli_module.COMMANDS, "families", _raise(MemoryError()))
+    rc, err = cli(capsys, "families")
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: out of memory in families"), err
+    monkeypatch.setenv("MOE_COMPILE_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(MemoryError):
+        main(["families"])
+
+
+def test_unexpected_error_names_the_build_stage(checkpoint, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.delenv("MOE_COMPILE_DEBUG", raising=False)  # moe_compile.build is also the function: the module
+    monkeypatch.setattr(importlib.import_module("moe_compile.build"), "capture", _raise(ValueError("odd shape")))
+    rc, err = cli(capsys, "build", checkpoint("qwen2_moe"), "-o", tmp_path / "out", "--backend", "onnx")
+    assert rc == 1 and err.splitlines()[-1] == f"error: internal error in capture: ValueError: odd shape {NET_LINE}", err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]  # no OUT, no staging directory
 
 
 # --- signals, pipes, start-up (subprocesses) --------------------------------------------------------------

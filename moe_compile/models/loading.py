@@ -103,6 +103,13 @@ def load_model(path: Path, dtype: str = "fp32", trust_remote_code: bool = False,
     read_family(path)
     check_weights_are_safe(path, trust_remote_code)
     check_safetensors(path)
+    from transformers.utils import logging as hf_logging
+
+    # transformers' "Loading weights" bar and its LOAD REPORT table (missing/unexpected tensors, as warnings) would
+    # precede the one line below: moe-compile refuses those itself. The path is local: no download bar is lost.
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -114,6 +121,10 @@ def load_model(path: Path, dtype: str = "fp32", trust_remote_code: bool = False,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     for kind in ("missing", "unexpected", "mismatched"):
         names = sorted(str(name) for name in info.get(f"{kind}_keys") or ())
         if names:
