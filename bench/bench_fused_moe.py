@@ -1,6 +1,7 @@
 """Benchmark the fused MoE kernels against transformers' experts implementations on one GPU.
 
     PYTHONUNBUFFERED=1 python bench/bench_fused_moe.py [--tokens 1,8,64,512,2048] [--json out.json]
+        [--shared 1,8] [--quantized 1,8,64]
 
 For each model shape (model_shapes.SHAPES) and token count: median time (triton do_bench, L2
 flushed before every repetition), weight bytes of the selected experts over time (GB/s) and
@@ -251,6 +252,79 @@ def bench_shared(tokens):
               f"{us_apart:16.1f} | {nbytes / us_apart / 1e3:4.0f} | {diff:.1e} |", flush=True)
 
 
+def bench_quantized(tokens, block=32):
+    """A2.7B's routed experts, fp16 activations, timed as CUDA-graph replays: ours on fp16 weights against ours
+    on int8 and int4 codes (block `block`, quantize/packing.py's quantizer, com.microsoft:QMoE's layout). Bytes =
+    the selected experts' weights as each stores them (codes + fp16 scales)."""
+    import numpy as np
+
+    from moe_compile.plugins import library
+    from moe_compile.plugins.library import Dtype, GateUpLayout
+    from moe_compile.quantize.packing import qmoe_weights, quantize_rows
+
+    name = "qwen1.5-moe-a2.7b"
+    shape, routing = SHAPES[name], SOFTMAX_ROUTING[name]
+    gen = torch.Generator().manual_seed(0)
+    h, inter, e = shape.hidden, shape.intermediate, shape.num_experts
+    gate_up = (torch.randn(e, 2 * inter, h, generator=gen) / h**0.5).half()  # rows interleaved: it does not matter here
+    down = (torch.randn(e, h, inter, generator=gen) / inter**0.5).half()
+    weights = {"fp16": (gate_up.cuda(), down.cuda())}
+    for bits in (8, 4):
+        parts = []
+        for w in (gate_up, down):
+            codes, scales = qmoe_weights(quantize_rows(w.float().numpy(), bits, block, np.float16))
+            parts += [torch.from_numpy(np.ascontiguousarray(codes)).cuda(), torch.from_numpy(scales).cuda()]
+        weights[f"int{bits}"] = tuple(parts)
+    print(f"| quantized A2.7B experts, fp16 activations, block {block} |     T | format | ours µs | GB/s | rel diff to fp16 |")
+    for t in tokens:
+        hidden = torch.randn(t, h, device="cuda").half()
+        logits = torch.randn(t, e, device="cuda")
+        c_shape = library.shape_c(t, h, inter, e, Dtype.F16, GateUpLayout.INTERLEAVED)
+        ids = torch.topk(logits, routing.top_k, dim=-1).indices
+        experts = torch.unique(ids).numel()
+        results = {}
+        for fmt, w in weights.items():
+            out = torch.empty_like(hidden)
+            stream = lambda: torch.cuda.current_stream().cuda_stream
+            if fmt == "fp16":
+                size = library.workspace_size(c_shape, routing)
+                ws = torch.empty(size, dtype=torch.uint8, device="cuda")
+                fn = lambda w=w, out=out, ws=ws, size=size: library.forward(
+                    c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(), w[1].data_ptr(),
+                    out.data_ptr(), ws.data_ptr(), size, stream())
+                nbytes = experts * 3 * h * inter * 2
+            else:
+                bits = int(fmt[3:])
+                quant = library.QuantizedExperts(bits, block, w[1].data_ptr(), w[3].data_ptr())
+                size = library.workspace_size_quantized(c_shape, routing, quant)
+                ws = torch.empty(size, dtype=torch.uint8, device="cuda")
+                fn = lambda w=w, out=out, ws=ws, size=size, quant=quant: library.forward_quantized(
+                    c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(),
+                    w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size, stream())
+                nbytes = experts * 3 * h * inter * (bits / 8 + 2 / block)
+            fn()
+            torch.cuda.synchronize()
+            results[fmt] = out.float()
+            us = graph_us(fn)
+            ref = results["fp16"]
+            diff = ((out.float() - ref).norm() / ref.norm()).item()
+            print(f"| quantized | {t:5d} | {fmt:6s} | {us:7.1f} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
+            kernels = kernel_times(fn)
+            print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
+
+
+def kernel_times(fn, calls=20) -> dict[str, float]:
+    """Device µs a call of each kernel `fn` launches (torch profiler), by the kernel's name up to its template."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {ev.key.split("<")[0].removeprefix("void ").removeprefix("moe::")[:40]: ev.device_time_total / calls
+            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total) if ev.device_time_total > 0}
+
+
 def print_row(r):
     ms = r["ours_ms"]
     others = {k: r[k] for k in ("batched_mm_ms", "grouped_mm_ms", "ort_moe_ms") if k in r}
@@ -272,6 +346,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None, help="where the ORT models' weights are written (default: tmp)")
     parser.add_argument("--breakdown", default="", help="shape:T pairs to profile per kernel, e.g. qwen1.5-moe-a2.7b:1")
     parser.add_argument("--shared", default="", help="token counts for the A2.7B shared-expert comparison, e.g. 1,8")
+    parser.add_argument("--quantized", default="", help="token counts for A2.7B's experts as fp16/int8/int4, e.g. 1,8")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
@@ -289,6 +364,8 @@ def main(argv=None):
                         None if args.no_ort else workdir)
     if args.shared:
         bench_shared([int(t) for t in args.shared.split(",")])
+    if args.quantized:
+        bench_quantized([int(t) for t in args.quantized.split(",")])
     for pair in filter(None, args.breakdown.split(",")):
         name, t = pair.split(":")
         kernel_breakdown(name, int(t))

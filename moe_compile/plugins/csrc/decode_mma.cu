@@ -64,7 +64,8 @@ __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T
 
 // Rows of block-quantized weights as the A operand: the codes and scales of row element 0; + n moves n
 // elements along the rows (n a multiple of the block: row starts, expert starts, the down kernel's slices).
-template <typename T, int BITS>
+// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it).
+template <typename T, int BITS, int U>
 struct QuantRows {
   const uint8_t* codes;
   const T* scales;
@@ -136,14 +137,15 @@ __device__ __forceinline__ void dequant8<__nv_bfloat16, 8>(const uint4& v, int c
 
 // mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
 // inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
-// len % C == 0 (a multiple of the block size).
-template <typename T, int NT, int BITS>
-__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS> w_lo, QuantRows<T, BITS> w_hi, const T* const (&xs)[NT],
-                                           int len, float (&acc)[NT][4]) {
+// len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
+// feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
+template <typename T, int NT, int BITS, int U>
+__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
+                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4]) {
   constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
-  constexpr int U = NT == 1 ? 4 : 2;
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  float part[4][NT][4] = {};
   for (int base = 0; base < len; base += 4 * C * U) {  // uniform over the warp
     uint4 lo[U], hi[U];
     T s_lo[U], s_hi[U];
@@ -173,58 +175,86 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS> w_lo, QuantRows<T,
           const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
           const uint32_t b0[2] = {xv.x, xv.y};
           const uint32_t b1[2] = {xv.z, xv.w};
-          mma_16816<T>(acc[nt], a0, b0);
-          mma_16816<T>(acc[nt], a1, b1);
+          mma_16816<T>(part[2 * (c % 2)][nt], a0, b0);
+          mma_16816<T>(part[2 * (c % 2) + 1][nt], a1, b1);
         }
       }
     }
   }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
 }
 
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in
-// chunks of I, every token; grid.y: 64 columns of the tile or chunk. W: the routed experts' rows (const T*,
-// or QuantRows); the shared expert's are always 16-bit.
-template <typename T, int NT, typename W>
+// chunks of I, every token; grid.y: 64 / KSPLIT columns of the tile or chunk. W: the routed experts' rows
+// (const T*, or QuantRows); the shared expert's are always 16-bit. KSPLIT > 1 (quantized rows, whose codes
+// are too few to keep a warp a row group's whole H busy): KSPLIT warps share 8 columns, each a slice of H in
+// multiples of 128, and add their sums in a fixed order through shared memory.
+template <typename T, int NT, typename W, int KSPLIT>
 __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid) {
-  const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-  const int j0 = (blockIdx.y * kMmaGateUpWarps + threadIdx.x / kWarp) * 8;  // the warp's 8 columns
-  if (j0 >= p.I) return;  // I % 8 == 0: all 8 in range
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int split = warp % KSPLIT;
+  const int j0 = (blockIdx.y * (kMmaGateUpWarps / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
+  const int per_split = (int)ceil_div(ceil_div(p.H, 128), KSPLIT) * 128, k0 = split * per_split;
+  const int len = max(0, min(per_split, p.H - k0));
+  bool active = j0 < p.I;  // I % 8 == 0: all 8 in range
   const T* xs[NT];
   float acc[NT][4] = {};
-  T* dst;  // act row of the tile's first token, column j0 + g
-  size_t dst_stride;
-  int n;  // tokens of the tile
+  T* dst = nullptr;  // act row of the tile's first token, column j0 + g
+  size_t dst_stride = 0;
+  int n = 0;  // tokens of the tile
   if ((int)blockIdx.x < routed_grid) {
-    if ((int)blockIdx.x >= *ws.num_tiles) return;
+    if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
     const int e = ws.tile_expert[blockIdx.x];
     const int row0 = ws.expert_offsets[e];
     n = ws.expert_offsets[e + 1] - row0;
+    if (active) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int s = g + 8 * nt;
-      xs[nt] = s < n ? x + (size_t)(ws.perm_entry[row0 + s] / p.K) * p.H : nullptr;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int s = g + 8 * nt;
+        xs[nt] = s < n ? x + (size_t)(ws.perm_entry[row0 + s] / p.K) * p.H + k0 : nullptr;
+      }
+      const W we = w + ((size_t)e * 2 * p.I * p.H + k0);
+      mma_rows16<T, NT>(we + (size_t)gate_up_row(p, j0 + g, 0) * p.H, we + (size_t)gate_up_row(p, j0 + g, 1) * p.H, xs,
+                        len, acc);
+      dst = static_cast<T*>(ws.act) + (size_t)row0 * p.I + j0 + g;
+      dst_stride = p.I;
     }
-    const W we = w + (size_t)e * 2 * p.I * p.H;
-    mma_rows16<T, NT>(we + (size_t)gate_up_row(p, j0 + g, 0) * p.H, we + (size_t)gate_up_row(p, j0 + g, 1) * p.H, xs,
-                      p.H, acc);
-    dst = static_cast<T*>(ws.act) + (size_t)row0 * p.I + j0 + g;
-    dst_stride = p.I;
   } else {
     const int j = ((int)blockIdx.x - routed_grid) * p.I + j0;
-    if (j >= sh.I) return;  // I_s % 8 == 0 as well
+    active = active && j < sh.I;  // I_s % 8 == 0 as well
     n = p.T;
+    if (active) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int s = g + 8 * nt;
-      xs[nt] = s < n ? x + (size_t)s * p.H : nullptr;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int s = g + 8 * nt;
+        xs[nt] = s < n ? x + (size_t)s * p.H + k0 : nullptr;
+      }
+      const T* ws_ = static_cast<const T*>(sh.gate_up) + k0;
+      mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
+                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc);
+      dst = static_cast<T*>(sh.act) + j + g;
+      dst_stride = sh.I;
     }
-    const T* ws_ = static_cast<const T*>(sh.gate_up);
-    mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
-                      ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, p.H, acc);
-    dst = static_cast<T*>(sh.act) + j + g;
-    dst_stride = sh.I;
   }
+  if constexpr (KSPLIT > 1) {
+    __shared__ float sums[kMmaGateUpWarps][NT * 4][kWarp];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sums[warp][nt * 4 + i][lane] = acc[nt][i];
+    __syncthreads();
+    if (split != 0) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        for (int other = 1; other < KSPLIT; ++other) acc[nt][i] += sums[warp + other][nt * 4 + i][lane];
+  }
+  if (!active) return;
   // acc[nt] = {gate, gate, up, up} of column j0 + g for tokens 8 nt + 2t and 8 nt + 2t + 1.
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -235,10 +265,10 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
     }
 }
 
-// Work items of a block: (routed tile, k-slice) first, then (shared k-slice); each warp sums its
+// Work items of a block: (routed tile, k-slice of SLICE) first, then (shared k-slice); each warp sums its
 // items into its own partial rows, and the block adds the warps' rows in a fixed order.
 // routed = false: only the shared items, added to what out holds (the routed part ran apart).
-template <typename T, int NT, typename W>
+template <typename T, int NT, typename W, int SLICE>
 __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
     mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out) {
   constexpr int TMAX = 8 * NT;
@@ -249,16 +279,16 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
 
   const int h0 = blockIdx.x * 16;
   const bool lo_ok = h0 + g < p.H, hi_ok = h0 + g + 8 < p.H;
-  const int routed_slices = (int)ceil_div(p.I, kMmaDownSlice);
+  const int routed_slices = (int)ceil_div(p.I, SLICE);
   const int routed_items = routed ? *ws.num_tiles * routed_slices : 0;
-  const int items = routed_items + (sh.down ? (int)ceil_div(sh.I, kMmaDownSlice) : 0);
+  const int items = routed_items + (sh.down ? (int)ceil_div(sh.I, SLICE) : 0);
   const T* act = static_cast<const T*>(ws.act);
   for (int item = warp; item < items; item += kMmaDownWarps) {
     float acc[NT][4] = {};
     const T* xs[NT];
     if (item < routed_items) {
       const int e = ws.tile_expert[item / routed_slices];
-      const int k0 = (item % routed_slices) * kMmaDownSlice, len = min(kMmaDownSlice, p.I - k0);
+      const int k0 = (item % routed_slices) * SLICE, len = min(SLICE, p.I - k0);
       const int row0 = ws.expert_offsets[e];
       const int n = ws.expert_offsets[e + 1] - row0;
       const W we = w + ((size_t)e * p.H * p.I + k0);
@@ -278,7 +308,7 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
           partial[warp][g + 8][entry / p.K] += wt * acc[nt][2 + c];
         }
     } else {  // the shared expert: every token, weighted by its gate
-      const int k0 = (item - routed_items) * kMmaDownSlice, len = min(kMmaDownSlice, sh.I - k0);
+      const int k0 = (item - routed_items) * SLICE, len = min(SLICE, sh.I - k0);
       const T* wd = static_cast<const T*>(sh.down) + k0;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -307,18 +337,18 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
   }
 }
 
-template <typename T, int NT, typename W>
-void launch_mma(const Problem& p, const void* x, W w_gate_up, W w_down, const Workspace& ws, const Shared& sh,
+template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice>
+void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const Workspace& ws, const Shared& sh,
                 bool routed, void* out, cudaStream_t s, bool gate_up) {
   if (gate_up) {
     const int routed_grid = routed ? min(p.E, p.P) : 0;
     const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
-    const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, kMmaGateUpWarps * 8));
-    mma_gate_up_kernel<T, NT, W><<<grid, kMmaGateUpWarps * kWarp, 0, s>>>(p, static_cast<const T*>(x), w_gate_up, ws,
-                                                                        sh, routed_grid);
+    const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, kMmaGateUpWarps / KSPLIT * 8));
+    mma_gate_up_kernel<T, NT, WG, KSPLIT><<<grid, kMmaGateUpWarps * kWarp, 0, s>>>(
+        p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid);
   } else {
-    mma_down_sum_kernel<T, NT, W><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(p, w_down, ws, sh, routed,
-                                                                                     static_cast<T*>(out));
+    mma_down_sum_kernel<T, NT, WD, SLICE><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(p, w_down, ws, sh, routed,
+                                                                                            static_cast<T*>(out));
   }
 }
 
@@ -326,8 +356,8 @@ template <typename T, typename W>
 void mma_dispatch_tokens(const Problem& p, const void* x, W wgu, W wd, const Workspace& ws, const Shared& sh,
                          bool routed, void* out, cudaStream_t s, bool gate_up) {
   static_assert(kDecodeMaxTokens <= 16, "two n-tiles of 8 tokens");
-  if (p.T <= 8) launch_mma<T, 1, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
-  else launch_mma<T, 2, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
+  if (p.T <= 8) launch_mma<T, 1, W, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
+  else launch_mma<T, 2, W, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
 }
 
 template <typename T>
@@ -337,13 +367,27 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
                                    gate_up);
 }
 
+// Quantized experts: a 16-byte load holds 2-4x the weights of a 16-bit one, so each warp gets less of H
+// (KSPLIT warps a row group at one n-tile, 2 at two) and the down kernel longer slices (kQuantDownSlice:
+// one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
+constexpr int kQuantDownSlice = 512;
+
+template <typename T, int BITS, int NT>
+void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
+                              cudaStream_t s, bool gate_up) {
+  constexpr int kSplit = NT == 1 ? 4 : 2;
+  using G = QuantRows<T, BITS, NT == 1 && BITS == 4 ? 4 : 8>;   // 4C k a load round: 512 or 1024 of H = 2048
+  using D = QuantRows<T, BITS, kQuantDownSlice * BITS / 512>;  // a slice: kQuantDownSlice / 4C loads
+  const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
+  const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
+  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice>(p, x, wgu, wd, ws, Shared{}, true, out, s, gate_up);
+}
+
 template <typename T, int BITS>
 void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
                        cudaStream_t s, bool gate_up) {
-  using R = QuantRows<T, BITS>;
-  const R wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
-  const R wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  mma_dispatch_tokens<T, R>(p, x, wgu, wd, ws, Shared{}, true, out, s, gate_up);
+  if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1>(p, x, w, ws, out, s, gate_up);
+  else mma_dispatch_bits_tokens<T, BITS, 2>(p, x, w, ws, out, s, gate_up);
 }
 
 template <typename T>

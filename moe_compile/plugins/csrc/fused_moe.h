@@ -110,7 +110,7 @@ int moe_compile_add_gated(void* out, const void* y, const float* gate_logits, in
 // (E*3*H*I elements of the dtype) and run the float path.
 typedef struct {
   int32_t bits;                // 4 or 8
-  int32_t block_size;          // a multiple of 32 that divides H and I
+  int32_t block_size;          // 32, 64 or 128; divides H and I
   const void* gate_up_scales;  // [E, 2I, H/block_size]
   const void* down_scales;     // [E, H, I/block_size]
 } moe_quantized_experts;

@@ -287,8 +287,10 @@ namespace {
 
 bool valid_quantized(const moe_quantized_experts* q, const Problem& p) {
   if (!q || (q->bits != 4 && q->bits != 8)) return false;
-  // a lane's 16-byte load of codes (32 or 16 weights) stays inside one block
-  return q->block_size >= 32 && q->block_size % 32 == 0 && p.H % q->block_size == 0 && p.I % q->block_size == 0;
+  // a lane's 16-byte load of codes (32 or 16 weights) stays inside one block, and the decode kernels' slices of
+  // H and I (multiples of 128) start on one
+  const int b = q->block_size;
+  return (b == 32 || b == 64 || b == 128) && p.H % b == 0 && p.I % b == 0;
 }
 
 // The tensor-core decode kernels read the codes; every other size runs on dequantized weights.
