@@ -25,4 +25,4 @@ demo: install
 	$(VENV)/bin/moe-compile verify $(DEMO_OUT)
 
 test: install
-	$(PY) -m pytest -q -p no:logging -n auto tests
+	$(PY) -m pytest -q -p no:logging -n auto --durations=25 tests
