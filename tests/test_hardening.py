@@ -609,11 +609,14 @@ def test_kv_shapes_with_odd_expert_widths(tmp_path, family):
     assert len(kv_shapes(model)) == model.config.num_hidden_layers
 
 
-def test_odd_width_glm4_moe_builds_and_matches_transformers(tmp_path, capsys):
+@pytest.mark.parametrize("family", _expert_families())
+def test_odd_width_experts_build_and_match_transformers(tmp_path, capsys, family):
+    """Every family with experts, at an expert width of 18 (72-byte rows; GLM-4-MoE's case in issue 14): the
+    build's default form, then `verify`'s greedy tokens against transformers."""
     from moe_compile.models.embedded import write_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    write_checkpoint(_odd_width_config("glm4_moe"), ckpt)
+    write_checkpoint(_odd_width_config(family), ckpt)
     out = tmp_path / "out"
     rc, err = cli(capsys, "build", ckpt, "-o", out, "--max-seq", "32", "--backend", "onnx", "--no-torch-program")
     assert rc == 0, err
