@@ -111,6 +111,14 @@ OrtStatus* wrap(const OrtMemoryInfo* memory, void* data, int64_t rows, int64_t c
   return g_api->CreateTensorWithDataAsOrtValue(memory, data, (size_t)(rows * cols) * element, dims, 2, type, out);
 }
 
+// The op's output (shaped as its input) and ONNX Runtime's compute stream.
+OrtStatus* output_and_stream(OrtKernelContext* ctx, const TensorView& x, void** out_data, void** stream) {
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, x.dims.data(), x.dims.size(), &out));
+  ORT_TRY(g_api->GetTensorMutableData(out, out_data));
+  return g_api->KernelContext_GetGPUComputeStream(ctx, stream);
+}
+
 // out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
 // [T, 2I_s + I_s + H] elements.
 OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemoryInfo* memory, const TensorView& x,
@@ -182,14 +190,9 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
     return fail("shared_gate = 1 without shared_fc1 and shared_fc2");
   }
 
-  OrtValue* out = nullptr;
-  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, x.dims.data(), x.dims.size(), &out));
-  void* out_data = nullptr;
-  ORT_TRY(g_api->GetTensorMutableData(out, &out_data));
+  void *out_data = nullptr, *stream = nullptr;
+  ORT_TRY(output_and_stream(ctx, x, &out_data, &stream));
   if (T == 0) return nullptr;
-
-  void* stream = nullptr;
-  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
   const moe_shape shape = {T, H, I, E, dtype, MOE_GATE_UP_INTERLEAVED};
   const moe_routing routing = {MOE_ROUTING_SOFTMAX_TOPK, (int32_t)kernel->top_k, (int32_t)kernel->normalize, 1, 1, 1.0f};
   moe_shared_expert shared = {shared_i, MOE_GATE_UP_CONCATENATED, sfc1.data, sfc2.data, nullptr};
@@ -267,14 +270,9 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
                 dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " + dims_text(fc1) + " / " +
                 dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales));
 
-  OrtValue* out = nullptr;
-  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, x.dims.data(), x.dims.size(), &out));
-  void* out_data = nullptr;
-  ORT_TRY(g_api->GetTensorMutableData(out, &out_data));
+  void *out_data = nullptr, *stream = nullptr;
+  ORT_TRY(output_and_stream(ctx, x, &out_data, &stream));
   if (T == 0) return nullptr;
-
-  void* stream = nullptr;
-  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
   const moe_shape shape = {T, H, I, E, dtype, MOE_GATE_UP_INTERLEAVED};
   const moe_routing routing = {MOE_ROUTING_SOFTMAX_TOPK, (int32_t)kernel->top_k, (int32_t)kernel->normalize, 1, 1, 1.0f};
   const moe_quantized_experts quant = {(int32_t)bits, (int32_t)block, fc1_scales.data, fc2_scales.data};
