@@ -320,11 +320,11 @@ def test_the_library_builds_and_registers(tmp_path):
     library = build_ort_op(out_dir=tmp_path, archs=("90",))
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
-    model, _ = _moe_model()
-    ort_kernels.swap_moe_nodes(model)
-    if not HAS_CUDA:  # the op has a CUDA kernel only: the CPU provider must say so, not run something else
-        with pytest.raises(Exception, match="FusedMoE"):
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE")):
+        ort_kernels.swap_moe_nodes(model)
+        if not HAS_CUDA:  # the ops have CUDA kernels only: the CPU provider must say so, not run something else
+            with pytest.raises(Exception, match=op):
+                ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _prompt_logits(compiled, prompt: list[int]) -> np.ndarray:
