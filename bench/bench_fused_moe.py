@@ -163,8 +163,6 @@ def bench_shape(name, tokens, rows, ours_only=False, workdir=None):
 
 def kernel_breakdown(name, t):
     """Per-kernel device time of our op (torch profiler, 20 calls): where the microseconds go."""
-    from torch.profiler import ProfilerActivity, profile
-
     shape, routing = SHAPES[name], SOFTMAX_ROUTING[name]
     gate_up = torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, device="cuda").bfloat16()
     down = torch.randn(shape.num_experts, shape.hidden, shape.intermediate, device="cuda").bfloat16()
@@ -173,15 +171,15 @@ def kernel_breakdown(name, t):
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for _ in range(3):
         fused_moe(hidden, logits, gate_up, down, routing)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            flush.zero_()  # weights come from HBM, as in the timed runs
-            fused_moe(hidden, logits, gate_up, down, routing)
-        torch.cuda.synchronize()
+
+    def call():
+        flush.zero_()  # weights come from HBM, as in the timed runs
+        fused_moe(hidden, logits, gate_up, down, routing)
+
     print(f"kernel breakdown {name} T={t} (µs per call):")
-    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        if "zero" not in ev.key and "fill" not in ev.key.lower():
-            print(f"  {ev.device_time_total / 20:8.1f}  {ev.key[:100]}")
+    for kernel, us in kernel_times(call).items():
+        if "zero" not in kernel and "fill" not in kernel.lower():
+            print(f"  {us:8.1f}  {kernel}")
 
 
 def graph_us(fn, calls=20) -> float:

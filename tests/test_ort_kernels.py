@@ -43,24 +43,34 @@ def _moe_model(experts=6, hidden=16, inter=8, k=2, normalize=0, **extra) -> tupl
     return model, {"fc1": fc1, "fc2": fc2}
 
 
+def _run_on_cpu(model: onnx.ModelProto, hidden: int, experts: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, logits, ONNX Runtime's CPU output) for 5 random tokens of a one-node MoE or QMoE model."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, hidden)).astype(np.float32)
+    logits = rng.standard_normal((5, experts)).astype(np.float32) * 2
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "logits": logits})[0]
+    return x, logits, expected
+
+
+def _concatenated(fc1: torch.Tensor) -> torch.Tensor:
+    """fc1's gate/up rows interleaved (g0, u0, g1, ...) as the reference takes them: gate rows, then up rows."""
+    return torch.cat([fc1[:, 0::2], fc1[:, 1::2]], dim=1)
+
+
 @pytest.mark.parametrize("normalize", [0, 1])
 def test_fused_moe_contract_is_com_microsoft_moe(normalize):
     """FusedMoE(x, logits, fc1, fc2; k, normalize) as our kernels compute it (the float64 reference, on the
     concatenated gate/up rows) equals ONNX Runtime's CPU com.microsoft:MoE on the node it replaces."""
     model, weights = _moe_model(normalize=normalize)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((5, 16)).astype(np.float32)
-    logits = rng.standard_normal((5, 6)).astype(np.float32) * 2
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x, "logits": logits})[0]
+    x, logits, expected = _run_on_cpu(model, 16)
 
     assert ort_kernels.swap_moe_nodes(model) == (1, "")
     node = model.graph.node[0]
     assert (node.domain, node.op_type, list(node.input)) == ("moe_compile", "FusedMoE", ["x", "logits", "fc1", "fc2"])
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"k": 2, "normalize_routing_weights": normalize}
-    fc1 = torch.from_numpy(weights[node.input[2]])
-    gate_up = torch.cat([fc1[:, 0::2], fc1[:, 1::2]], dim=1)  # the kernels' interleaved layout, de-interleaved
+    gate_up = _concatenated(torch.from_numpy(weights[node.input[2]]))
     ours = fused_moe_reference(torch.from_numpy(x), torch.from_numpy(logits), gate_up, torch.from_numpy(weights["fc2"]),
                                Routing(top_k=attrs["k"], renormalize=bool(normalize)))
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -102,10 +112,9 @@ def _qmoe_reference(model: onnx.ModelProto, x: np.ndarray, logits: np.ndarray) -
     dequantized = [torch.from_numpy(Blockwise(codes.reshape(*codes.shape[:2], -1, block * bits // 8),
                                               scales.astype(np.float32), bits, block).dequantize())
                    for codes, scales in ((fc1, fc1_scales), (fc2, fc2_scales))]
-    gate_up = torch.cat([dequantized[0][:, 0::2], dequantized[0][:, 1::2]], dim=1)
+    routing = Routing(top_k=attrs["k"], renormalize=bool(attrs["normalize_routing_weights"]))
     return fused_moe_reference(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(logits.astype(np.float32)),
-                               gate_up, dequantized[1], Routing(top_k=attrs["k"],
-                                                                renormalize=bool(attrs["normalize_routing_weights"]))).numpy()
+                               _concatenated(dequantized[0]), dequantized[1], routing).numpy()
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
@@ -116,11 +125,7 @@ def test_fused_qmoe_contract_is_com_microsoft_qmoe(scheme, normalize):
     CPU com.microsoft:QMoE on the node it replaces, as our quantizer writes it (with the router Softmax it
     adds where weights are not renormalised, which goes with the swap)."""
     model = _qmoe_model(scheme, normalize)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((5, 64)).astype(np.float32)
-    logits = rng.standard_normal((5, 6)).astype(np.float32) * 2
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x, "logits": logits})[0]
+    x, logits, expected = _run_on_cpu(model, 64)
 
     assert ort_kernels.swap_moe_nodes(model) == (1, "")
     assert [n.op_type for n in model.graph.node] == ["FusedQMoE"]  # the Softmax went with the QMoE node
@@ -214,7 +219,7 @@ def test_the_shared_expert_moves_into_the_fused_op():
         "k": 2, "normalize_routing_weights": 0, "shared_gate": 1}
     logits = torch.from_numpy(x @ w["router"])
     fc1 = torch.from_numpy(w["fc1"])
-    routed = fused_moe_reference(torch.from_numpy(x), logits[:, :6], torch.cat([fc1[:, 0::2], fc1[:, 1::2]], dim=1),
+    routed = fused_moe_reference(torch.from_numpy(x), logits[:, :6], _concatenated(fc1),
                                  torch.from_numpy(w["fc2"]), Routing(top_k=2))
     shared = shared_expert_reference(torch.from_numpy(x), torch.from_numpy(w["shared_gate_up"].T),
                                      torch.from_numpy(w["shared_down"]), logits[:, 6])

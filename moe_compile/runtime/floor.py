@@ -16,7 +16,8 @@ Bytes a decode step must read at batch B with P tokens in the cache, counted fro
 Not counted: activations, logits, the one KV row a step writes. Expert tensors are the initializers
 named under a MoE layer of the manifest (`layers`), or the weights a `com.microsoft:MoE` or `QMoE` node
 reads (its `k` attribute is that layer's top-k; a quantized build's experts count at their packed size).
-Elsewhere E is the expert tensors' first dim and k the K of the router's TopK over E entries (the manifest's `family["top_k"]` first, where a build records it).
+Elsewhere E is the expert tensors' first dim and k the K of the router's TopK over E entries (the
+manifest's `family["top_k"]` first, where a build records it).
 
 Bandwidth convention (as docs/BENCHMARKS.md's copy figure): bytes read + bytes written per second of
 one large copy, median of repeats. CUDA: a 1 GiB device-to-device `cudaMemcpy` (the CUDA runtime

@@ -100,8 +100,8 @@ def why_not_ours_quantized(g: "_Graph", node: onnx.NodeProto) -> str | None:
     bits, block = attrs.get("expert_weight_bits", 4), attrs.get("block_size", 0)
     if bits not in (4, 8) or attrs.get("weights_prepacked", -1) != 0:
         return f"{bits}-bit weights prepacked ({attrs.get('weights_prepacked', -1)}); ours read 4/8-bit raw codes"
-    if block < 32 or block % 32:
-        return f"block size {block}; ours take blocks of a multiple of 32 (no per-channel scales)"
+    if block not in (32, 64, 128):
+        return f"block size {block}; ours take blocks of 32, 64 or 128 (no per-channel scales)"
     fc1, fc2 = g.dims(inputs[2]), g.dims(inputs[5])
     if fc1 is None or fc2 is None or (fc1[2] * 8 // bits) % block or (fc2[2] * 8 // bits) % block:
         return "expert codes that are no initializers of whole blocks"

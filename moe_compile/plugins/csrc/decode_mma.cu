@@ -352,19 +352,13 @@ void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const 
   }
 }
 
-template <typename T, typename W>
-void mma_dispatch_tokens(const Problem& p, const void* x, W wgu, W wd, const Workspace& ws, const Shared& sh,
-                         bool routed, void* out, cudaStream_t s, bool gate_up) {
-  static_assert(kDecodeMaxTokens <= 16, "two n-tiles of 8 tokens");
-  if (p.T <= 8) launch_mma<T, 1, W, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
-  else launch_mma<T, 2, W, W>(p, x, wgu, wd, ws, sh, routed, out, s, gate_up);
-}
-
 template <typename T>
 void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const void* wd, const Workspace& ws,
                         const Shared& sh, bool routed, void* out, cudaStream_t s, bool gate_up) {
-  mma_dispatch_tokens<T, const T*>(p, x, static_cast<const T*>(wgu), static_cast<const T*>(wd), ws, sh, routed, out, s,
-                                   gate_up);
+  static_assert(kDecodeMaxTokens <= 16, "two n-tiles of 8 tokens");
+  const T *g = static_cast<const T*>(wgu), *d = static_cast<const T*>(wd);
+  if (p.T <= 8) launch_mma<T, 1, const T*, const T*>(p, x, g, d, ws, sh, routed, out, s, gate_up);
+  else launch_mma<T, 2, const T*, const T*>(p, x, g, d, ws, sh, routed, out, s, gate_up);
 }
 
 // Quantized experts: a 16-byte load holds 2-4x the weights of a 16-bit one, so each warp gets less of H

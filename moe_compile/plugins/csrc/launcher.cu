@@ -296,8 +296,12 @@ bool valid_quantized(const moe_quantized_experts* q, const Problem& p) {
 // The tensor-core decode kernels read the codes; every other size runs on dequantized weights.
 bool reads_codes(const Problem& p) { return use_mma(p) && use_decode_path(p); }
 
-size_t dequantized_bytes(const Problem& p) {
-  return align_up(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H) + align_up(dtype_bytes(p.dtype) * p.E * p.H * p.I);
+// The layer's experts dequantized, gate_up [E, 2I, H] then down [E, H, I], from base (nullptr = only count bytes).
+size_t carve_dequantized(const Problem& p, char* base, char** gate_up, char** down) {
+  Carver c{base};
+  *gate_up = c.take(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H);
+  *down = c.take(dtype_bytes(p.dtype) * p.E * p.H * p.I);
+  return c.off;
 }
 
 }  // namespace
@@ -307,7 +311,8 @@ extern "C" size_t moe_compile_workspace_size_quantized(const moe_shape* shape, c
                                                        const moe_quantized_experts* quant) {
   Problem p;
   if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p)) return 0;
-  return total_bytes(p, nullptr) + (reads_codes(p) ? 0 : dequantized_bytes(p));
+  char *gate_up, *down;
+  return total_bytes(p, nullptr) + (reads_codes(p) ? 0 : carve_dequantized(p, nullptr, &gate_up, &down));
 }
 
 extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
@@ -332,8 +337,8 @@ extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_r
     launch_mma_gate_up_quantized(p, hidden, w, ws, s);
     launch_mma_down_sum_quantized(p, w, ws, out, s);
   } else {
-    char* w_gate_up = base + routed_bytes;
-    char* w_down = w_gate_up + align_up(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H);
+    char *w_gate_up, *w_down;
+    carve_dequantized(p, base + routed_bytes, &w_gate_up, &w_down);
     launch_dequantize(gate_up, quant->gate_up_scales, (int64_t)p.E * 2 * p.I, p.H, quant->bits, quant->block_size,
                       p.dtype, w_gate_up, s);
     launch_dequantize(down, quant->down_scales, (int64_t)p.E * p.H, p.I, quant->bits, quant->block_size, p.dtype,

@@ -111,6 +111,9 @@ OrtStatus* wrap(const OrtMemoryInfo* memory, void* data, int64_t rows, int64_t c
   return g_api->CreateTensorWithDataAsOrtValue(memory, data, (size_t)(rows * cols) * element, dims, 2, type, out);
 }
 
+// Workspace pieces start on 256 bytes, as the kernels' own carving does.
+size_t aligned(size_t n) { return (n + 255) / 256 * 256; }
+
 // The op's output (shaped as its input) and ONNX Runtime's compute stream.
 OrtStatus* output_and_stream(OrtKernelContext* ctx, const TensorView& x, void** out_data, void** stream) {
   OrtValue* out = nullptr;
@@ -203,7 +206,6 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
   // router logits (and the shared gate's column) as float32 first (the kernels route in fp32), the
   // kernels' own workspace, then the shared expert's GEMM scratch
-  auto aligned = [](size_t n) { return (n + 255) / 256 * 256; };
   const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
   const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float)), gate_bytes = aligned((size_t)T * sizeof(float));
   const size_t scratch_bytes = shared_apart ? (size_t)(T * (3 * shared_i + H)) * element : 0;
@@ -278,7 +280,7 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   const moe_quantized_experts quant = {(int32_t)bits, (int32_t)block, fc1_scales.data, fc2_scales.data};
   const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant);
   if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
-  const size_t logits_bytes = ((size_t)(T * E) * sizeof(float) + 255) / 256 * 256;
+  const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float));
 
   const OrtMemoryInfo* memory = nullptr;
   ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
