@@ -76,45 +76,60 @@ def test_fused_moe_contract_is_com_microsoft_moe(normalize):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _qmoe_model(scheme: str, normalize: int = 0, dtype=np.float32, experts=6, hidden=64, inter=32, k=2,
-                level: int = 0) -> onnx.ModelProto:
-    """A one-node com.microsoft:MoE model in `dtype`, quantized by our quantizer (quantize/onnx_rewrite.py) into
-    QMoE with accuracy_level `level` (0: float activations)."""
+def _quantized(model: onnx.ModelProto, scheme: str, dtype=np.float32, level: int = 0) -> onnx.ModelProto:
+    """`model` in `dtype`, quantized by our quantizer (quantize/onnx_rewrite.py: MoE -> QMoE, the MatMul/Gemm
+    nodes scoped to a quantized class -> MatMulNBits), every quantized op at accuracy_level `level` (0: float
+    activations)."""
     import onnx_ir as ir
 
     from moe_compile.quantize import Quantization
     from moe_compile.quantize.onnx_rewrite import quantize_model
 
-    model, _ = _moe_model(experts=experts, hidden=hidden, inter=inter, k=k, normalize=normalize)
     if dtype != np.float32:
         for init in model.graph.initializer:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(dtype), init.name))
+            if init.data_type == TensorProto.FLOAT:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(dtype), init.name))
         for value in [*model.graph.input, *model.graph.output]:
             value.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     model_ir = ir.serde.deserialize_model(model)
     quantize_model(model_ir, Quantization(scheme, 32), "ort")
     for node in model_ir.graph:
-        if node.op_type == "QMoE":
+        if node.op_type in ("QMoE", "MatMulNBits"):
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
     return ir.serde.serialize_model(model_ir)
 
 
-def _qmoe_reference(model: onnx.ModelProto, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """What the FusedQMoE node of a swapped model computes: the float64 reference on its codes dequantized by
-    quantize/packing.py."""
+def _qmoe_model(scheme: str, normalize: int = 0, dtype=np.float32, experts=6, hidden=64, inter=32, k=2,
+                level: int = 0) -> onnx.ModelProto:
+    """A one-node com.microsoft:MoE model in `dtype`, quantized into QMoE (_quantized)."""
+    model, _ = _moe_model(experts=experts, hidden=hidden, inter=inter, k=k, normalize=normalize)
+    return _quantized(model, scheme, dtype, level)
+
+
+def _dequantized(codes: np.ndarray, scales: np.ndarray, bits: int, block: int) -> torch.Tensor:
+    """Codes [..., N, K·bits/8] or [N, K/block, blob] and their scales, dequantized by quantize/packing.py."""
     from moe_compile.quantize.packing import Blockwise
 
+    return torch.from_numpy(Blockwise(codes.reshape(*scales.shape, block * bits // 8), scales.astype(np.float32), bits,
+                                      block).dequantize())
+
+
+def _qmoe_reference(model: onnx.ModelProto, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """What the FusedQMoE node of a swapped model computes: the float64 reference on its codes dequantized by
+    quantize/packing.py, with the shared expert (gated by the last logit column) where the node has one."""
     node = next(n for n in model.graph.node if n.op_type == "FusedQMoE")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bits, block = attrs["expert_weight_bits"], attrs["block_size"]
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    fc1, fc1_scales, fc2, fc2_scales = (inits[name] for name in node.input[2:])
-    dequantized = [torch.from_numpy(Blockwise(codes.reshape(*codes.shape[:2], -1, block * bits // 8),
-                                              scales.astype(np.float32), bits, block).dequantize())
-                   for codes, scales in ((fc1, fc1_scales), (fc2, fc2_scales))]
+    weights = [_dequantized(inits[codes], inits[scales], bits, block)
+               for codes, scales in zip(node.input[2::2], node.input[3::2])]
     routing = Routing(top_k=attrs["k"], renormalize=bool(attrs["normalize_routing_weights"]))
-    return fused_moe_reference(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(logits.astype(np.float32)),
-                               _concatenated(dequantized[0]), dequantized[1], routing).numpy()
+    x, logits = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(logits.astype(np.float32))
+    experts = weights[0].shape[0]
+    out = fused_moe_reference(x, logits[:, :experts], _concatenated(weights[0]), weights[1], routing)
+    if attrs.get("shared_gate"):
+        out = out + shared_expert_reference(x, weights[2], weights[3], logits[:, experts])
+    return out.numpy()
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
@@ -138,23 +153,28 @@ def test_fused_qmoe_contract_is_com_microsoft_qmoe(scheme, normalize):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 @pytest.mark.parametrize("tokens", [1, 9, 40])
-def test_fused_qmoe_on_cuda_matches_the_dequantized_reference(scheme, tokens):
+def test_fused_qmoe_on_cuda_matches_the_dequantized_reference(scheme, tokens, shared):
     """The custom op on ONNX Runtime's CUDA provider, fp16, at 1 and 9 tokens (our decode kernels read the codes)
-    and 40 (the experts dequantized first), against the float64 reference on the same codes. (ONNX Runtime's
-    own CUDA QMoE refuses shapes this small, so it is no reference here.)"""
+    and 40 (the experts dequantized first), without and with a quantized shared expert, against the float64
+    reference on the same codes. (ONNX Runtime's own CUDA QMoE refuses shapes this small, so it is no reference.)"""
     path, why = ort_kernels.library()
     assert path is not None, why
-    model = _qmoe_model(scheme, normalize=0, dtype=np.float16, experts=8, hidden=256, inter=128)
+    if shared:
+        model = _quantized_shared_expert_model(scheme, np.float16, experts=8, hidden=256, inter=128, shared=256)
+    else:
+        model = _qmoe_model(scheme, normalize=0, dtype=np.float16, experts=8, hidden=256, inter=128)
     assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    assert [n.op_type for n in model.graph.node] == ["FusedQMoE"]
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(path))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
     rng = np.random.default_rng(tokens)
     x = rng.standard_normal((tokens, 256)).astype(np.float16)
-    logits = (rng.standard_normal((tokens, 8)) * 2).astype(np.float16)
-    got = session.run(None, {"x": x, "logits": logits})[0].astype(np.float64)
+    logits = (rng.standard_normal((tokens, 8 + shared)) * 2).astype(np.float16)
+    got = session.run(None, {"x": x, "L" if shared else "logits": logits})[0].astype(np.float64)
     expected = _qmoe_reference(model, x, logits)
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - expected) <= 1e-2 * np.linalg.norm(expected)
@@ -201,6 +221,47 @@ def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple
                               [numpy_helper.from_array(v, name) for name, v in w.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     return model, w
+
+
+def _quantized_shared_expert_model(scheme: str, dtype=np.float32, experts=6, hidden=64, inter=32, shared=64,
+                                   level: int = 0) -> onnx.ModelProto:
+    """_shared_expert_model quantized as a Qwen2-MoE build is (its projections scoped to the shared expert, so
+    they become MatMulNBits; QMoE with the router Softmax), with the router's logits L as the graph's input."""
+    model, _ = _shared_expert_model(experts, hidden, inter, shared)
+    router = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "router")
+    model.graph.node.remove(router)
+    del model.graph.input[:]
+    model.graph.input.extend([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]),
+                              helper.make_tensor_value_info("L", TensorProto.FLOAT, ["T", experts + 1])])
+    for i, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type}_{i}"  # as the exporter names them: the quantized initializers are named after them
+        if node.op_type in ("MatMul", "Gemm"):
+            helper.set_metadata_props(node, {"pkg.torch.onnx.name_scopes": "['model.layers.0.mlp.shared_expert', 'x']"})
+    return _quantized(model, scheme, dtype, level)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_the_quantized_shared_expert_moves_into_the_fused_op(scheme):
+    """FusedQMoE(x, [router | shared gate] logits, fc1, fc2 codes and scales, the shared expert's MatMulNBits codes
+    and scales; shared_gate=1) as our kernels compute it (the float64 references on packing.py's dequantized
+    weights) equals ONNX Runtime's CPU run of the nodes it replaces: QMoE, its Softmax, two MatMulNBits, Split,
+    QuickGelu, Mul, Sigmoid, Mul, Add and the router's Split."""
+    model = _quantized_shared_expert_model(scheme)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2
+    rng = np.random.default_rng(5)
+    x, logits = rng.standard_normal((7, 64)).astype(np.float32), rng.standard_normal((7, 7)).astype(np.float32) * 2
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "L": logits})[0]
+
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    assert [n.op_type for n in model.graph.node] == ["FusedQMoE"]
+    fused = model.graph.node[0]
+    assert list(fused.input[:2]) == ["x", "L"] and len(fused.input) == 10 and fused.output[0] == "y"
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.attribute}
+    assert attrs["shared_gate"] == 1 and attrs["expert_weight_bits"] == {"int4": 4, "int8": 8}[scheme]
+    tolerance = 1e-4 if scheme == "int4" else 2e-2  # onnxruntime's 8-bit CPU QMoE rounds activations at every level
+    np.testing.assert_allclose(_qmoe_reference(model, x, logits), expected, rtol=tolerance,
+                               atol=tolerance * np.abs(expected).max())
 
 
 def test_the_shared_expert_moves_into_the_fused_op():
@@ -292,14 +353,18 @@ def test_every_qmoe_node_of_a_quantized_ort_build_is_swapped(built, scheme):
     ops = [n.op_type for n in model.graph.node]
     assert "QMoE" not in ops and ops.count("FusedQMoE") == before
     assert ops.count("Softmax") == softmaxes - before  # qwen2_moe does not renormalise: each QMoE had its Softmax
-    assert "MatMulNBits" in ops  # the shared expert and attention stay on ONNX Runtime's quantized MatMul
+    fused = [n for n in model.graph.node if n.op_type == "FusedQMoE"]
+    assert all(len(n.input) == 10 for n in fused) and "Sigmoid" not in ops  # the shared expert went in with it
+    assert "MatMulNBits" in ops  # attention stays on ONNX Runtime's quantized MatMul
 
 
-def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built):
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize):
     """What ort-cuda runs (issue 11's target: 12 nodes a Qwen2-MoE layer): the build's 19 less the shared
-    expert's nine that the fused op takes over. Counted as test_ort_form counts the build's graph; the
-    Transposes of initializers that the swap adds are folded by ONNX Runtime when the session starts."""
-    model = onnx.load(str(built("qwen2_moe", form="ort") / "model.onnx"), load_external_data=False)
+    expert's nine that the fused op takes over (int4: the same, and the router Softmax QMoE needed). Counted as
+    test_ort_form counts the build's graph; the Transposes of initializers that the swap adds are folded by
+    ONNX Runtime when the session starts."""
+    model = onnx.load(str(built("qwen2_moe", form="ort", quantize=quantize) / "model.onnx"), load_external_data=False)
     ort_kernels.swap_moe_nodes(model)
     nodes = [n for n in model.graph.node if n.op_type != "Transpose"]
     norms = [i for i, n in enumerate(nodes) if n.op_type.endswith("SimplifiedLayerNormalization")]

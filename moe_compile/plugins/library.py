@@ -91,21 +91,25 @@ def _shared_ref(shared: SharedExpert | None):
 
 class _Quantized(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int32), ("block_size", ctypes.c_int32), ("gate_up_scales", ctypes.c_void_p),
-                ("down_scales", ctypes.c_void_p)]
+                ("down_scales", ctypes.c_void_p), ("shared_gate_up_scales", ctypes.c_void_p),
+                ("shared_down_scales", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
 class QuantizedExperts:
-    """Block-quantized routed experts (``moe_quantized_experts``): their scales as device pointers; the codes
-    are forward_quantized's gate_up and down."""
+    """Block-quantized experts (``moe_quantized_experts``): their scales as device pointers; the codes are
+    forward_quantized's gate_up and down, and a quantized shared expert's its SharedExpert's gate_up and down."""
 
     bits: int
     block_size: int
     gate_up_scales: int  # [E, 2I, H / block_size]
     down_scales: int  # [E, H, I / block_size]
+    shared_gate_up_scales: int | None = None  # [2I_s, H / block_size]
+    shared_down_scales: int | None = None  # [H, I_s / block_size]
 
     def as_c(self) -> _Quantized:
-        return _Quantized(self.bits, self.block_size, self.gate_up_scales, self.down_scales)
+        return _Quantized(self.bits, self.block_size, self.gate_up_scales, self.down_scales, self.shared_gate_up_scales,
+                          self.shared_down_scales)
 
 
 class KernelError(RuntimeError):
@@ -135,10 +139,10 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_forward.argtypes = [p(_Shape), p(_Routing), p(_Shared), vp, vp, vp, vp, vp, vp, vp, ctypes.c_size_t,
                                         vp]
     lib.moe_compile_forward.restype = ctypes.c_int
-    lib.moe_compile_workspace_size_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized)]
+    lib.moe_compile_workspace_size_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), p(_Shared)]
     lib.moe_compile_workspace_size_quantized.restype = ctypes.c_size_t
-    lib.moe_compile_forward_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), vp, vp, vp, vp, vp, vp, vp,
-                                                  ctypes.c_size_t, vp]
+    lib.moe_compile_forward_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), p(_Shared), vp, vp, vp, vp, vp,
+                                                  vp, vp, ctypes.c_size_t, vp]
     lib.moe_compile_forward_quantized.restype = ctypes.c_int
     lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
     lib.moe_compile_route.restype = ctypes.c_int
@@ -177,9 +181,10 @@ def forward(shape: _Shape, routing: Routing, hidden: int, logits: int, bias: int
     check(status, "moe_compile_forward")
 
 
-def workspace_size_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts) -> int:
+def workspace_size_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts,
+                             shared: SharedExpert | None = None) -> int:
     size = load().moe_compile_workspace_size_quantized(ctypes.byref(shape), ctypes.byref(routing.as_c()),
-                                                       ctypes.byref(quant.as_c()))
+                                                       ctypes.byref(quant.as_c()), _shared_ref(shared))
     if size == 0:
         check(Status.INVALID_ARGUMENT, "moe_compile_workspace_size_quantized")
     return size
@@ -187,10 +192,11 @@ def workspace_size_quantized(shape: _Shape, routing: Routing, quant: QuantizedEx
 
 def forward_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts, hidden: int, logits: int,
                       bias: int | None, gate_up: int, down: int, out: int, workspace: int, workspace_bytes: int,
-                      stream: int) -> None:
+                      stream: int, shared: SharedExpert | None = None) -> None:
+    """`shared`: a quantized shared expert (its codes; the scales in `quant`)."""
     status = load().moe_compile_forward_quantized(ctypes.byref(shape), ctypes.byref(routing.as_c()),
-                                                  ctypes.byref(quant.as_c()), hidden, logits, bias, gate_up, down, out,
-                                                  workspace, workspace_bytes, stream)
+                                                  ctypes.byref(quant.as_c()), _shared_ref(shared), hidden, logits, bias,
+                                                  gate_up, down, out, workspace, workspace_bytes, stream)
     check(status, "moe_compile_forward_quantized")
 
 

@@ -24,6 +24,7 @@ here takes its scales in the activation type.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -50,12 +51,12 @@ class Blockwise:
 
     def unpacked(self) -> np.ndarray:
         """Signed codes `[..., N, K]` int8 (u − 2^(bits−1)): DequantizeLinear's int4/int8 values."""
-        u = _unsigned(torch.from_numpy(self.codes), self.bits).to(torch.int16) - (1 << (self.bits - 1))
+        u = _unsigned(_torch(self.codes), self.bits).to(torch.int16) - (1 << (self.bits - 1))
         return u.to(torch.int8).reshape(*self.codes.shape[:-2], self.k).numpy()
 
     def dequantize(self) -> np.ndarray:
         """The reference: `[..., N, K]` fp32, what every consumer of these codes computes."""
-        q = _unsigned(torch.from_numpy(self.codes), self.bits).float().sub_(1 << (self.bits - 1))
+        q = _unsigned(_torch(self.codes), self.bits).float().sub_(1 << (self.bits - 1))
         return q.mul_(_torch(self.scales).float()[..., None]).reshape(*self.codes.shape[:-2], self.k).numpy()
 
     @property
@@ -104,10 +105,14 @@ def _torch_dtype(dtype) -> torch.dtype:
 
 
 def _torch(array: np.ndarray) -> torch.Tensor:
-    """A numpy array as a tensor without a copy (bfloat16: ml_dtypes' arrays, which torch cannot take, by view)."""
-    if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    """A numpy array as a tensor without a copy (bfloat16: ml_dtypes' arrays, which torch cannot take, by view).
+    Only read: an initializer's read-only array is fine (torch's warning about it is silenced)."""
+    array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
 
 
 def _numpy(tensor: torch.Tensor, dtype) -> np.ndarray:

@@ -20,7 +20,8 @@ Nine nodes a layer go.
 A quantized build's `com.microsoft:QMoE` nodes (`--quantize int4|int8`, weights_prepacked=0) become
 `moe_compile:FusedQMoE` on the same codes and scales: at decode sizes our tensor-core kernels read the
 codes and dequantize in registers, where ONNX Runtime's QMoE took as long on int4 as ours on fp16
-(H200, A2.7B: 397 against 401 tok/s, docs/BENCHMARKS.md). Its shared expert stays on MatMulNBits.
+(H200, A2.7B: 397 against 401 tok/s, docs/BENCHMARKS.md). Its shared expert, two MatMulNBits at the QMoE's
+bits and block, moves into the same op as the float one does (the same nine nodes go).
 
     MOE_COMPILE_MOE_KERNELS=ort   keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_ORT_OPS_LIB=PATH  a prebuilt libmoe_compile_ort.so
@@ -150,20 +151,40 @@ class _Graph:
         return None if init is None else onnx.numpy_helper.to_array(init)
 
 
-def _shared_expert(g: _Graph, moe: onnx.NodeProto) -> tuple[list[onnx.NodeProto], dict] | None:
+def _matmul_nbits(g: _Graph, name: str, quant: tuple[int, int]) -> tuple[onnx.NodeProto, int, int] | None:
+    """(node, N, K) of the com.microsoft:MatMulNBits making `name` from codes and scales alone (no zero points,
+    group index or bias) at the QMoE node's (bits, block)."""
+    node = g.made_by(name, "MatMulNBits", "com.microsoft")
+    if node is None or len(node.input) < 3 or any(node.input[3:]):
+        return None
+    attrs = _attributes(node)
+    if (attrs.get("bits"), attrs.get("block_size")) != quant or g.dims(node.input[1]) is None \
+            or g.dims(node.input[2]) is None or attrs.get("K", 0) % quant[1]:
+        return None
+    return node, attrs["N"], attrs["K"]
+
+
+def _shared_expert(g: _Graph, moe: onnx.NodeProto, quant: tuple[int, int] | None = None
+                   ) -> tuple[list[onnx.NodeProto], dict] | None:
     """The Qwen2-MoE shared expert around this MoE node, as the ort form writes it:
 
         L = MatMul(x, [router | shared gate]); logits, z = Split(L, [E, 1])
         gu = MatMul(x, W_gate_up [H, 2I_s]); g, u = Split(gu, [I_s, I_s]); a = QuickGelu(g, alpha 1) * u
         d = Gemm(a, W_down [H, I_s], transB=1);  out = MoE(x, logits, ...) + Sigmoid(z) * d
 
+    or, beside a QMoE node (`quant`: its bits and block), both projections as MatMulNBits at the same bits and
+    block (the router's Softmax that quantize/onnx_rewrite.py feeds QMoE may read the logits too)
     -> (the nodes the fused op replaces, what it needs), or None where the graph differs in any way."""
     x, logits = moe.input[0], moe.input[1]
     split_router = g.made_by(logits, "Split")
     add = g.only_consumer(moe.output[0], "Add")
     if split_router is None or add is None or len(split_router.output) != 2 or split_router.output[0] != logits:
         return None
-    if len(g.consumers.get(logits, [])) != 1:
+    softmax = _router_softmax(g, moe) if quant and len(moe.input) > 14 and moe.input[14] else None
+    readers = {c.output[0] for c in g.consumers.get(logits, [])} - {moe.output[0]}
+    if softmax is not None and len(g.consumers.get(softmax.output[0], [])) != 1:
+        return None  # the Softmax stays, and would read the Split that goes
+    if readers - ({softmax.output[0]} if softmax is not None else set()):
         return None
     sizes = g.values(split_router.input[1]) if len(split_router.input) > 1 else None
     num_experts = g.dims(moe.input[2])[0] if g.dims(moe.input[2]) else None
@@ -173,12 +194,21 @@ def _shared_expert(g: _Graph, moe: onnx.NodeProto) -> tuple[list[onnx.NodeProto]
     scaled = g.made_by(add.input[1] if add.input[0] == moe.output[0] else add.input[0], "Mul")
     if sigmoid is None or scaled is None or sigmoid.output[0] not in scaled.input:
         return None
-    down = g.made_by(scaled.input[1] if scaled.input[0] == sigmoid.output[0] else scaled.input[0], "Gemm")
-    if down is None or len(down.input) != 2 or g.dims(down.input[1]) is None:
-        return None
-    gemm = _attributes(down)
-    if gemm.get("transB", 0) != 1 or gemm.get("transA", 0) or gemm.get("alpha", 1.0) != 1.0:
-        return None
+    down_out = scaled.input[1] if scaled.input[0] == sigmoid.output[0] else scaled.input[0]
+    if quant:
+        found = _matmul_nbits(g, down_out, quant)
+        hidden = g.dims(moe.input[5])[1] if g.dims(moe.input[5]) else None
+        if found is None or found[1] != hidden:
+            return None
+        down, shared_i = found[0], found[2]
+    else:
+        down = g.made_by(down_out, "Gemm")
+        if down is None or len(down.input) != 2 or g.dims(down.input[1]) is None:
+            return None
+        gemm = _attributes(down)
+        if gemm.get("transB", 0) != 1 or gemm.get("transA", 0) or gemm.get("alpha", 1.0) != 1.0:
+            return None
+        shared_i = g.dims(down.input[1])[1]
     act = g.made_by(down.input[0], "Mul")
     if act is None or len(g.consumers.get(act.output[0], [])) != 1:
         return None
@@ -190,19 +220,29 @@ def _shared_expert(g: _Graph, moe: onnx.NodeProto) -> tuple[list[onnx.NodeProto]
     split_shared = g.made_by(quick_gelu.input[0], "Split")
     if split_shared is None or list(split_shared.output) != [quick_gelu.input[0], up]:
         return None
-    gate_up = g.made_by(split_shared.input[0], "MatMul")
-    shared_i = g.dims(down.input[1])[1]
     split_sizes = g.values(split_shared.input[1]) if len(split_shared.input) > 1 else None
-    if gate_up is None or gate_up.input[0] != x or g.dims(gate_up.input[1]) is None or split_sizes is None \
-            or list(split_sizes) != [shared_i, shared_i] or g.dims(gate_up.input[1])[1] != 2 * shared_i:
+    if split_sizes is None or list(split_sizes) != [shared_i, shared_i]:
+        return None
+    if quant:
+        found = _matmul_nbits(g, split_shared.input[0], quant)
+        if found is None or found[1] != 2 * shared_i or found[2] != hidden:
+            return None
+        gate_up = found[0]
+    else:
+        gate_up = g.made_by(split_shared.input[0], "MatMul")
+        if gate_up is None or g.dims(gate_up.input[1]) is None or g.dims(gate_up.input[1])[1] != 2 * shared_i:
+            return None
+    if gate_up.input[0] != x:
         return None
     inner = [split_shared.output[0], split_shared.output[1], quick_gelu.output[0], act.output[0], down.output[0],
              sigmoid.output[0], gate_up.output[0], split_router.output[1], scaled.output[0]]
     if any(len(g.consumers.get(name, [])) != 1 or name in g.outputs for name in inner):
         return None
     replaced = [split_router, sigmoid, gate_up, split_shared, quick_gelu, act, down, scaled, add]
-    return replaced, {"logits": split_router.input[0], "gate_up": gate_up.input[1], "down": down.input[1],
-                      "output": add.output[0]}
+    parts = {"logits": split_router.input[0], "gate_up": gate_up.input[1], "down": down.input[1], "output": add.output[0]}
+    if quant:
+        parts.update(gate_up_scales=gate_up.input[2], down_scales=down.input[2])
+    return replaced, parts
 
 
 def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
@@ -225,10 +265,19 @@ def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
                 if len(g.consumers.get(softmax.output[0], [])) == 1:
                     removed.add(softmax.output[0])
             attrs = _attributes(node)
+            bits = attrs.get("expert_weight_bits", 4)
+            inputs, outputs, extra = [node.input[i] for i in (0, 1, 2, 3, 5, 6)], list(node.output), {}
+            shared = _shared_expert(g, node, quant=(bits, attrs["block_size"]))
+            if shared is not None:  # MatMulNBits' codes and scales as they are: rows [N, K/block, blob]
+                replaced, parts = shared
+                removed.update(n.output[0] for n in replaced)
+                inputs[1] = parts["logits"]
+                inputs += [parts["gate_up"], parts["gate_up_scales"], parts["down"], parts["down_scales"]]
+                outputs, extra = [parts["output"]], {"shared_gate": 1}
             node.CopyFrom(onnx.helper.make_node(
-                QUANTIZED_OP, [node.input[i] for i in (0, 1, 2, 3, 5, 6)], list(node.output), name=node.name,
-                domain=DOMAIN, k=attrs["k"], normalize_routing_weights=attrs.get("normalize_routing_weights", 0),
-                expert_weight_bits=attrs.get("expert_weight_bits", 4), block_size=attrs["block_size"]))
+                QUANTIZED_OP, inputs, outputs, name=node.name, domain=DOMAIN, k=attrs["k"],
+                normalize_routing_weights=attrs.get("normalize_routing_weights", 0), expert_weight_bits=bits,
+                block_size=attrs["block_size"], **extra))
             swapped += 1
             continue
         if node.op_type != "MoE" or node.domain != "com.microsoft":

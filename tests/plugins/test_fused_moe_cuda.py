@@ -239,38 +239,98 @@ def _quantized(bits, block, dtype):
 def test_quantized_experts_match_their_dequantized_weights(num_tokens, bits, block, dtype):
     """Block-quantized experts (com.microsoft:QMoE's layout, the codes our quantizer writes) against the float64
     reference on the same weights dequantized: the decode kernels reading the codes (16-bit, T <= 16: one and
-    two n-tiles of 8 tokens) and the dequantize-then-float path (T = 40, and fp32); every element written,
-    two runs bitwise identical, the torch op the same bits."""
+    two n-tiles of 8 tokens; T = 1 routing inside the gate/up launch) and the dequantize-then-float path (T = 40,
+    and fp32); every element written, two runs bitwise identical, the torch op the same bits."""
+    _check_quantized(num_tokens, bits, block, dtype, library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False))
+
+
+@pytest.mark.parametrize("routing", [library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=True),
+                                     library.Routing(RoutingKind.SIGMOID_GROUP_TOPK, top_k=4, renormalize=True, n_group=4,
+                                                     topk_group=2, routed_scaling_factor=2.5)],
+                         ids=["softmax-renormalized", "sigmoid-groups-bias"])
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_quantized_decode_routes_every_kind(num_tokens, routing):
+    """The other routings (renormalised softmax; grouped sigmoid with a selection bias, DeepSeek-style) through the
+    quantized decode path: at T = 1 the gate/up launch routes the token itself, at T = 3 the routing launch does."""
+    _check_quantized(num_tokens, 4, 32, torch.float16, routing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 9, 16, 40])
+def test_quantized_shared_expert_matches_reference(num_tokens, bits, dtype):
+    """A2.7B's shared expert (I_s = 5632) quantized as com.microsoft:MatMulNBits holds it (gate rows then up rows,
+    [N, K/block, block·bits/8] codes), gated by its own logit, beside the quantized routed experts: in the
+    decode launches up to 16 tokens (T = 1 with the routing inside), dequantized with the experts at 40."""
+    _check_quantized(num_tokens, bits, 32, dtype, library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False),
+                     shared=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _quantized_shared(bits, block, dtype):
+    """(codes gate_up, scales, codes down, scales) on the GPU, and the dequantized gate_up [2I_s, H] and down
+    [H, I_s] they stand for."""
+    import numpy as np
+
+    from moe_compile.quantize.packing import quantize_rows
+    h, i_s = 2048, 5632
+    g = torch.Generator().manual_seed(11)
+    parts, weights = [], []
+    for w in (torch.randn(2 * i_s, h, generator=g) / h**0.5, torch.randn(h, i_s, generator=g) / i_s**0.5):
+        q = quantize_rows(w.numpy(), bits, block, np.float32)
+        q.scales = torch.from_numpy(q.scales).to(dtype).float().numpy()
+        parts += [torch.from_numpy(q.codes).cuda(), torch.from_numpy(q.scales).to(dtype).cuda()]
+        weights.append(torch.from_numpy(q.dequantize()).cuda())
+    return parts, weights[0], weights[1]
+
+
+def _check_quantized(num_tokens, bits, block, dtype, routing, shared=False):
     from moe_compile.plugins.torch_ops import fused_moe_quantized_cuda
 
-    routing = library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False)
     codes, gate_up, down = _quantized(bits, block, dtype)
     num_experts, two_i, hidden_size = gate_up.shape
     torch.manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, hidden_size, device="cuda").to(dtype)
     logits = torch.randn(num_tokens, num_experts, device="cuda")
     logits[:, -4:] -= 30.0  # experts with no token
+    bias = None
+    if routing.kind == RoutingKind.SIGMOID_GROUP_TOPK:
+        bias = 0.1 * torch.randn(num_experts, device="cuda")
+        bias[-4:] = -10.0
+    shared_expert, shared_scales = None, {}
+    if shared:
+        shared_codes, shared_gate_up, shared_down = _quantized_shared(bits, block, dtype)
+        gate_logits = torch.randn(num_tokens, device="cuda") * 2
+        shared_expert = library.SharedExpert(shared_down.shape[1], shared_codes[0].data_ptr(), shared_codes[2].data_ptr(),
+                                             gate_logits.data_ptr())
+        shared_scales = {"shared_gate_up_scales": shared_codes[1].data_ptr(),
+                         "shared_down_scales": shared_codes[3].data_ptr()}
 
     def run():
         shape = library.shape_c(num_tokens, hidden_size, two_i // 2, num_experts, DTYPE_ENUM[dtype],
                                 library.GateUpLayout.INTERLEAVED)
-        quant = library.QuantizedExperts(bits, block, codes[1].data_ptr(), codes[3].data_ptr())
-        size = library.workspace_size_quantized(shape, routing, quant)
+        quant = library.QuantizedExperts(bits, block, codes[1].data_ptr(), codes[3].data_ptr(), **shared_scales)
+        size = library.workspace_size_quantized(shape, routing, quant, shared_expert)
         workspace = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
         out = torch.full_like(hidden, float("nan"))
-        library.forward_quantized(shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, codes[0].data_ptr(),
-                                  codes[2].data_ptr(), out.data_ptr(), workspace.data_ptr(), size,
-                                  torch.cuda.current_stream().cuda_stream)
+        library.forward_quantized(shape, routing, quant, hidden.data_ptr(), logits.data_ptr(),
+                                  None if bias is None else bias.data_ptr(), codes[0].data_ptr(), codes[2].data_ptr(),
+                                  out.data_ptr(), workspace.data_ptr(), size, torch.cuda.current_stream().cuda_stream,
+                                  shared_expert)
         torch.cuda.synchronize()
         return out
 
     first, second = run(), run()
     assert not first.isnan().any(), f"{int(first.isnan().sum())} output elements not written"
     assert torch.equal(first, second), "two runs differ"
-    ids, weights = route_reference(logits, routing)
+    ids, weights = route_reference(logits, routing, bias)
     expected = experts_reference(hidden, ids, weights, gate_up, down)
+    if shared:
+        expected = expected + shared_expert_reference(hidden, shared_gate_up, shared_down, gate_logits)
     rel = ((first.double() - expected).norm() / expected.norm()).item()
-    print(f"CASE quantized int{bits} block {block} T={num_tokens} {str(dtype).removeprefix('torch.')} rel_err={rel:.2e}")
+    print(f"CASE quantized int{bits} block {block} T={num_tokens} {str(dtype).removeprefix('torch.')} "
+          f"{routing.kind.name} shared={shared} rel_err={rel:.2e}")
     assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
-    got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
-    assert torch.equal(got, first)
+    if routing.kind == RoutingKind.SOFTMAX_TOPK and not shared:  # the torch op: softmax routing, no shared expert
+        got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
+        assert torch.equal(got, first)

@@ -162,27 +162,10 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
                                  const float* __restrict__ bias, const T* __restrict__ w, Workspace ws,
                                  Shared sh) {
   extern __shared__ float route_scratch[];  // sel [E], score [E]
-  __shared__ int32_t pick[32];              // the k-th choice's expert
-  __shared__ float pick_w[32];
-  __shared__ int by_row[32];                // experts in row order (ascending id, as the permutation)
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  __shared__ TokenRoute route;
+  const int warp = threadIdx.x / kWarp;
   if (warp == 0) {
-    route_token_warp(logits, bias, p.routing, p.E, route_scratch, route_scratch + p.E, pick, pick_w);
-    __syncwarp();
-    if (lane < p.K) {
-      const int e = pick[lane];
-      int row = 0;
-      for (int k = 0; k < p.K; ++k) row += pick[k] < e;  // the K choices are distinct experts
-      by_row[row] = e;
-      if (blockIdx.x == 0) {
-        ws.topk_ids[lane] = e;
-        ws.topk_w[lane] = pick_w[lane];
-        ws.tile_expert[row] = e;
-        ws.tile_row[row] = row;
-        ws.perm_entry[row] = lane;
-        ws.entry_pos[lane] = row;
-      }
-    }
+    route_one_token_warp(p, logits, bias, ws, route_scratch, route, blockIdx.x == 0);
   } else if (sh.gate_up) {  // the shared expert needs no routing: its columns stream meanwhile
     const T* ws_ = static_cast<const T*>(sh.gate_up);
     T* act_s = static_cast<T*>(sh.act);
@@ -192,19 +175,12 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
                      ws_ + (size_t)shared_gate_up_row(sh, j, 1) * p.H, act_s + j);
   }
   __syncthreads();
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e <= p.E; e += blockDim.x) {
-      int below = 0;
-      for (int k = 0; k < p.K; ++k) below += pick[k] < e;
-      ws.expert_offsets[e] = below;
-    }
-    if (threadIdx.x == 0) *ws.num_tiles = p.K;
-  }
+  if (blockIdx.x == 0) route_one_token_offsets(p, route, ws);
   T* act = static_cast<T*>(ws.act);
   const int items = p.K * p.I, stride = gridDim.x * kDecodeWarps;
   for (int item = blockIdx.x * kDecodeWarps + warp; item < items; item += stride) {
     const int row = item / p.I, j = item % p.I;
-    const T* we = w + (size_t)by_row[row] * 2 * p.I * p.H;
+    const T* we = w + (size_t)route.by_row[row] * 2 * p.I * p.H;
     gate_up_column(p.H, x, we + (size_t)gate_up_row(p, j, 0) * p.H, we + (size_t)gate_up_row(p, j, 1) * p.H,
                    act + (size_t)row * p.I + j);
   }

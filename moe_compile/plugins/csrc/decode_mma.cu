@@ -20,6 +20,7 @@
 #include "common.cuh"
 #include "kernels.h"
 #include "mma.cuh"
+#include "routing.cuh"
 
 namespace moe {
 
@@ -75,6 +76,18 @@ struct QuantRows {
   }
   __device__ __forceinline__ explicit operator bool() const { return codes != nullptr; }
 };
+
+// The shared expert's rows as the routed rows' type: 16-bit pointers, or codes with their scales (a quantized
+// build quantizes the shared expert at the routed experts' bits and block: Shared's scales, QuantRows' block).
+template <typename T>
+__device__ __forceinline__ const T* shared_rows(const T*, const void* rows, const void*) {
+  return static_cast<const T*>(rows);
+}
+template <typename T, int BITS, int U>
+__device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, BITS, U>& routed, const void* rows,
+                                                             const void* scales) {
+  return {static_cast<const uint8_t*>(rows), static_cast<const T*>(scales), routed.block};
+}
 
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
@@ -189,12 +202,16 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
 
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in
 // chunks of I, every token; grid.y: 64 / KSPLIT columns of the tile or chunk. W: the routed experts' rows
-// (const T*, or QuantRows); the shared expert's are always 16-bit. KSPLIT > 1 (quantized rows, whose codes
-// are too few to keep a warp a row group's whole H busy): KSPLIT warps share 8 columns, each a slice of H in
-// multiples of 128, and add their sums in a fixed order through shared memory.
-template <typename T, int NT, typename W, int KSPLIT>
+// (const T*, or QuantRows); the shared expert's rows are of the same type (shared_rows). KSPLIT > 1
+// (quantized rows, whose codes are too few to keep a warp a row group's whole H busy): KSPLIT warps share
+// 8 columns, each a slice of H in multiples of 128, and add their sums in a fixed order through shared memory.
+// ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
+// (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
+// less a step; block (0, 0) writes the tables the down kernel reads.
+template <typename T, int NT, typename W, int KSPLIT, bool ROUTE = false>
 __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
-    mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid) {
+    mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
+                       const float* __restrict__ logits, const float* __restrict__ bias) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
   const int j0 = (blockIdx.y * (kMmaGateUpWarps / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
@@ -207,15 +224,28 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
   size_t dst_stride = 0;
   int n = 0;  // tokens of the tile
   if ((int)blockIdx.x < routed_grid) {
-    if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
-    const int e = ws.tile_expert[blockIdx.x];
-    const int row0 = ws.expert_offsets[e];
-    n = ws.expert_offsets[e + 1] - row0;
+    int e, row0;
+    if constexpr (ROUTE) {
+      extern __shared__ float route_scratch[];  // sel [E], score [E]
+      __shared__ TokenRoute route;
+      const bool writes = blockIdx.x == 0 && blockIdx.y == 0;
+      if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, writes);
+      __syncthreads();
+      if (writes) route_one_token_offsets(p, route, ws);
+      e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
+    } else {
+      if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
+      e = ws.tile_expert[blockIdx.x];
+      row0 = ws.expert_offsets[e];
+      n = ws.expert_offsets[e + 1] - row0;
+    }
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int s = g + 8 * nt;
-        xs[nt] = s < n ? x + (size_t)(ws.perm_entry[row0 + s] / p.K) * p.H + k0 : nullptr;
+        // ROUTE: the one token (the tables are block (0, 0)'s to write, not to read here)
+        const int token = ROUTE || s >= n ? 0 : ws.perm_entry[row0 + s] / p.K;
+        xs[nt] = s < n ? x + (size_t)token * p.H + k0 : nullptr;
       }
       const W we = w + ((size_t)e * 2 * p.I * p.H + k0);
       mma_rows16<T, NT>(we + (size_t)gate_up_row(p, j0 + g, 0) * p.H, we + (size_t)gate_up_row(p, j0 + g, 1) * p.H, xs,
@@ -233,7 +263,7 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
         const int s = g + 8 * nt;
         xs[nt] = s < n ? x + (size_t)s * p.H + k0 : nullptr;
       }
-      const T* ws_ = static_cast<const T*>(sh.gate_up) + k0;
+      const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
       mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
                         ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc);
       dst = static_cast<T*>(sh.act) + j + g;
@@ -309,12 +339,12 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
         }
     } else {  // the shared expert: every token, weighted by its gate
       const int k0 = (item - routed_items) * SLICE, len = min(SLICE, sh.I - k0);
-      const T* wd = static_cast<const T*>(sh.down) + k0;
+      const W wd = shared_rows(w, sh.down, sh.down_scales) + k0;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         xs[nt] = g + 8 * nt < p.T ? static_cast<const T*>(sh.act) + (size_t)(g + 8 * nt) * sh.I + k0 : nullptr;
-      mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : nullptr, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : nullptr,
-                        xs, len, acc);
+      mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : W{}, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : W{}, xs,
+                        len, acc);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -337,15 +367,18 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
   }
 }
 
-template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice>
+// ROUTE: gate_up routes the token itself (T = 1; logits and bias as moe_compile_forward takes them).
+template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice, bool ROUTE = false>
 void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const Workspace& ws, const Shared& sh,
-                bool routed, void* out, cudaStream_t s, bool gate_up) {
+                bool routed, void* out, cudaStream_t s, bool gate_up, const float* logits = nullptr,
+                const float* bias = nullptr) {
   if (gate_up) {
     const int routed_grid = routed ? min(p.E, p.P) : 0;
     const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
     const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, kMmaGateUpWarps / KSPLIT * 8));
-    mma_gate_up_kernel<T, NT, WG, KSPLIT><<<grid, kMmaGateUpWarps * kWarp, 0, s>>>(
-        p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid);
+    const size_t smem = ROUTE ? sizeof(float) * 2 * p.E : 0;
+    mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE><<<grid, kMmaGateUpWarps * kWarp, smem, s>>>(
+        p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid, logits, bias);
   } else {
     mma_down_sum_kernel<T, NT, WD, SLICE><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(p, w_down, ws, sh, routed,
                                                                                             static_cast<T*>(out));
@@ -366,29 +399,31 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
 // one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
 constexpr int kQuantDownSlice = 512;
 
-template <typename T, int BITS, int NT>
-void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
-                              cudaStream_t s, bool gate_up) {
+// ROUTE at T = 1: the gate_up launch routes (Route below).
+template <typename T, int BITS, int NT, bool ROUTE>
+void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
+                              const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
   constexpr int kSplit = NT == 1 ? 4 : 2;
   using G = QuantRows<T, BITS, NT == 1 && BITS == 4 ? 4 : 8>;   // 4C k a load round: 512 or 1024 of H = 2048
   using D = QuantRows<T, BITS, kQuantDownSlice * BITS / 512>;  // a slice: kQuantDownSlice / 4C loads
   const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
   const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice>(p, x, wgu, wd, ws, Shared{}, true, out, s, gate_up);
+  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice, ROUTE>(p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
 }
 
 template <typename T, int BITS>
-void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
-                       cudaStream_t s, bool gate_up) {
-  if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1>(p, x, w, ws, out, s, gate_up);
-  else mma_dispatch_bits_tokens<T, BITS, 2>(p, x, w, ws, out, s, gate_up);
+void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
+                       void* out, cudaStream_t s, bool gate_up, const Route& r) {
+  if (p.T == 1 && r.logits) mma_dispatch_bits_tokens<T, BITS, 1, true>(p, x, w, ws, sh, out, s, gate_up, r);
+  else if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1, false>(p, x, w, ws, sh, out, s, gate_up, r);
+  else mma_dispatch_bits_tokens<T, BITS, 2, false>(p, x, w, ws, sh, out, s, gate_up, r);
 }
 
 template <typename T>
-void mma_dispatch_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, void* out,
-                            cudaStream_t s, bool gate_up) {
-  if (w.bits == 4) mma_dispatch_bits<T, 4>(p, x, w, ws, out, s, gate_up);
-  else mma_dispatch_bits<T, 8>(p, x, w, ws, out, s, gate_up);
+void mma_dispatch_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
+                            const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r = {}) {
+  if (w.bits == 4) mma_dispatch_bits<T, 4>(p, x, w, ws, sh, out, s, gate_up, r);
+  else mma_dispatch_bits<T, 8>(p, x, w, ws, sh, out, s, gate_up, r);
 }
 
 void launch_mma_gate_up(const Problem& p, const void* x, const void* w_gate_up, const Workspace& ws,
@@ -408,15 +443,15 @@ void launch_mma_down_sum(const Problem& p, const void* w_down, const Workspace& 
 }
 
 void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                                  cudaStream_t s) {
-  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, x, w, ws, nullptr, s, true);
-  else mma_dispatch_quantized<__half>(p, x, w, ws, nullptr, s, true);
+                                  const Shared& shared, const Route& route, cudaStream_t s) {
+  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, x, w, ws, shared, nullptr, s, true, route);
+  else mma_dispatch_quantized<__half>(p, x, w, ws, shared, nullptr, s, true, route);
 }
 
-void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, void* out,
-                                   cudaStream_t s) {
-  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, nullptr, w, ws, out, s, false);
-  else mma_dispatch_quantized<__half>(p, nullptr, w, ws, out, s, false);
+void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,
+                                   void* out, cudaStream_t s) {
+  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, nullptr, w, ws, shared, out, s, false);
+  else mma_dispatch_quantized<__half>(p, nullptr, w, ws, shared, out, s, false);
 }
 
 }  // namespace moe

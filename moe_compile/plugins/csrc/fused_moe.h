@@ -100,31 +100,37 @@ int moe_compile_silu_mul(const void* gate_up, int32_t dtype, void* act, int64_t 
 int moe_compile_add_gated(void* out, const void* y, const float* gate_logits, int32_t dtype, int64_t rows,
                           int64_t hidden, void* cuda_stream);
 
-// Block-quantized routed experts (weight-only, symmetric, one scale per block of the input axis):
+// Block-quantized experts (weight-only, symmetric, one scale per block of the input axis):
 // com.microsoft:QMoE's layout with weights_prepacked = 0, the rows as the float experts hold them.
 //   codes: u = q + 2^(bits-1) as uint8, int4 two a byte (the lower nibble first): gate_up [E, 2I, H*bits/8],
 //          down [E, H, I*bits/8]; a weight is (u - 2^(bits-1)) * scale of its block
 //   scales: gate_up [E, 2I, H/block_size], down [E, H, I/block_size], in the shape's dtype
+// A shared expert beside them is quantized the same way (com.microsoft:MatMulNBits' layout, the same bits and
+// block): moe_shared_expert's gate_up [2I_s, H*bits/8] and down [H, I_s*bits/8] hold codes, these its scales.
 // Decode sizes (16-bit activations, T up to the tensor-core GEMV's 16 tokens) dequantize in registers and
-// read each chosen expert's codes once; other sizes dequantize the layer's experts into the workspace
-// (E*3*H*I elements of the dtype) and run the float path.
+// read each chosen expert's codes (and the shared expert's) once; other sizes dequantize the layer's experts
+// into the workspace (E*3*H*I elements of the dtype, plus 3*H*I_s) and run the float path.
 typedef struct {
-  int32_t bits;                // 4 or 8
-  int32_t block_size;          // 32, 64 or 128; divides H and I
-  const void* gate_up_scales;  // [E, 2I, H/block_size]
-  const void* down_scales;     // [E, H, I/block_size]
+  int32_t bits;                       // 4 or 8
+  int32_t block_size;                 // 32, 64 or 128; divides H, I and I_s
+  const void* gate_up_scales;         // [E, 2I, H/block_size]
+  const void* down_scales;            // [E, H, I/block_size]
+  const void* shared_gate_up_scales;  // [2I_s, H/block_size], with a shared expert
+  const void* shared_down_scales;     // [H, I_s/block_size]
 } moe_quantized_experts;
 
-// Bytes of workspace moe_compile_forward_quantized needs for this shape; 0 on invalid arguments.
+// Bytes of workspace moe_compile_forward_quantized needs for this shape; 0 on invalid arguments. shared may
+// be NULL.
 size_t moe_compile_workspace_size_quantized(const moe_shape* shape, const moe_routing* routing,
-                                            const moe_quantized_experts* quant);
+                                            const moe_quantized_experts* quant, const moe_shared_expert* shared);
 
-// moe_compile_forward with block-quantized experts (gate_up / down: their codes), no shared expert.
+// moe_compile_forward with block-quantized experts (gate_up / down: their codes; shared, if not NULL, a
+// quantized shared expert: its codes, with quant's shared scales).
 int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
-                                  const moe_quantized_experts* quant, const void* hidden,
-                                  const float* router_logits, const float* expert_bias, const void* gate_up,
-                                  const void* down, void* out, void* workspace, size_t workspace_bytes,
-                                  void* cuda_stream);
+                                  const moe_quantized_experts* quant, const moe_shared_expert* shared,
+                                  const void* hidden, const float* router_logits, const float* expert_bias,
+                                  const void* gate_up, const void* down, void* out, void* workspace,
+                                  size_t workspace_bytes, void* cuda_stream);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

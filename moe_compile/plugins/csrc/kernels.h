@@ -54,6 +54,9 @@ struct Shared {
   int I;
   bool interleaved;
   void* act;                 // [T, I] silu(gate)*up, dtype (workspace)
+  // quantized (beside quantized routed experts, at their bits and block): gate_up and down hold codes
+  const void* gate_up_scales = nullptr;  // [2I, H/block]
+  const void* down_scales = nullptr;     // [H, I/block]
 };
 
 __host__ __device__ inline int shared_gate_up_row(const Shared& s, int j, int up) {
@@ -97,11 +100,19 @@ void launch_mma_gate_up(const Problem& p, const void* x, const void* w_gate_up, 
                         const Shared& shared, bool routed, cudaStream_t s);
 void launch_mma_down_sum(const Problem& p, const void* w_down, const Workspace& ws, const Shared& shared,
                          bool routed, void* out, cudaStream_t s);
-// The tensor-core steps reading quantized experts, dequantized in registers (routed experts only).
+// The router's output as moe_compile_forward takes it: logits [T, E] and the optional selection bias [E].
+struct Route {
+  const float* logits = nullptr;
+  const float* bias = nullptr;
+};
+
+// The tensor-core steps reading quantized experts, dequantized in registers; shared.gate_up non-null: a
+// quantized shared expert (Shared's scales) in the same launches. T = 1 with route.logits: gate/up routes the
+// token itself (no launch_route_permute_small before it).
 void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                                  cudaStream_t s);
-void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, void* out,
-                                   cudaStream_t s);
+                                  const Shared& shared, const Route& route, cudaStream_t s);
+void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,
+                                   void* out, cudaStream_t s);
 // out [rows, K] of dtype = (u - 2^(bits-1)) * scale from codes [rows, K*bits/8] and scales [rows, K/block].
 void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
                        moe_dtype dtype, void* out, cudaStream_t s);

@@ -256,6 +256,29 @@ void run_routed(const Problem& p, const void* hidden, const float* router_logits
 }  // namespace
 }  // namespace moe
 
+namespace moe {
+namespace {
+
+// moe_compile_forward's work on checked arguments: the routed experts, then the shared expert (inside their
+// launches, or apart as a one-expert problem), from the workspace at base.
+void forward_float(const Problem& p, const moe_shared_expert* shared, const void* hidden, const float* router_logits,
+                   const float* expert_bias, const void* gate_up, const void* down, void* out, char* base,
+                   cudaStream_t s) {
+  Workspace ws;
+  const size_t routed_bytes = carve(p, base, &ws);
+  SharedPlan plan{};
+  if (shared) carve_shared(p, *shared, base + routed_bytes, &plan);
+  run_routed(p, hidden, router_logits, expert_bias, gate_up, down, out, ws, plan.gemv ? plan.kernels : Shared{}, s);
+  if (shared && !plan.gemv) {
+    cudaMemsetAsync(plan.zero_logits, 0, sizeof(float) * p.T, s);
+    run_routed(plan.p, hidden, plan.zero_logits, nullptr, shared->gate_up, shared->down, plan.y, plan.ws, Shared{}, s);
+    launch_add_shared(p, plan.y, shared->gate_logits, out, s);
+  }
+}
+
+}  // namespace
+}  // namespace moe
+
 extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* routing,
                                    const moe_shared_expert* shared, const void* hidden,
                                    const float* router_logits, const float* expert_bias, const void* gate_up,
@@ -267,40 +290,42 @@ extern "C" int moe_compile_forward(const moe_shape* shape, const moe_routing* ro
   if (!hidden || !router_logits || !gate_up || !down || !out || !workspace)
     return MOE_ERR_INVALID_ARGUMENT;
   if (workspace_bytes < total_bytes(p, shared)) return MOE_ERR_WORKSPACE_TOO_SMALL;
-  Workspace ws;
-  const size_t routed_bytes = carve(p, static_cast<char*>(workspace), &ws);
-  SharedPlan plan{};
-  if (shared) carve_shared(p, *shared, static_cast<char*>(workspace) + routed_bytes, &plan);
-  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-
-  run_routed(p, hidden, router_logits, expert_bias, gate_up, down, out, ws, plan.gemv ? plan.kernels : Shared{}, s);
-  if (shared && !plan.gemv) {
-    cudaMemsetAsync(plan.zero_logits, 0, sizeof(float) * p.T, s);
-    run_routed(plan.p, hidden, plan.zero_logits, nullptr, shared->gate_up, shared->down, plan.y, plan.ws, Shared{}, s);
-    launch_add_shared(p, plan.y, shared->gate_logits, out, s);
-  }
+  forward_float(p, shared, hidden, router_logits, expert_bias, gate_up, down, out, static_cast<char*>(workspace),
+                static_cast<cudaStream_t>(cuda_stream));
   return check_launch();
 }
 
 namespace moe {
 namespace {
 
-bool valid_quantized(const moe_quantized_experts* q, const Problem& p) {
-  if (!q || (q->bits != 4 && q->bits != 8)) return false;
+bool valid_quantized(const moe_quantized_experts* q, const Problem& p, const moe_shared_expert* shared) {
+  if (!q || (q->bits != 4 && q->bits != 8) || !valid_shared_shape(shared)) return false;
   // a lane's 16-byte load of codes (32 or 16 weights) stays inside one block, and the decode kernels' slices of
   // H and I (multiples of 128) start on one
   const int b = q->block_size;
-  return (b == 32 || b == 64 || b == 128) && p.H % b == 0 && p.I % b == 0;
+  return (b == 32 || b == 64 || b == 128) && p.H % b == 0 && p.I % b == 0 && (!shared || shared->intermediate % b == 0);
 }
 
 // The tensor-core decode kernels read the codes; every other size runs on dequantized weights.
 bool reads_codes(const Problem& p) { return use_mma(p) && use_decode_path(p); }
 
-// The layer's experts dequantized, gate_up [E, 2I, H] then down [E, H, I], from base (nullptr = only count bytes).
-size_t carve_dequantized(const Problem& p, char* base, char** gate_up, char** down) {
+// The dequantized weights, from base (nullptr = only count bytes): the layer's experts, gate_up [E, 2I, H] then
+// down [E, H, I], then the shared expert's gate_up [2I_s, H] and down [H, I_s] (with one).
+struct Dequantized {
+  char *gate_up, *down, *shared_gate_up = nullptr, *shared_down = nullptr;
+};
+
+size_t carve_dequantized(const Problem& p, const moe_shared_expert* shared, char* base, Dequantized* out) {
   Carver c{base};
-  *gate_up = c.take(dtype_bytes(p.dtype) * p.E * 2 * p.I * p.H);
-  *down = c.take(dtype_bytes(p.dtype) * p.E * p.H * p.I);
+  Dequantized d;
+  const size_t element = dtype_bytes(p.dtype);
+  d.gate_up = c.take(element * p.E * 2 * p.I * p.H);
+  d.down = c.take(element * p.E * p.H * p.I);
+  if (shared) {
+    d.shared_gate_up = c.take(element * 2 * shared->intermediate * p.H);
+    d.shared_down = c.take(element * p.H * shared->intermediate);
+  }
+  if (out) *out = d;
   return c.off;
 }
 
@@ -308,42 +333,61 @@ size_t carve_dequantized(const Problem& p, char* base, char** gate_up, char** do
 }  // namespace moe
 
 extern "C" size_t moe_compile_workspace_size_quantized(const moe_shape* shape, const moe_routing* routing,
-                                                       const moe_quantized_experts* quant) {
+                                                       const moe_quantized_experts* quant,
+                                                       const moe_shared_expert* shared) {
   Problem p;
-  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p)) return 0;
-  char *gate_up, *down;
-  return total_bytes(p, nullptr) + (reads_codes(p) ? 0 : carve_dequantized(p, nullptr, &gate_up, &down));
+  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p, shared)) return 0;
+  return total_bytes(p, shared) + (reads_codes(p) ? 0 : carve_dequantized(p, shared, nullptr, nullptr));
 }
 
 extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
-                                             const moe_quantized_experts* quant, const void* hidden,
-                                             const float* router_logits, const float* expert_bias,
-                                             const void* gate_up, const void* down, void* out, void* workspace,
-                                             size_t workspace_bytes, void* cuda_stream) {
+                                             const moe_quantized_experts* quant, const moe_shared_expert* shared,
+                                             const void* hidden, const float* router_logits,
+                                             const float* expert_bias, const void* gate_up, const void* down,
+                                             void* out, void* workspace, size_t workspace_bytes, void* cuda_stream) {
   Problem p;
-  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p)) return MOE_ERR_INVALID_ARGUMENT;
+  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p, shared) || !valid_shared(shared))
+    return MOE_ERR_INVALID_ARGUMENT;
   if (p.T == 0) return MOE_OK;
   if (!hidden || !router_logits || !gate_up || !down || !out || !workspace || !quant->gate_up_scales ||
-      !quant->down_scales)
+      !quant->down_scales || (shared && (!quant->shared_gate_up_scales || !quant->shared_down_scales)))
     return MOE_ERR_INVALID_ARGUMENT;
-  if (workspace_bytes < moe_compile_workspace_size_quantized(shape, routing, quant)) return MOE_ERR_WORKSPACE_TOO_SMALL;
-  Workspace ws;
+  if (workspace_bytes < moe_compile_workspace_size_quantized(shape, routing, quant, shared))
+    return MOE_ERR_WORKSPACE_TOO_SMALL;
   char* base = static_cast<char*>(workspace);
-  const size_t routed_bytes = carve(p, base, &ws);
   const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-  if (reads_codes(p)) {
+  if (reads_codes(p)) {  // the shared expert, if any, streams inside the same launches (T <= shared_stream_tokens)
+    Workspace ws;
+    const size_t routed_bytes = carve(p, base, &ws);
+    SharedPlan plan{};
+    if (shared) {
+      carve_shared(p, *shared, base + routed_bytes, &plan);
+      plan.kernels.gate_up_scales = quant->shared_gate_up_scales;
+      plan.kernels.down_scales = quant->shared_down_scales;
+    }
+    const Shared sh = shared ? plan.kernels : Shared{};
     const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
-    launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);
-    launch_mma_gate_up_quantized(p, hidden, w, ws, s);
-    launch_mma_down_sum_quantized(p, w, ws, out, s);
+    const Route route{router_logits, expert_bias};
+    if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);
+    launch_mma_gate_up_quantized(p, hidden, w, ws, sh, p.T == 1 ? route : Route{}, s);
+    launch_mma_down_sum_quantized(p, w, ws, sh, out, s);
   } else {
-    char *w_gate_up, *w_down;
-    carve_dequantized(p, base + routed_bytes, &w_gate_up, &w_down);
-    launch_dequantize(gate_up, quant->gate_up_scales, (int64_t)p.E * 2 * p.I, p.H, quant->bits, quant->block_size,
-                      p.dtype, w_gate_up, s);
-    launch_dequantize(down, quant->down_scales, (int64_t)p.E * p.H, p.I, quant->bits, quant->block_size, p.dtype,
-                      w_down, s);
-    run_routed(p, hidden, router_logits, expert_bias, w_gate_up, w_down, out, ws, Shared{}, s);
+    Dequantized d;
+    carve_dequantized(p, shared, base + total_bytes(p, shared), &d);
+    const int bits = quant->bits, block = quant->block_size;
+    launch_dequantize(gate_up, quant->gate_up_scales, (int64_t)p.E * 2 * p.I, p.H, bits, block, p.dtype, d.gate_up, s);
+    launch_dequantize(down, quant->down_scales, (int64_t)p.E * p.H, p.I, bits, block, p.dtype, d.down, s);
+    moe_shared_expert dense{};
+    if (shared) {
+      const int64_t I_s = shared->intermediate;
+      launch_dequantize(shared->gate_up, quant->shared_gate_up_scales, 2 * I_s, p.H, bits, block, p.dtype,
+                        d.shared_gate_up, s);
+      launch_dequantize(shared->down, quant->shared_down_scales, p.H, I_s, bits, block, p.dtype, d.shared_down, s);
+      dense = *shared;
+      dense.gate_up = d.shared_gate_up;
+      dense.down = d.shared_down;
+    }
+    forward_float(p, shared ? &dense : nullptr, hidden, router_logits, expert_bias, d.gate_up, d.down, out, base, s);
   }
   return check_launch();
 }

@@ -7,6 +7,7 @@
 
 #include "common.cuh"
 #include "fused_moe.h"
+#include "kernels.h"
 
 namespace moe {
 
@@ -107,6 +108,47 @@ __device__ __forceinline__ void route_token_warp(const float* logits, const floa
   }
   my_w *= r.routed_scaling_factor;
   if (lane < r.top_k) { ids_out[lane] = my_id; w_out[lane] = my_w; }
+}
+
+// One token routed inside a decode kernel (T = 1: no routing launch of its own). Every block routes the token
+// with its warp 0 into shared memory; one block of the grid also writes the tables the down kernels read.
+struct TokenRoute {
+  int32_t pick[32];  // the k-th choice's expert
+  float pick_w[32];
+  int by_row[32];    // experts in permuted-row order (ascending id, as the permutation)
+};
+
+// Warp 0 of the block; scratch: 2E floats of shared memory. `write`: this block writes the routing tables.
+__device__ __forceinline__ void route_one_token_warp(const Problem& p, const float* logits, const float* bias,
+                                                     const Workspace& ws, float* scratch, TokenRoute& r, bool write) {
+  const int lane = threadIdx.x % kWarp;
+  route_token_warp(logits, bias, p.routing, p.E, scratch, scratch + p.E, r.pick, r.pick_w);
+  __syncwarp();
+  if (lane < p.K) {
+    const int e = r.pick[lane];
+    int row = 0;
+    for (int k = 0; k < p.K; ++k) row += r.pick[k] < e;  // the K choices are distinct experts
+    r.by_row[row] = e;
+    if (write) {
+      ws.topk_ids[lane] = e;
+      ws.topk_w[lane] = r.pick_w[lane];
+      ws.tile_expert[row] = e;
+      ws.tile_row[row] = row;
+      ws.perm_entry[row] = lane;
+      ws.entry_pos[lane] = row;
+    }
+  }
+}
+
+// The whole writing block, after the __syncthreads that follows route_one_token_warp: each expert's first
+// permuted row, and the tile count (one tile a chosen expert).
+__device__ __forceinline__ void route_one_token_offsets(const Problem& p, const TokenRoute& r, const Workspace& ws) {
+  for (int e = threadIdx.x; e <= p.E; e += blockDim.x) {
+    int below = 0;
+    for (int k = 0; k < p.K; ++k) below += r.pick[k] < e;
+    ws.expert_offsets[e] = below;
+  }
+  if (threadIdx.x == 0) *ws.num_tiles = p.K;
 }
 
 }  // namespace moe

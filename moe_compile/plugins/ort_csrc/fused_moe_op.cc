@@ -21,13 +21,16 @@
 // and grouped GEMM took 80-100 us a layer for it at 8-128 tokens where cuBLAS takes 45 (H200, A2.7B
 // shape); our tensor-core GEMV takes ~15 inside the routed launches up to 16 tokens.
 //
-//   FusedQMoE(input [..., H], router_logits [..., E], fc1 codes uint8 [E, 2I, H*bits/8], fc1 scales [E, 2I, H/block],
-//             fc2 codes uint8 [E, H, I*bits/8], fc2 scales [E, H, I/block])
-//     k, normalize_routing_weights, expert_weight_bits, block_size  ->  output [..., H]
+//   FusedQMoE(input [..., H], router_logits [..., E (+1)], fc1 codes uint8 [E, 2I, H*bits/8], fc1 scales [E, 2I, H/block],
+//             fc2 codes uint8 [E, H, I*bits/8], fc2 scales [E, H, I/block],
+//             shared_fc1 codes uint8 [2I_s, H/block, block*bits/8], shared_fc1 scales [2I_s, H/block],
+//             shared_fc2 codes uint8 [H, I_s/block, block*bits/8], shared_fc2 scales [H, I_s/block])  the last four optional
+//     k, normalize_routing_weights, expert_weight_bits, block_size, shared_gate  ->  output [..., H]
 //
 // com.microsoft:QMoE's routed part (weights_prepacked = 0, symmetric blocks, no zero points, SwiGLU as
-// above) on our kernels: decode sizes read the codes (dequantized in registers), others dequantize the
-// layer's experts into the workspace first (fused_moe.h: moe_compile_forward_quantized).
+// above) on our kernels, and the shared expert beside it as com.microsoft:MatMulNBits holds it (the same bits
+// and block, gate rows then up rows): decode sizes read the codes (dequantized in registers), others
+// dequantize the layer's experts into the workspace first (fused_moe.h: moe_compile_forward_quantized).
 #include <stdio.h>
 
 #include <string>
@@ -244,56 +247,97 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   return status;
 }
 
-// FusedQMoE: x, router_logits, fc1 codes, fc1 scales, fc2 codes, fc2 scales.
+constexpr size_t kQuantizedInputs = 10;  // x, router_logits, fc1 codes/scales, fc2 codes/scales, shared: the same four
+
+// FusedQMoE: x, router_logits, fc1 codes, fc1 scales, fc2 codes, fc2 scales[, shared fc1 codes, scales, fc2 codes,
+// scales].
 OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
-  const OrtValue* values[6] = {};
-  TensorView x, logits, fc1, fc1_scales, fc2, fc2_scales;
-  TensorView* views[6] = {&x, &logits, &fc1, &fc1_scales, &fc2, &fc2_scales};
-  for (size_t i = 0; i < 6; ++i) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* values[kQuantizedInputs] = {};
+  TensorView x, logits, fc1, fc1_scales, fc2, fc2_scales, sfc1, sfc1_scales, sfc2, sfc2_scales;
+  TensorView* views[kQuantizedInputs] = {&x, &logits, &fc1, &fc1_scales, &fc2, &fc2_scales,
+                                         &sfc1, &sfc1_scales, &sfc2, &sfc2_scales};
+  int given = 0;  // of the shared expert's four
+  for (size_t i = 0; i < kQuantizedInputs && i < count; ++i) {
     ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (!values[i]) return fail("input " + std::to_string(i) + " is missing");
-    ORT_TRY(view(values[i], views[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+    else if (i < 6) return fail("input " + std::to_string(i) + " is missing");
+    given += i >= 6 && values[i];
   }
+  if (given != 0 && given != 4) return fail("the shared expert's four inputs come together");
+  const bool has_shared = given == 4;
   const int dtype = moe_dtype_of(x.type);
-  if (dtype < 0 || logits.type != x.type || fc1_scales.type != x.type || fc2_scales.type != x.type ||
-      fc1.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || fc2.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+  const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  if (dtype < 0 || logits.type != x.type || fc1_scales.type != x.type || fc2_scales.type != x.type || fc1.type != u8 ||
+      fc2.type != u8 || (has_shared && (sfc1.type != u8 || sfc2.type != u8 || sfc1_scales.type != x.type ||
+                                        sfc2_scales.type != x.type)))
     return fail("input, router_logits and the scales must share one float type, the codes be uint8");
   const int64_t bits = kernel->bits, block = kernel->block;
   if (x.dims.empty() || logits.dims.empty() || fc1.dims.size() != 3 || fc2.dims.size() != 3 ||
       fc1_scales.dims.size() != 3 || fc2_scales.dims.size() != 3)
     return fail("expected input [..., H], router_logits [..., E], codes and scales [E, N, ...]");
   const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
+  const int64_t gate_column = kernel->shared_gate ? 1 : 0;
   const bool fits = fc1.dims[1] == 2 * I && fc1.dims[2] * 8 == H * bits && fc2.dims[0] == E && fc2.dims[1] == H &&
                     fc2.dims[2] * 8 == I * bits && fc1_scales.dims[0] == E && fc1_scales.dims[1] == 2 * I &&
                     fc1_scales.dims[2] * block == H && fc2_scales.dims[0] == E && fc2_scales.dims[1] == H &&
-                    fc2_scales.dims[2] * block == I && logits.dims.back() == E && logits.leading() == T;
+                    fc2_scales.dims[2] * block == I && logits.dims.back() == E + gate_column && logits.leading() == T;
   if (!fits)
     return fail("shapes disagree (bits " + std::to_string(bits) + ", block " + std::to_string(block) + "): input " +
                 dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " + dims_text(fc1) + " / " +
-                dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales));
+                dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales) +
+                (gate_column ? " (shared_gate: E + 1 logits)" : ""));
+  int64_t shared_i = 0;
+  if (has_shared) {  // MatMulNBits' [N, K/block, block*bits/8] codes and [N, K/block] scales
+    shared_i = sfc2_scales.dims.size() == 2 ? sfc2_scales.dims[1] * block : -1;
+    const int64_t blob = block * bits / 8;
+    const bool shared_fits = sfc1.dims.size() == 3 && sfc1.dims[0] == 2 * shared_i && sfc1.dims[1] * block == H &&
+                             sfc1.dims[2] == blob && sfc1_scales.dims.size() == 2 && sfc1_scales.dims[0] == 2 * shared_i &&
+                             sfc1_scales.dims[1] * block == H && sfc2.dims.size() == 3 && sfc2.dims[0] == H &&
+                             sfc2.dims[1] * block == shared_i && sfc2.dims[2] == blob && sfc2_scales.dims[0] == H;
+    if (!shared_fits)
+      return fail("shapes disagree: shared_fc1 " + dims_text(sfc1) + " / " + dims_text(sfc1_scales) + ", shared_fc2 " +
+                  dims_text(sfc2) + " / " + dims_text(sfc2_scales) + " (expected MatMulNBits' [N, K/" +
+                  std::to_string(block) + ", " + std::to_string(blob) + "] codes, [N, K/block] scales)");
+  } else if (gate_column) {
+    return fail("shared_gate = 1 without the shared expert's inputs");
+  }
 
   void *out_data = nullptr, *stream = nullptr;
   ORT_TRY(output_and_stream(ctx, x, &out_data, &stream));
   if (T == 0) return nullptr;
   const moe_shape shape = {T, H, I, E, dtype, MOE_GATE_UP_INTERLEAVED};
   const moe_routing routing = {MOE_ROUTING_SOFTMAX_TOPK, (int32_t)kernel->top_k, (int32_t)kernel->normalize, 1, 1, 1.0f};
-  const moe_quantized_experts quant = {(int32_t)bits, (int32_t)block, fc1_scales.data, fc2_scales.data};
-  const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant);
+  const moe_quantized_experts quant = {(int32_t)bits, (int32_t)block, fc1_scales.data, fc2_scales.data,
+                                       has_shared ? sfc1_scales.data : nullptr, has_shared ? sfc2_scales.data : nullptr};
+  moe_shared_expert shared = {shared_i, MOE_GATE_UP_CONCATENATED, sfc1.data, sfc2.data, nullptr};
+  const moe_shared_expert* with = has_shared ? &shared : nullptr;
+  const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant, with);
   if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
-  const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float));
+  // router logits (and the shared gate's column) as float32 first, then the kernels' own workspace
+  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+  const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float)), gate_bytes = aligned((size_t)T * sizeof(float));
 
   const OrtMemoryInfo* memory = nullptr;
   ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
   OrtAllocator* allocator = nullptr;
   ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
   void* workspace = nullptr;
-  OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + kernel_bytes, &workspace);
+  OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + kernel_bytes, &workspace);
   if (!status) {
-    float* logits_f32 = static_cast<float*>(workspace);
-    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, E, stream);
+    char* base = static_cast<char*>(workspace);
+    float* logits_f32 = reinterpret_cast<float*>(base);
+    const int64_t columns = E + gate_column;
+    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, columns, stream);
+    if (rc == MOE_OK && gate_column) {
+      shared.gate_logits = reinterpret_cast<float*>(base + logits_bytes);
+      rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
+                                const_cast<float*>(shared.gate_logits), T, 1, columns, stream);
+    }
     if (rc == MOE_OK)
-      rc = moe_compile_forward_quantized(&shape, &routing, &quant, x.data, logits_f32, nullptr, fc1.data, fc2.data,
-                                         out_data, static_cast<char*>(workspace) + logits_bytes, kernel_bytes, stream);
+      rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, logits_f32, nullptr, fc1.data, fc2.data,
+                                         out_data, base + logits_bytes + gate_bytes, kernel_bytes, stream);
     if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
     OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // as compute(): reused only later on this stream
     if (freed && !status) status = freed;
@@ -402,16 +446,18 @@ OrtCustomOp make_op() {
   return op;
 }
 
-// FusedQMoE: the codes (inputs 2 and 4) are uint8, everything else kType.
+// FusedQMoE: the codes (inputs 2, 4, 6 and 8) are uint8, everything else kType; the shared expert's four optional.
 template <ONNXTensorElementDataType kType>
 OrtCustomOp make_quantized_op() {
   OrtCustomOp op = make_op<kType>();
   op.GetName = [](const OrtCustomOp*) { return "FusedQMoE"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) {
-    return i == 2 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kType;
+    return i >= 2 && i % 2 == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kType;
   };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 6; };
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kQuantizedInputs; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
   op.CreateKernelV2 = create_kernel<kType, true>;
   op.KernelComputeV2 = compute_quantized_kernel;
   return op;
