@@ -252,8 +252,9 @@ def bench_shared(tokens):
 
 def bench_quantized(tokens, block=32):
     """A2.7B's routed experts, fp16 activations, timed as CUDA-graph replays: ours on fp16 weights against ours
-    on int8 and int4 codes (block `block`, quantize/packing.py's quantizer, com.microsoft:QMoE's layout). Bytes =
-    the selected experts' weights as each stores them (codes + fp16 scales)."""
+    on int8 and int4 codes (block `block`, quantize/packing.py's quantizer, com.microsoft:QMoE's layout), alone
+    and with the shared expert (I_s = 5632, gated; quantized as MatMulNBits holds it) in the same launches.
+    Bytes = the selected experts' weights (and the shared expert's) as each stores them (codes + fp16 scales)."""
     import numpy as np
 
     from moe_compile.plugins import library
@@ -264,51 +265,66 @@ def bench_quantized(tokens, block=32):
     shape, routing = SHAPES[name], SOFTMAX_ROUTING[name]
     gen = torch.Generator().manual_seed(0)
     h, inter, e = shape.hidden, shape.intermediate, shape.num_experts
+    shared_i = 4 * inter
     gate_up = (torch.randn(e, 2 * inter, h, generator=gen) / h**0.5).half()  # rows interleaved: it does not matter here
     down = (torch.randn(e, h, inter, generator=gen) / inter**0.5).half()
-    weights = {"fp16": (gate_up.cuda(), down.cuda())}
+    shared_gate_up = (torch.randn(2 * shared_i, h, generator=gen) / h**0.5).half()
+    shared_down = (torch.randn(h, shared_i, generator=gen) / shared_i**0.5).half()
+    weights = {"fp16": [w.cuda() for w in (gate_up, down, shared_gate_up, shared_down)]}
     for bits in (8, 4):
         parts = []
         for w in (gate_up, down):
             codes, scales = qmoe_weights(quantize_rows(w.float().numpy(), bits, block, np.float16))
             parts += [torch.from_numpy(np.ascontiguousarray(codes)).cuda(), torch.from_numpy(scales).cuda()]
-        weights[f"int{bits}"] = tuple(parts)
-    print(f"| quantized A2.7B experts, fp16 activations, block {block} |     T | format | ours µs | GB/s | rel diff to fp16 |")
+        for w in (shared_gate_up, shared_down):  # MatMulNBits' [N, K/block, blob]
+            q = quantize_rows(w.float().numpy(), bits, block, np.float16)
+            parts += [torch.from_numpy(q.codes).cuda(), torch.from_numpy(q.scales).cuda()]
+        weights[f"int{bits}"] = parts
+    print(f"| quantized A2.7B experts, fp16 activations, block {block} |     T | format | shared | ours µs | GB/s | "
+          f"rel diff to fp16 |")
+    stream = lambda: torch.cuda.current_stream().cuda_stream
     for t in tokens:
         hidden = torch.randn(t, h, device="cuda").half()
         logits = torch.randn(t, e, device="cuda")
+        gate_logits = torch.randn(t, device="cuda")
         c_shape = library.shape_c(t, h, inter, e, Dtype.F16, GateUpLayout.INTERLEAVED)
-        ids = torch.topk(logits, routing.top_k, dim=-1).indices
-        experts = torch.unique(ids).numel()
-        results = {}
-        for fmt, w in weights.items():
-            out = torch.empty_like(hidden)
-            stream = lambda: torch.cuda.current_stream().cuda_stream
-            if fmt == "fp16":
-                size = library.workspace_size(c_shape, routing)
-                ws = torch.empty(size, dtype=torch.uint8, device="cuda")
-                fn = lambda w=w, out=out, ws=ws, size=size: library.forward(
-                    c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(), w[1].data_ptr(),
-                    out.data_ptr(), ws.data_ptr(), size, stream())
-                nbytes = experts * 3 * h * inter * 2
-            else:
-                bits = int(fmt[3:])
-                quant = library.QuantizedExperts(bits, block, w[1].data_ptr(), w[3].data_ptr())
-                size = library.workspace_size_quantized(c_shape, routing, quant)
-                ws = torch.empty(size, dtype=torch.uint8, device="cuda")
-                fn = lambda w=w, out=out, ws=ws, size=size, quant=quant: library.forward_quantized(
-                    c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(),
-                    w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size, stream())
-                nbytes = experts * 3 * h * inter * (bits / 8 + 2 / block)
-            fn()
-            torch.cuda.synchronize()
-            results[fmt] = out.float()
-            us = graph_us(fn)
-            ref = results["fp16"]
-            diff = ((out.float() - ref).norm() / ref.norm()).item()
-            print(f"| quantized | {t:5d} | {fmt:6s} | {us:7.1f} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
-            kernels = kernel_times(fn)
-            print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
+        experts = torch.unique(torch.topk(logits, routing.top_k, dim=-1).indices).numel()
+        for with_shared in (False, True):
+            results = {}
+            for fmt, w in weights.items():
+                out = torch.empty_like(hidden)
+                bits = 16 if fmt == "fp16" else int(fmt[3:])
+                per_weight = 2 if fmt == "fp16" else bits / 8 + 2 / block
+                nbytes = (experts * 3 * h * inter + with_shared * 3 * h * shared_i) * per_weight
+                if fmt == "fp16":
+                    shared = library.SharedExpert(shared_i, w[2].data_ptr(), w[3].data_ptr(),
+                                                  gate_logits.data_ptr()) if with_shared else None
+                    size = library.workspace_size(c_shape, routing, shared)
+                    ws = torch.empty(size, dtype=torch.uint8, device="cuda")
+                    fn = lambda w=w, out=out, ws=ws, size=size, shared=shared: library.forward(
+                        c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(), w[1].data_ptr(),
+                        out.data_ptr(), ws.data_ptr(), size, stream(), shared)
+                else:
+                    shared = library.SharedExpert(shared_i, w[4].data_ptr(), w[6].data_ptr(),
+                                                  gate_logits.data_ptr()) if with_shared else None
+                    quant = library.QuantizedExperts(bits, block, w[1].data_ptr(), w[3].data_ptr(),
+                                                     w[5].data_ptr() if with_shared else None,
+                                                     w[7].data_ptr() if with_shared else None)
+                    size = library.workspace_size_quantized(c_shape, routing, quant, shared)
+                    ws = torch.empty(size, dtype=torch.uint8, device="cuda")
+                    fn = lambda w=w, out=out, ws=ws, size=size, quant=quant, shared=shared: library.forward_quantized(
+                        c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(),
+                        w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size, stream(), shared)
+                fn()
+                torch.cuda.synchronize()
+                results[fmt] = out.float()
+                us = graph_us(fn)
+                ref = results["fp16"]
+                diff = ((out.float() - ref).norm() / ref.norm()).item()
+                print(f"| quantized | {t:5d} | {fmt:6s} | {'yes' if with_shared else 'no':6s} | {us:7.1f} | "
+                      f"{nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
+                kernels = kernel_times(fn)
+                print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
 
 
 def kernel_times(fn, calls=20) -> dict[str, float]:
