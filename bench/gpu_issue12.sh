@@ -11,6 +11,8 @@
 #   fp16     moe-compile build --form ort --dtype fp16, then bench
 #   int8     the same with --quantize int8 --block-size $BLOCK
 #   int4     the same with --quantize int4 --block-size $BLOCK
+#   int4-ort the int4 build's bench again with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort): same-run comparison
+#   profile  bench/ort_step_kernels.py on the int4 build (CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
 # Expects onnxruntime-gpu in /tmp/devsite (../shared/tools/device-wheels: five calls first). Not run by the
@@ -18,7 +20,8 @@
 #   STEPS=ckpt,fp16 LIMIT=580 bash bench/gpu_issue12.sh
 #   STEPS=int8,int4 LIMIT=580 bash bench/gpu_issue12.sh
 #   STEPS=parity LIMIT=580 bash bench/gpu_issue12.sh
-# Builds are kept in $WORK (disk: the fp16 build is ~29 GB; KEEP=0 deletes each after its bench).
+# Builds are kept in $WORK (disk: 64 GB; the checkpoint is ~27 GB, the fp16 build ~29): KEEP lists the builds to keep,
+# the others are deleted right after their bench.
 set -uo pipefail
 OUT=${OUT:-/tmp/issue12-out}
 WORK=${WORK:-/tmp/issue12}
@@ -29,7 +32,7 @@ BLOCK=${BLOCK:-32}
 BATCHES=${BATCHES:-1}
 PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
-KEEP=${KEEP:-1}
+KEEP=${KEEP:-fp16,int8,int4}
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (LAYERS=1)
 LOG=issue12.log
 source "$(dirname "$0")/gpu_common.sh"
@@ -71,13 +74,31 @@ EOF
   step "moe-compile bench $name --backend $BACKEND (CUDA graphs on): batch $BATCHES x prompt $PROMPTS, $NEW new tokens"
   within 30 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" --prompt-len "$PROMPTS" \
     --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["name"]=sys.argv[2]; print(json.dumps(r))' "$WORK/bench.json" "$name" \
+  record_bench "$name"
+  [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"
+}
+
+record_bench() {  # NAME: $WORK/bench.json as one line of $OUT/bench.json, and its table
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["name"]=sys.argv[2]; print(json.dumps(r))' "$WORK/bench.json" "$1" \
     >> "$OUT/bench.json" && python3 -c 'import json,sys; from moe_compile.runtime.benchmark import table; print("\n".join(table(json.loads(open(sys.argv[1]).read().splitlines()[-1]))))' "$OUT/bench.json"
 }
 
 has fp16 && build_bench fp16
 has int8 && build_bench int8 --quantize int8 --block-size "$BLOCK"
 has int4 && build_bench int4 --quantize int4 --block-size "$BLOCK"
+
+if has int4-ort && [ -f "$WORK/build-int4/manifest.json" ]; then
+  step "moe-compile bench int4 --backend $BACKEND with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort)"
+  MOE_COMPILE_MOE_KERNELS=ort within 30 python3 -m moe_compile.cli bench "$WORK/build-int4" --backend "$BACKEND" \
+    --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
+  echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench int4-ort
+fi
+
+if has profile && [ -f "$WORK/build-int4/manifest.json" ]; then
+  step "bench/ort_step_kernels.py int4 on (CUDA graphs): GPU µs a decode step by kernel"
+  within 30 python3 bench/ort_step_kernels.py "$WORK/build-int4" on > "$OUT/profile-int4.txt" 2>&1; echo "rc=$?"
+  head -60 "$OUT/profile-int4.txt"
+fi
 
 if has parity; then
   for name in int8 int4; do
@@ -86,5 +107,4 @@ if has parity; then
     within 30 python3 -m moe_compile.cli verify "$WORK/build-$name" --model "$C" --backend "$BACKEND" --new-tokens 64; echo "rc=$?"
   done
 fi
-[ "$KEEP" = 1 ] || rm -rf "$WORK"/build-*
 step "done"
