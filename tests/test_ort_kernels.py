@@ -96,7 +96,9 @@ def _quantized(model: onnx.ModelProto, scheme: str, dtype=np.float32, level: int
     for node in model_ir.graph:
         if node.op_type in ("QMoE", "MatMulNBits"):
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
-    return ir.serde.serialize_model(model_ir)
+    model = ir.serde.serialize_model(model_ir)
+    model.ir_version = 10  # onnx_ir writes its newest (14), which onnxruntime 1.31 refuses (at most 13)
+    return model
 
 
 def _qmoe_model(scheme: str, normalize: int = 0, dtype=np.float32, experts=6, hidden=64, inter=32, k=2,
