@@ -23,12 +23,12 @@ import torch
 from moe_compile import load
 from moe_compile.errors import RequestError
 from moe_compile.models.loading import load_model
-from moe_compile.quantize import AGREEMENT, Quantization, weight_class
+from moe_compile.quantize import AGREEMENT, NO_QUANTIZED_FORM, Quantization, weight_class
 from moe_compile.quantize.packing import quantize_rows
 from moe_compile.quantize.torch_weights import fake_quantize
 from moe_compile.verify import teacher_forced_logits
 
-from conftest import ort_form_variants
+from conftest import VARIANTS, ort_form_variants
 
 ORT_VARIANTS = [v for v in ort_form_variants() if "-" not in v]  # one build per family (CI time)
 PROMPTS = [np.random.default_rng(seed).integers(3, 500, 8).tolist() for seed in range(4)]
@@ -251,12 +251,14 @@ def test_matmul_nbits_runs_the_packed_weight(bits):
     (dict(quantize="int4", block_size=128), "does not divide hidden_size = 64"),  # the tiny model's hidden size
     (dict(quantize="int8", form="portable", lowering="fused"), "no portable form of --lowering fused"),
     (dict(block_size=64), "need --quantize"),
+    (dict(quantize="int4", model="tiny-gpt-oss"), "gpt_oss: --quantize has no form for this family"),
 ])
 def test_bad_quantize_requests_fail_before_any_work(tmp_path, kwargs, message):
     from moe_compile import build
 
+    model = kwargs.pop("model", "tiny-qwen2-moe")
     with pytest.raises(RequestError, match=message) as error:
-        build("tiny-qwen2-moe", tmp_path / "out", progress=False, **kwargs)
+        build(model, tmp_path / "out", progress=False, **kwargs)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -312,6 +314,45 @@ def test_portable_form(built, checkpoint, variant, scheme):
         quantized = sum(row["after"] for row in manifest.quantization["bytes"].values())
         print(f"{variant} {scheme}: engine {(out / manifest.engine['file']).stat().st_size:,} B, "
               f"weights {quantized:,} B")
+
+
+QUANTIZED_FAMILIES = sorted(v for v in VARIANTS if VARIANTS[v]["model_type"] not in NO_QUANTIZED_FORM)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("variant", QUANTIZED_FAMILIES)
+def test_every_family_quantized_builds_an_engine(built, tmp_path, variant, scheme):
+    """Every family with a quantized form, its portable graph at both widths through TensorRT-RTX's builder:
+    the family's build of the engine matrix (`auto` lowering, tests/test_trt.py) rewritten by the build's own
+    rewrite (quantize_model on the exported graph, as build() runs it before writing; engine=True: int4
+    experts in int8 storage) builds an engine. The whole quantized build (its check and agreement) runs for
+    three of them in test_portable_form; this one is about what TensorRT takes, at one export a family. The
+    tiny DeepSeek configs' latent ranks (16, 48) divide by no block size: those projections stay in the
+    build's dtype, named in the record with the reason (the released models' ranks, 512 and 1536, divide)."""
+    import onnx_ir as ir
+
+    from moe_compile.export.manifest import read_manifest
+    from moe_compile.quantize.onnx_rewrite import DQ_OPSET, quantize_model
+    from moe_compile.trt import compat
+    from moe_compile.trt.engine import build_engine
+
+    source = built(variant, "auto")
+    manifest = read_manifest(source)
+    model = ir.load(source / "model.onnx")
+    record = quantize_model(model, Quantization(scheme), "portable", engine=True)
+    rows = record["bytes"]  # every quantized class shrinks (qwen2, dense, has no experts)
+    assert all(rows[c]["after"] < rows[c]["before"] for c in ("experts", "mlp", "attention") if c in rows), rows
+    assert all("not a multiple of the block size" in why for why in record["unquantized"].values()), record["unquantized"]
+    assert bool(record["unquantized"]) == variant.startswith("deepseek")
+    assert model.opset_imports[""] == DQ_OPSET
+    out = tmp_path / "build"
+    out.mkdir()
+    ir.save(model, out / "model.onnx", external_data="model.onnx.data")
+    engine = build_engine(out, manifest, compat.load(), plan_path=out / "engine.plan")
+    quantized = sum(row["after"] for row in record["bytes"].values())
+    assert engine["bytes"] == (out / "engine.plan").stat().st_size > 0
+    print(f"{variant} {scheme}: engine {engine['bytes']:,} B for {quantized:,} B of weights "
+          f"({sum(row['before'] for row in record['bytes'].values()):,} B unquantized), {engine['build_seconds']} s")
 
 
 def test_the_disk_check_counts_a_quantized_build_at_its_packed_size():

@@ -26,6 +26,11 @@ from .packing import BITS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 QUANTIZED = ("experts", "mlp", "attention")  # classes always quantized; "lm_head" on request
 AGREEMENT = {"int8": 0.98, "int4": 0.85}  # top-1 agreement with fp32 transformers that verify asks of a build
 KEPT = ("router", "gate", "embedding", "norm", "other")
+# families with no quantized form, and why (refused before any work rather than built half quantized)
+NO_QUANTIZED_FORM = {
+    "gpt_oss": "its experts (interleaved, biased gate/up) reach their MatMuls through Slice and Expand in the "
+               "portable lowerings, which the block quantizer does not rewrite, and the ort form does not serve it",
+}
 # config fields that are the K (input features) of the quantized projections: each must divide by the block
 K_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 
@@ -95,10 +100,12 @@ def check_request(quantize: str | None, block_size: int | None, lm_head: bool, f
 
 
 def check_config(quantization: Quantization | None, checkpoint, model_type: str) -> None:
-    """Refuse a block size that does not divide the projections' input sizes, before the weights load
-    (reads the checkpoint's config.json as plain JSON)."""
+    """Refuse a family with no quantized form, and a block size that does not divide the projections' input
+    sizes, before the weights load (reads the checkpoint's config.json as plain JSON)."""
     if quantization is None:
         return
+    if model_type in NO_QUANTIZED_FORM:
+        raise RequestError(f"{model_type}: --quantize has no form for this family: {NO_QUANTIZED_FORM[model_type]}")
     import json
     from pathlib import Path
 

@@ -125,6 +125,21 @@ OrtStatus* output_and_stream(OrtKernelContext* ctx, const TensorView& x, void** 
   return g_api->KernelContext_GetGPUComputeStream(ctx, stream);
 }
 
+// Router logits [T, E (+1)] as float32 at base (the kernels route in fp32) and, with a shared gate, its column
+// at base + logits_bytes, which shared->gate_logits then points to.
+int router_logits_to_float(const TensorView& logits, int dtype, int64_t T, int64_t E, bool gate_column, char* base,
+                           size_t logits_bytes, moe_shared_expert* shared, void* stream) {
+  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+  const int64_t columns = E + gate_column;
+  int rc = moe_compile_to_float(logits.data, dtype, reinterpret_cast<float*>(base), T, E, columns, stream);
+  if (rc == MOE_OK && gate_column) {
+    shared->gate_logits = reinterpret_cast<float*>(base + logits_bytes);
+    rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
+                              const_cast<float*>(shared->gate_logits), T, 1, columns, stream);
+  }
+  return rc;
+}
+
 // out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
 // [T, 2I_s + I_s + H] elements.
 OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemoryInfo* memory, const TensorView& x,
@@ -222,17 +237,10 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
       g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + aligned(kernel_bytes) + scratch_bytes, &workspace);
   if (!status) {
     char* base = static_cast<char*>(workspace);
-    float* logits_f32 = reinterpret_cast<float*>(base);
-    const int64_t columns = E + gate_column;
-    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, columns, stream);
-    if (rc == MOE_OK && gate_column) {
-      shared.gate_logits = reinterpret_cast<float*>(base + logits_bytes);
-      rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
-                                const_cast<float*>(shared.gate_logits), T, 1, columns, stream);
-    }
+    int rc = router_logits_to_float(logits, dtype, T, E, gate_column, base, logits_bytes, &shared, stream);
     if (rc == MOE_OK)
-      rc = moe_compile_forward(&shape, &routing, in_kernels, x.data, logits_f32, nullptr, fc1.data, fc2.data, out_data,
-                               base + logits_bytes + gate_bytes, kernel_bytes, stream);
+      rc = moe_compile_forward(&shape, &routing, in_kernels, x.data, reinterpret_cast<float*>(base), nullptr, fc1.data,
+                               fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes, stream);
     if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
     if (!status && shared_apart)
       status = shared_by_gemm(kernel, ctx, memory, x, values[4], values[5], shared_i, shared.gate_logits, dtype,
@@ -316,7 +324,6 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant, with);
   if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
   // router logits (and the shared gate's column) as float32 first, then the kernels' own workspace
-  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
   const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float)), gate_bytes = aligned((size_t)T * sizeof(float));
 
   const OrtMemoryInfo* memory = nullptr;
@@ -327,17 +334,11 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + kernel_bytes, &workspace);
   if (!status) {
     char* base = static_cast<char*>(workspace);
-    float* logits_f32 = reinterpret_cast<float*>(base);
-    const int64_t columns = E + gate_column;
-    int rc = moe_compile_to_float(logits.data, dtype, logits_f32, T, E, columns, stream);
-    if (rc == MOE_OK && gate_column) {
-      shared.gate_logits = reinterpret_cast<float*>(base + logits_bytes);
-      rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
-                                const_cast<float*>(shared.gate_logits), T, 1, columns, stream);
-    }
+    int rc = router_logits_to_float(logits, dtype, T, E, gate_column, base, logits_bytes, &shared, stream);
     if (rc == MOE_OK)
-      rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, logits_f32, nullptr, fc1.data, fc2.data,
-                                         out_data, base + logits_bytes + gate_bytes, kernel_bytes, stream);
+      rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, reinterpret_cast<float*>(base), nullptr,
+                                         fc1.data, fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes,
+                                         stream);
     if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
     OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // as compute(): reused only later on this stream
     if (freed && !status) status = freed;
