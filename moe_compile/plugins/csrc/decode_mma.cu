@@ -399,13 +399,13 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
 // one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
 constexpr int kQuantDownSlice = 512;
 
-// ROUTE at T = 1: the gate_up launch routes (Route below).
+// ROUTE (T = 1): the gate_up launch routes the token from r.
 template <typename T, int BITS, int NT, bool ROUTE>
 void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
                               const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
   constexpr int kSplit = NT == 1 ? 4 : 2;
-  // 4C k a load round: 512 of H = 2048 at one n-tile (int8: two rounds, half the registers: 20-25% faster on
-  // the H200 at T = 1 and 8 than one), 1024 (int4) or 512 at two
+  // 4C k a load round: 512 of H = 2048 at one n-tile (int8: two rounds, 98 registers where one took 146; gate/up
+  // at T = 1 23.3 -> 20.3 us, 39.0 -> 26.7 with the shared expert: docs/FUSED_MOE.md), 1024 (int4) or 512 at two
   using G = QuantRows<T, BITS, NT == 1 ? 4 : 8>;
   using D = QuantRows<T, BITS, 4>;  // a slice: kQuantDownSlice / 4C loads, in rounds of 4 (int8: two)
   const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
@@ -416,7 +416,7 @@ void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeight
 template <typename T, int BITS>
 void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
                        void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  if (p.T == 1 && r.logits) mma_dispatch_bits_tokens<T, BITS, 1, true>(p, x, w, ws, sh, out, s, gate_up, r);
+  if (p.T == 1) mma_dispatch_bits_tokens<T, BITS, 1, true>(p, x, w, ws, sh, out, s, gate_up, r);
   else if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1, false>(p, x, w, ws, sh, out, s, gate_up, r);
   else mma_dispatch_bits_tokens<T, BITS, 2, false>(p, x, w, ws, sh, out, s, gate_up, r);
 }

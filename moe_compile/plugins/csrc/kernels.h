@@ -107,8 +107,8 @@ struct Route {
 };
 
 // The tensor-core steps reading quantized experts, dequantized in registers; shared.gate_up non-null: a
-// quantized shared expert (Shared's scales) in the same launches. T = 1 with route.logits: gate/up routes the
-// token itself (no launch_route_permute_small before it).
+// quantized shared expert (Shared's scales) in the same launches. T = 1: gate/up routes the token itself
+// from `route` (no launch_route_permute_small before it); otherwise `route` is not read.
 void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
                                   const Shared& shared, const Route& route, cudaStream_t s);
 void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,

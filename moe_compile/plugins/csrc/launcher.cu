@@ -261,13 +261,23 @@ namespace {
 
 // moe_compile_forward's work on checked arguments: the routed experts, then the shared expert (inside their
 // launches, or apart as a one-expert problem), from the workspace at base.
+// The routed problem's workspace and the shared expert's plan (if any), laid out from base as total_bytes counts them.
+struct Layout {
+  Workspace ws;
+  SharedPlan plan{};
+};
+
+Layout lay_out(const Problem& p, const moe_shared_expert* shared, char* base) {
+  Layout l;
+  const size_t routed_bytes = carve(p, base, &l.ws);
+  if (shared) carve_shared(p, *shared, base + routed_bytes, &l.plan);
+  return l;
+}
+
 void forward_float(const Problem& p, const moe_shared_expert* shared, const void* hidden, const float* router_logits,
                    const float* expert_bias, const void* gate_up, const void* down, void* out, char* base,
                    cudaStream_t s) {
-  Workspace ws;
-  const size_t routed_bytes = carve(p, base, &ws);
-  SharedPlan plan{};
-  if (shared) carve_shared(p, *shared, base + routed_bytes, &plan);
+  const auto [ws, plan] = lay_out(p, shared, base);
   run_routed(p, hidden, router_logits, expert_bias, gate_up, down, out, ws, plan.gemv ? plan.kernels : Shared{}, s);
   if (shared && !plan.gemv) {
     cudaMemsetAsync(plan.zero_logits, 0, sizeof(float) * p.T, s);
@@ -357,19 +367,13 @@ extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_r
   char* base = static_cast<char*>(workspace);
   const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
   if (reads_codes(p)) {  // the shared expert, if any, streams inside the same launches (T <= shared_stream_tokens)
-    Workspace ws;
-    const size_t routed_bytes = carve(p, base, &ws);
-    SharedPlan plan{};
-    if (shared) {
-      carve_shared(p, *shared, base + routed_bytes, &plan);
-      plan.kernels.gate_up_scales = quant->shared_gate_up_scales;
-      plan.kernels.down_scales = quant->shared_down_scales;
-    }
-    const Shared sh = shared ? plan.kernels : Shared{};
+    const auto [ws, plan] = lay_out(p, shared, base);
+    Shared sh = shared ? plan.kernels : Shared{};
+    sh.gate_up_scales = quant->shared_gate_up_scales;
+    sh.down_scales = quant->shared_down_scales;
     const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
-    const Route route{router_logits, expert_bias};
-    if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);
-    launch_mma_gate_up_quantized(p, hidden, w, ws, sh, p.T == 1 ? route : Route{}, s);
+    if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);  // T = 1: gate/up routes
+    launch_mma_gate_up_quantized(p, hidden, w, ws, sh, Route{router_logits, expert_bias}, s);
     launch_mma_down_sum_quantized(p, w, ws, sh, out, s);
   } else {
     Dequantized d;
