@@ -59,6 +59,20 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
   return gate / (1.f + __expf(-gate)) * up;
 }
 
+// Programmatic dependent launch (sm_90+; a no-op before, where launches serialise anyway): the running kernel lets
+// the next one, launched with the programmatic attribute, start; that one waits for it (its memory visible)
+// before it reads what it wrote. Without such a launch, the wait returns at once.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace moe

@@ -17,6 +17,10 @@
 // a lane's 16-byte load of codes holds 32 (int4) or 16 (int8) consecutive k, which it turns into the
 // register pairs of as many 16-bit loads (fp16: the exact magic-number conversion, then one multiply by
 // the block's scale), so the bytes read per weight drop 4x or 2x and nothing else changes.
+#include <stdlib.h>
+
+#include <type_traits>
+
 #include "common.cuh"
 #include "kernels.h"
 #include "mma.cuh"
@@ -29,10 +33,12 @@ constexpr int kMmaDownWarps = 16;
 constexpr int kMmaDownSlice = 256;  // down: k elements per work item (balances the warps' items)
 
 // acc[nt] += W[16 rows, k0:k0+len] x X[8 tokens of n-tile nt, same k]^T. Lane (g, t) passes its rows
-// g and g+8 (w_lo, w_hi; null = zeros) and its token rows g + 8 nt (xs[nt]; null = zeros).
+// g and g+8 (w_lo, w_hi; null = zeros) and its token rows g + 8 nt (xs[nt]; null = zeros). wait: X is the
+// output of the launch before, which may still run (wait_for_producer before X is read).
 template <typename T, int NT>
 __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T* const (&xs)[NT], int len,
-                                           float (&acc)[NT][4]) {
+                                           float (&acc)[NT][4], bool wait = false) {
+  if (wait) wait_for_producer();
   constexpr int U = NT == 1 ? 8 : 4;  // 16-byte loads of each weight row in flight per lane
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -65,9 +71,11 @@ __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T
 
 // Rows of block-quantized weights as the A operand: the codes and scales of row element 0; + n moves n
 // elements along the rows (n a multiple of the block: row starts, expert starts, the down kernel's slices).
-// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it).
-template <typename T, int BITS, int U>
+// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it); PIPE: two
+// rounds of them (mma_rows16); ONE: one token, whose block scales multiply the mma's sums (mma_round).
+template <typename T, int BITS, int U, bool PIPE = false, bool ONE = false>
 struct QuantRows {
+  static constexpr bool kOneToken = ONE;
   const uint8_t* codes;
   const T* scales;
   int block;
@@ -83,121 +91,186 @@ template <typename T>
 __device__ __forceinline__ const T* shared_rows(const T*, const void* rows, const void*) {
   return static_cast<const T*>(rows);
 }
-template <typename T, int BITS, int U>
-__device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, BITS, U>& routed, const void* rows,
-                                                             const void* scales) {
+template <typename T, int BITS, int U, bool PIPE, bool ONE>
+__device__ __forceinline__ QuantRows<T, BITS, U, PIPE, ONE> shared_rows(const QuantRows<T, BITS, U, PIPE, ONE>& routed,
+                                                                        const void* rows, const void* scales) {
   return {static_cast<const uint8_t*>(rows), static_cast<const T*>(scales), routed.block};
+}
+
+// Rows read in the one-token layout (QuantRows' ONE), and the token lane (g, t) feeds as column g of the B operand
+// in n-tile nt (kDecodeMaxTokens: none). One token: lanes g = t, each beside its own chunk of k (mma_round).
+template <typename W> constexpr bool one_token() {
+  if constexpr (std::is_pointer_v<W>) return false;
+  else return W::kOneToken;
+}
+template <bool ONE> __device__ __forceinline__ int lane_token(int g, int t, int nt) {
+  return ONE ? (g == t ? 0 : kDecodeMaxTokens) : g + 8 * nt;
 }
 
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 // Weights k 8c .. 8c+7 of a 16-byte load of codes as the 4 registers a 16-bit load would give (pairs k 2j,
-// 2j+1), times the block's scale. fp16: a code u under 0x6400 is the half 1024 + u exactly, so one
-// subtraction gives u - 2^(bits-1) exactly and the product with the scale rounds once, as a dequantized
-// fp16 weight does. int4 byte j holds k 2j (lower nibble) and 2j+1: the upper lands as 16 u, undone by x 1/16.
-template <typename T, int BITS>
-__device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_t (&out)[4]);
-
-template <>
-__device__ __forceinline__ void dequant8<__half, 4>(const uint4& v, int c, __half scale, uint32_t (&out)[4]) {
-  const uint32_t word = (&v.x)[c];
-  const __half2 mul = __halves2half2(__float2half(1.f), __float2half(1.f / 16)),
-                add = __halves2half2(__float2half(-1032.f), __float2half(-72.f)), s2 = __half2half2(scale);
+// 2j+1), times the block's scale (SCALE; without: the codes' integers q = u - 2^(bits-1), exact in 16 bits).
+// fp16: a code u under 0x6400 is the half 1024 + u exactly, so one subtraction gives q exactly and the product
+// with the scale rounds once, as a dequantized fp16 weight does. int4 byte j holds k 2j (lower nibble) and
+// 2j+1: the upper lands as 16 u, undone by x 1/16. bf16 has no exact 16-bit trick for 8-bit codes: through
+// fp32 (2^23 + u is exact there), both widths.
+template <typename T, int BITS, bool SCALE = true>
+__device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_t (&out)[4]) {
+  if constexpr (std::is_same_v<T, __half> && BITS == 4) {
+    const uint32_t word = (&v.x)[c];
+    const __half2 mul = __halves2half2(__float2half(1.f), __float2half(1.f / 16)),
+                  add = __halves2half2(__float2half(-1032.f), __float2half(-72.f)), s2 = __half2half2(scale);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t h = (__byte_perm(word, 0, 0x4040 | (j << 8) | j) & 0x00F0000Fu) | 0x64006400u;
-    out[j] = as_u32(__hmul2(__hfma2(*reinterpret_cast<__half2*>(&h), mul, add), s2));
-  }
-}
-
-template <>
-__device__ __forceinline__ void dequant8<__half, 8>(const uint4& v, int c, __half scale, uint32_t (&out)[4]) {
-  const __half2 bias = __float2half2_rn(1152.f), s2 = __half2half2(scale);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int b = (j % 2) * 2;  // bytes b, b + 1 of word 2c + j / 2
-    uint32_t h = __byte_perm((&v.x)[2 * c + j / 2], 0x64646464u, 0x4040 | ((b + 1) << 8) | b);
-    out[j] = as_u32(__hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), bias), s2));
-  }
-}
-
-// bf16 has no exact 16-bit trick for 8-bit codes: through fp32 (2^23 + u is exact there), both widths.
-template <int BITS>
-__device__ __forceinline__ void dequant8_bf16(const uint4& v, int c, __nv_bfloat16 scale, uint32_t (&out)[4]) {
-  const float s = __bfloat162float(scale), zero = 8388608.f + (1 << (BITS - 1));
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t lo, hi;
-    if (BITS == 4) {
-      const uint32_t byte = ((&v.x)[c] >> (8 * j)) & 0xFFu;
-      lo = byte & 0xFu, hi = byte >> 4;
-    } else {
-      const uint32_t word = (&v.x)[2 * c + j / 2];
-      lo = (word >> (16 * (j % 2))) & 0xFFu, hi = (word >> (16 * (j % 2) + 8)) & 0xFFu;
+    for (int j = 0; j < 4; ++j) {
+      uint32_t h = (__byte_perm(word, 0, 0x4040 | (j << 8) | j) & 0x00F0000Fu) | 0x64006400u;
+      const __half2 q = __hfma2(*reinterpret_cast<__half2*>(&h), mul, add);
+      out[j] = as_u32(SCALE ? __hmul2(q, s2) : q);
     }
-    out[j] = pack2<__nv_bfloat16>((__uint_as_float(0x4B000000u | lo) - zero) * s,
-                                  (__uint_as_float(0x4B000000u | hi) - zero) * s);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    const __half2 bias = __float2half2_rn(1152.f), s2 = __half2half2(scale);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int b = (j % 2) * 2;  // bytes b, b + 1 of word 2c + j / 2
+      uint32_t h = __byte_perm((&v.x)[2 * c + j / 2], 0x64646464u, 0x4040 | ((b + 1) << 8) | b);
+      const __half2 q = __hsub2(*reinterpret_cast<__half2*>(&h), bias);
+      out[j] = as_u32(SCALE ? __hmul2(q, s2) : q);
+    }
+  } else {
+    const float s = SCALE ? to_float(scale) : 1.f, zero = 8388608.f + (1 << (BITS - 1));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t lo, hi;
+      if (BITS == 4) {
+        const uint32_t byte = ((&v.x)[c] >> (8 * j)) & 0xFFu;
+        lo = byte & 0xFu, hi = byte >> 4;
+      } else {
+        const uint32_t word = (&v.x)[2 * c + j / 2];
+        lo = (word >> (16 * (j % 2))) & 0xFFu, hi = (word >> (16 * (j % 2) + 8)) & 0xFFu;
+      }
+      out[j] = pack2<T>((__uint_as_float(0x4B000000u | lo) - zero) * s, (__uint_as_float(0x4B000000u | hi) - zero) * s);
+    }
   }
 }
-template <>
-__device__ __forceinline__ void dequant8<__nv_bfloat16, 4>(const uint4& v, int c, __nv_bfloat16 s, uint32_t (&out)[4]) {
-  dequant8_bf16<4>(v, c, s, out);
-}
-template <>
-__device__ __forceinline__ void dequant8<__nv_bfloat16, 8>(const uint4& v, int c, __nv_bfloat16 s, uint32_t (&out)[4]) {
-  dequant8_bf16<8>(v, c, s, out);
-}
 
-// mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
-// inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
-// len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
-// feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
-template <typename T, int NT, int BITS, int U>
-__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
-                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4]) {
+// One load round of quantized rows: lane (g, t) holds U 16-byte loads of codes of rows g and g+8 (C consecutive
+// k each, inside one block since the block is a multiple of C) and their scales; zeros past len or a null row.
+// ONE: lanes t < 2 hold the scales of chunks 2t and 2t + 1 of each group of 4 (mma_round), the others none.
+template <typename T, int BITS, int U, bool ONE>
+struct CodeRound {
+  static constexpr int S = ONE ? 2 : 1;
+  uint4 lo[U], hi[U];
+  T s_lo[U][S], s_hi[U][S];
+};
+
+template <typename T, int BITS, int U, bool PIPE, bool ONE>
+__device__ __forceinline__ void load_round(CodeRound<T, BITS, U, ONE>& r, const QuantRows<T, BITS, U, PIPE, ONE>& w_lo,
+                                           const QuantRows<T, BITS, U, PIPE, ONE>& w_hi, int base, int len) {
   constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  float part[4][NT][4] = {};
-  for (int base = 0; base < len; base += 4 * C * U) {  // uniform over the warp
-    uint4 lo[U], hi[U];
-    T s_lo[U], s_hi[U];
 #pragma unroll
-    for (int q = 0; q < U; ++q) {
-      const int k = base + (4 * q + t) * C;
-      const bool ok = k < len;
-      lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
-      hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
-      s_lo[q] = ok && w_lo ? w_lo.scales[k / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
-      s_hi[q] = ok && w_hi ? w_hi.scales[k / w_hi.block] : from_float<T>(0.f);
-    }
+  for (int q = 0; q < U; ++q) {
+    const int k = base + (4 * q + t) * C;
+    const bool ok = k < len;
+    r.lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
+    r.hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
 #pragma unroll
-    for (int q = 0; q < U; ++q) {
-      if (base + 4 * q * C >= len) break;
-      const int k = base + (4 * q + t) * C;
-      const bool ok = k < len;
-#pragma unroll
-      for (int c = 0; c < C / 8; ++c) {
-        uint32_t a_lo[4], a_hi[4];
-        dequant8<T, BITS>(lo[q], c, s_lo[q], a_lo);
-        dequant8<T, BITS>(hi[q], c, s_hi[q], a_hi);
-        const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
-        const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
-          const uint32_t b0[2] = {xv.x, xv.y};
-          const uint32_t b1[2] = {xv.z, xv.w};
-          mma_16816<T>(part[2 * (c % 2)][nt], a0, b0);
-          mma_16816<T>(part[2 * (c % 2) + 1][nt], a1, b1);
-        }
-      }
+    for (int j = 0; j < r.S; ++j) {
+      const int ks = ONE ? base + (4 * q + 2 * t + j) * C : k;
+      const bool oks = ks < len && (!ONE || t < 2);
+      r.s_lo[q][j] = oks && w_lo ? w_lo.scales[ks / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
+      r.s_hi[q][j] = oks && w_hi ? w_hi.scales[ks / w_hi.block] : from_float<T>(0.f);
     }
   }
+}
+
+// The round's weights x the same k of the tokens, added to part (chain i: the mma steps of chunk pair c % 2 and
+// half i % 2; a 16-byte load feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency
+// the critical path). Each weight is dequantized in registers.
+// ONE (one token, lanes g = t feeding it): column t of the B operand holds the token only at lane t's own k, so
+// column n of the sums is the dot product over chunk 4q + n alone, one block's, and the block's scale multiplies
+// the fp32 sum instead of each weight (the mma multiplies the exact integers): lane (g, t < 2) holds columns
+// 2t and 2t + 1, and part[0][0] / part[0][2] (rows g / g + 8) gather them.
+template <typename T, int NT, int BITS, int U, bool ONE>
+__device__ __forceinline__ void mma_round(const CodeRound<T, BITS, U, ONE>& r, const T* const (&xs)[NT], int base,
+                                          int len, float (&part)[4][NT][4]) {
+  constexpr int C = 128 / BITS;
+  const int t = threadIdx.x % 4;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int q = 0; q < U; ++q) {
+    if (base + 4 * q * C >= len) break;  // uniform over the warp
+    const int k = base + (4 * q + t) * C;
+    const bool ok = k < len;
+    float sums[4][NT][4] = {};
+    float (&chains)[4][NT][4] = ONE ? sums : part;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
+    for (int c = 0; c < C / 8; ++c) {
+      uint32_t a_lo[4], a_hi[4];
+      dequant8<T, BITS, !ONE>(r.lo[q], c, r.s_lo[q][0], a_lo);
+      dequant8<T, BITS, !ONE>(r.hi[q], c, r.s_hi[q][0], a_hi);
+      const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
+      const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
+        const uint32_t b0[2] = {xv.x, xv.y};
+        const uint32_t b1[2] = {xv.z, xv.w};
+        mma_16816<T>(chains[2 * (c % 2)][nt], a0, b0);
+        mma_16816<T>(chains[2 * (c % 2) + 1][nt], a1, b1);
+      }
+    }
+    if constexpr (ONE) {
+      float col[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) col[i] = (sums[0][0][i] + sums[1][0][i]) + (sums[2][0][i] + sums[3][0][i]);
+      part[0][0][0] += col[0] * to_float(r.s_lo[q][0]) + col[1] * to_float(r.s_lo[q][1]);
+      part[0][0][2] += col[2] * to_float(r.s_hi[q][0]) + col[3] * to_float(r.s_hi[q][1]);
+    }
+  }
+}
+
+// mma_rows16 over quantized rows, in rounds of 4CU k; len % C == 0 (a multiple of the block size). PIPE: two
+// rounds' registers, the next round's loads issued before this round's mma steps, so a warp that loops over
+// several rounds keeps its loads in flight while it computes. wait: the first round's loads go out before it.
+template <typename T, int NT, int BITS, int U, bool PIPE, bool ONE>
+__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U, PIPE, ONE> w_lo, QuantRows<T, BITS, U, PIPE, ONE> w_hi,
+                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
+  static_assert(!ONE || NT == 1, "one token: one n-tile");
+  constexpr int R = 4 * (128 / BITS) * U;  // k a round
+  float part[4][NT][4] = {};
+  CodeRound<T, BITS, U, ONE> a;
+  if constexpr (PIPE) {
+    CodeRound<T, BITS, U, ONE> b;
+    load_round(a, w_lo, w_hi, 0, len);
+    if (wait) wait_for_producer();
+    for (int base = 0; base < len; base += 2 * R) {  // uniform over the warp
+      load_round(b, w_lo, w_hi, base + R, len);
+      mma_round<T, NT>(a, xs, base, len, part);
+      load_round(a, w_lo, w_hi, base + 2 * R, len);
+      mma_round<T, NT>(b, xs, base + R, len, part);
+    }
+  } else {
+    for (int base = 0; base < len; base += R) {
+      load_round(a, w_lo, w_hi, base, len);
+      if (wait && base == 0) wait_for_producer();
+      mma_round<T, NT>(a, xs, base, len, part);
+    }
+  }
+  if constexpr (ONE) {  // lane (g, 0) adds lane (g, 1)'s columns: the token's sums land where the layout has them
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      const float v = part[0][0][i] + __shfl_down_sync(0xffffffffu, part[0][0][i], 1);
+      if (threadIdx.x % 4 == 0) acc[0][i] += v;
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
+  }
 }
 
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in
@@ -208,13 +281,13 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
 // ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
 // (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
 // less a step; block (0, 0) writes the tables the down kernel reads.
-template <typename T, int NT, typename W, int KSPLIT, bool ROUTE = false>
-__global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
+template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
+__global__ void __launch_bounds__(WARPS* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
                        const float* __restrict__ logits, const float* __restrict__ bias) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
-  const int j0 = (blockIdx.y * (kMmaGateUpWarps / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
+  const int j0 = (blockIdx.y * (WARPS / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
   const int per_split = (int)ceil_div(ceil_div(p.H, 128), KSPLIT) * 128, k0 = split * per_split;
   const int len = max(0, min(per_split, p.H - k0));
   bool active = j0 < p.I;  // I % 8 == 0: all 8 in range
@@ -223,6 +296,7 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
   T* dst = nullptr;  // act row of the tile's first token, column j0 + g
   size_t dst_stride = 0;
   int n = 0;  // tokens of the tile
+  if constexpr (ROUTE) allow_dependent_launch();
   if ((int)blockIdx.x < routed_grid) {
     int e, row0;
     if constexpr (ROUTE) {
@@ -242,7 +316,7 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int s = g + 8 * nt;
+        const int s = lane_token<one_token<W>()>(g, t, nt);
         // ROUTE: the one token (the tables are block (0, 0)'s to write, not to read here)
         const int token = ROUTE || s >= n ? 0 : ws.perm_entry[row0 + s] / p.K;
         xs[nt] = s < n ? x + (size_t)token * p.H + k0 : nullptr;
@@ -260,7 +334,7 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int s = g + 8 * nt;
+        const int s = lane_token<one_token<W>()>(g, t, nt);
         xs[nt] = s < n ? x + (size_t)s * p.H + k0 : nullptr;
       }
       const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
@@ -271,7 +345,7 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
     }
   }
   if constexpr (KSPLIT > 1) {
-    __shared__ float sums[kMmaGateUpWarps][NT * 4][kWarp];
+    __shared__ float sums[WARPS][NT * 4][kWarp];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -298,42 +372,57 @@ __global__ void __launch_bounds__(kMmaGateUpWarps* kWarp)
 // Work items of a block: (routed tile, k-slice of SLICE) first, then (shared k-slice); each warp sums its
 // items into its own partial rows, and the block adds the warps' rows in a fixed order.
 // routed = false: only the shared items, added to what out holds (the routed part ran apart).
-template <typename T, int NT, typename W, int SLICE>
-__global__ void __launch_bounds__(kMmaDownWarps* kWarp)
-    mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out) {
+// ROUTE (T = 1, dynamic shared memory 2E floats): the block routes the token itself, as the gate/up launch
+// does, instead of reading the tables that launch writes; then nothing but act depends on that launch, and the
+// kernel, launched as its programmatic dependent (launch_mma), loads its first weights while the gate/up
+// launch finishes and waits for it only before it reads act (mma_rows16's `wait`).
+template <typename T, int NT, typename W, int SLICE, int WARPS, bool ROUTE>
+__global__ void __launch_bounds__(WARPS* kWarp)
+    mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out,
+                        const float* __restrict__ logits, const float* __restrict__ bias) {
   constexpr int TMAX = 8 * NT;
-  __shared__ float partial[kMmaDownWarps][16][TMAX];
+  constexpr bool kOne = one_token<W>();
+  __shared__ float partial[WARPS][16][TMAX];
+  __shared__ TokenRoute route;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-  for (int i = threadIdx.x; i < kMmaDownWarps * 16 * TMAX; i += blockDim.x) (&partial[0][0][0])[i] = 0.f;
+  for (int i = threadIdx.x; i < WARPS * 16 * TMAX; i += blockDim.x) (&partial[0][0][0])[i] = 0.f;
+  if constexpr (ROUTE) {
+    extern __shared__ float route_scratch[];  // sel [E], score [E]
+    if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);
+  }
   __syncthreads();
 
   const int h0 = blockIdx.x * 16;
   const bool lo_ok = h0 + g < p.H, hi_ok = h0 + g + 8 < p.H;
   const int routed_slices = (int)ceil_div(p.I, SLICE);
-  const int routed_items = routed ? *ws.num_tiles * routed_slices : 0;
+  const int routed_items = !routed ? 0 : (ROUTE ? p.K : *ws.num_tiles) * routed_slices;
   const int items = routed_items + (sh.down ? (int)ceil_div(sh.I, SLICE) : 0);
   const T* act = static_cast<const T*>(ws.act);
-  for (int item = warp; item < items; item += kMmaDownWarps) {
+  for (int item = warp; item < items; item += WARPS) {
     float acc[NT][4] = {};
     const T* xs[NT];
     if (item < routed_items) {
-      const int e = ws.tile_expert[item / routed_slices];
+      const int tile = item / routed_slices, e = ROUTE ? route.by_row[tile] : ws.tile_expert[tile];
       const int k0 = (item % routed_slices) * SLICE, len = min(SLICE, p.I - k0);
-      const int row0 = ws.expert_offsets[e];
-      const int n = ws.expert_offsets[e + 1] - row0;
+      // one token: tile r is act row r (gate_up's routing), so no table lookup stands before the weights' loads
+      const int row0 = kOne ? tile : ws.expert_offsets[e];
+      const int n = kOne ? 1 : ws.expert_offsets[e + 1] - row0;
       const W we = w + ((size_t)e * p.H * p.I + k0);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) xs[nt] = g + 8 * nt < n ? act + (size_t)(row0 + g + 8 * nt) * p.I + k0 : nullptr;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int s = lane_token<kOne>(g, t, nt);
+        xs[nt] = s < n ? act + (size_t)(row0 + s) * p.I + k0 : nullptr;
+      }
       mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : W{}, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : W{}, xs,
-                        len, acc);
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int s = 8 * nt + 2 * t + c;
           if (s >= n) continue;
-          const int entry = ws.perm_entry[row0 + s];
-          const float wt = ws.topk_w[entry];
+          const int entry = ROUTE ? 0 : ws.perm_entry[row0 + s];  // ROUTE: one token, entry / K = 0
+          const float wt = ROUTE ? route.w_by_row[tile] : ws.topk_w[entry];
           partial[warp][g][entry / p.K] += wt * acc[nt][c];
           partial[warp][g + 8][entry / p.K] += wt * acc[nt][2 + c];
         }
@@ -341,10 +430,12 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
       const int k0 = (item - routed_items) * SLICE, len = min(SLICE, sh.I - k0);
       const W wd = shared_rows(w, sh.down, sh.down_scales) + k0;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        xs[nt] = g + 8 * nt < p.T ? static_cast<const T*>(sh.act) + (size_t)(g + 8 * nt) * sh.I + k0 : nullptr;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int s = lane_token<kOne>(g, t, nt);
+        xs[nt] = s < p.T ? static_cast<const T*>(sh.act) + (size_t)s * sh.I + k0 : nullptr;
+      }
       mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : W{}, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : W{}, xs,
-                        len, acc);
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -357,31 +448,53 @@ __global__ void __launch_bounds__(kMmaDownWarps* kWarp)
         }
     }
   }
+  if constexpr (ROUTE) wait_for_producer();  // every block: out is written, and this grid ends, after gate/up's
   __syncthreads();
   for (int i = threadIdx.x; i < 16 * p.T; i += blockDim.x) {
     const int r = i / p.T, tok = i % p.T, h = h0 + r;
     if (h >= p.H) continue;
     float s = routed ? 0.f : to_float(out[(size_t)tok * p.H + h]);
-    for (int wp = 0; wp < kMmaDownWarps; ++wp) s += partial[wp][r][tok];  // fixed order
+    for (int wp = 0; wp < WARPS; ++wp) s += partial[wp][r][tok];  // fixed order
     out[(size_t)tok * p.H + h] = from_float<T>(s);
   }
 }
 
-// ROUTE: gate_up routes the token itself (T = 1; logits and bias as moe_compile_forward takes them).
-template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice, bool ROUTE = false>
+// The down launch at T = 1 starts as the gate/up launch's programmatic dependent: on sm_90 and later, unless
+// MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call: same-process comparisons).
+inline bool programmatic_launch() {
+  const char* env = getenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH");
+  if (env && atoi(env) == 0) return false;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
+// ROUTE: gate_up and down route the token themselves (T = 1; logits and bias as moe_compile_forward takes them).
+template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice, bool ROUTE = false,
+          int GATE_UP_WARPS = kMmaGateUpWarps, int DOWN_WARPS = kMmaDownWarps>
 void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const Workspace& ws, const Shared& sh,
                 bool routed, void* out, cudaStream_t s, bool gate_up, const float* logits = nullptr,
                 const float* bias = nullptr) {
   if (gate_up) {
     const int routed_grid = routed ? min(p.E, p.P) : 0;
     const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
-    const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, kMmaGateUpWarps / KSPLIT * 8));
+    const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, GATE_UP_WARPS / KSPLIT * 8));
     const size_t smem = ROUTE ? sizeof(float) * 2 * p.E : 0;
-    mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE><<<grid, kMmaGateUpWarps * kWarp, smem, s>>>(
+    mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE, GATE_UP_WARPS><<<grid, GATE_UP_WARPS * kWarp, smem, s>>>(
         p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid, logits, bias);
   } else {
-    mma_down_sum_kernel<T, NT, WD, SLICE><<<ceil_div(p.H, 16), kMmaDownWarps * kWarp, 0, s>>>(p, w_down, ws, sh, routed,
-                                                                                            static_cast<T*>(out));
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(ceil_div(p.H, 16));
+    config.blockDim = dim3(DOWN_WARPS * kWarp);
+    config.dynamicSmemBytes = ROUTE ? sizeof(float) * 2 * p.E : 0;
+    config.stream = s;
+    cudaLaunchAttribute early;  // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
+    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &early;
+    config.numAttrs = ROUTE && programmatic_launch() ? 1 : 0;
+    cudaLaunchKernelEx(&config, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, p, w_down, ws, sh, routed,
+                       static_cast<T*>(out), logits, bias);
   }
 }
 
@@ -399,10 +512,9 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
 // one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
 constexpr int kQuantDownSlice = 512;
 
-// ROUTE (T = 1): the gate_up launch routes the token from r.
-template <typename T, int BITS, int NT, bool ROUTE>
+template <typename T, int BITS, int NT>
 void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                              const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
+                              const Shared& sh, void* out, cudaStream_t s, bool gate_up) {
   constexpr int kSplit = NT == 1 ? 4 : 2;
   // 4C k a load round: 512 of H = 2048 at one n-tile (int8: two rounds, 98 registers where one took 146; gate/up
   // at T = 1 23.3 -> 20.3 us, 39.0 -> 26.7 with the shared expert: docs/FUSED_MOE.md), 1024 (int4) or 512 at two
@@ -410,15 +522,55 @@ void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeight
   using D = QuantRows<T, BITS, 4>;  // a slice: kQuantDownSlice / 4C loads, in rounds of 4 (int8: two)
   const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
   const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice, ROUTE>(p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
+  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice>(p, x, wgu, wd, ws, sh, true, out, s, gate_up);
+}
+
+#ifndef MOE_Q1_KSPLIT  // sweep knobs (bench/sweep_quant_decode1.py builds a library per setting)
+#define MOE_Q1_KSPLIT 4
+#endif
+#ifndef MOE_Q1_GU_U
+#define MOE_Q1_GU_U 4
+#endif
+#ifndef MOE_Q1_GU_PIPE
+#define MOE_Q1_GU_PIPE false
+#endif
+#ifndef MOE_Q1_GU_WARPS
+#define MOE_Q1_GU_WARPS 8
+#endif
+#ifndef MOE_Q1_SLICE
+#define MOE_Q1_SLICE 512
+#endif
+#ifndef MOE_Q1_DOWN_U
+#define MOE_Q1_DOWN_U 4
+#endif
+#ifndef MOE_Q1_DOWN_PIPE
+#define MOE_Q1_DOWN_PIPE false
+#endif
+#ifndef MOE_Q1_ONE
+#define MOE_Q1_ONE false
+#endif
+#ifndef MOE_Q1_DOWN_WARPS
+#define MOE_Q1_DOWN_WARPS 16
+#endif
+
+// Batch-1 decode: the gate_up launch routes the token from r.
+template <typename T, int BITS>
+void mma_dispatch_bits_one_token(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
+                                 const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
+  using G = QuantRows<T, BITS, MOE_Q1_GU_U, MOE_Q1_GU_PIPE, MOE_Q1_ONE>;
+  using D = QuantRows<T, BITS, MOE_Q1_DOWN_U, MOE_Q1_DOWN_PIPE, MOE_Q1_ONE>;
+  const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
+  const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
+  launch_mma<T, 1, G, D, MOE_Q1_KSPLIT, MOE_Q1_SLICE, true, MOE_Q1_GU_WARPS, MOE_Q1_DOWN_WARPS>(
+      p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
 }
 
 template <typename T, int BITS>
 void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
                        void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  if (p.T == 1) mma_dispatch_bits_tokens<T, BITS, 1, true>(p, x, w, ws, sh, out, s, gate_up, r);
-  else if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1, false>(p, x, w, ws, sh, out, s, gate_up, r);
-  else mma_dispatch_bits_tokens<T, BITS, 2, false>(p, x, w, ws, sh, out, s, gate_up, r);
+  if (p.T == 1) mma_dispatch_bits_one_token<T, BITS>(p, x, w, ws, sh, out, s, gate_up, r);
+  else if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1>(p, x, w, ws, sh, out, s, gate_up);
+  else mma_dispatch_bits_tokens<T, BITS, 2>(p, x, w, ws, sh, out, s, gate_up);
 }
 
 template <typename T>
@@ -451,9 +603,9 @@ void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWe
 }
 
 void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,
-                                   void* out, cudaStream_t s) {
-  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, nullptr, w, ws, shared, out, s, false);
-  else mma_dispatch_quantized<__half>(p, nullptr, w, ws, shared, out, s, false);
+                                   const Route& route, void* out, cudaStream_t s) {
+  if (p.dtype == MOE_DTYPE_BF16) mma_dispatch_quantized<__nv_bfloat16>(p, nullptr, w, ws, shared, out, s, false, route);
+  else mma_dispatch_quantized<__half>(p, nullptr, w, ws, shared, out, s, false, route);
 }
 
 }  // namespace moe

@@ -76,41 +76,54 @@ void launch_add_shared(const Problem& p, const void* y, const float* gate_logits
   }
 }
 
-// One thread a byte of codes: its 1 (int8) or 2 (int4, the lower nibble first) weights.
-template <typename T>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const T* __restrict__ scales, int64_t bytes,
-                                  int64_t K, int bits, int block, T* __restrict__ out) {
-  const int per_byte = 8 / bits, zero = 1 << (bits - 1);
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < bytes; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t first = i * per_byte, row = first / K, k = first % K;
-    const float scale = to_float(scales[row * (K / block) + k / block]);
-    const uint32_t byte = codes[i];
-    for (int j = 0; j < per_byte; ++j) {
-      const int u = bits == 8 ? (int)byte : (int)((byte >> (4 * j)) & 0xFu);
-      out[first + j] = from_float<T>((float)(u - zero) * scale);
+// One thread a 16-byte load of codes: its C = 128 / BITS weights (int4: the lower nibble first), written as 16-byte
+// stores. A row holds a whole number of loads and a load lies inside one block (K % block == 0, block % C == 0,
+// launcher.cu checks both), so weight n = C i of load i has the scale n / block: no per-row arithmetic.
+template <typename T, int BITS>
+__global__ void dequantize_kernel(const uint4* __restrict__ codes, const T* __restrict__ scales, int64_t loads,
+                                  int block, T* __restrict__ out) {
+  constexpr int C = 128 / BITS, zero = 1 << (BITS - 1), kPerStore = 16 / sizeof(T);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < loads; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint4 v = __ldcs(codes + i);
+    const float scale = to_float(scales[i * C / block]);
+    const uint32_t* words = &v.x;
+#pragma unroll
+    for (int st = 0; st < C / kPerStore; ++st) {
+      uint4 packed;
+      T* vals = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int j = 0; j < kPerStore; ++j) {
+        const int n = st * kPerStore + j;  // weight n of the load
+        const int u = BITS == 4 ? (int)((words[n / 8] >> (4 * (n % 8))) & 0xFu) : (int)((words[n / 4] >> (8 * (n % 4))) & 0xFFu);
+        vals[j] = from_float<T>((float)(u - zero) * scale);
+      }
+      reinterpret_cast<uint4*>(out + i * C)[st] = packed;
     }
   }
 }
 
+template <typename T, int BITS>
+void launch_dequantize_as(const void* codes, const void* scales, int64_t loads, int block, void* out, cudaStream_t s) {
+  const int threads = 256;
+  const int64_t blocks = ceil_div(loads, threads);
+  dequantize_kernel<T, BITS><<<(unsigned)(blocks < 65536 ? blocks : 65536), threads, 0, s>>>(
+      static_cast<const uint4*>(codes), static_cast<const T*>(scales), loads, block, static_cast<T*>(out));
+}
+
+template <typename T>
+void launch_dequantize_bits(const void* codes, const void* scales, int64_t loads, int bits, int block, void* out,
+                            cudaStream_t s) {
+  if (bits == 4) launch_dequantize_as<T, 4>(codes, scales, loads, block, out, s);
+  else launch_dequantize_as<T, 8>(codes, scales, loads, block, out, s);
+}
+
 void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
                        moe_dtype dtype, void* out, cudaStream_t s) {
-  const int threads = 256;
-  const int64_t bytes = rows * K * bits / 8, blocks = ceil_div(bytes, threads);
-  const unsigned grid = (unsigned)(blocks < 65536 ? blocks : 65536);
-  const uint8_t* c = static_cast<const uint8_t*>(codes);
+  const int64_t loads = rows * K * bits / 128;
   switch (dtype) {
-    case MOE_DTYPE_F32:
-      dequantize_kernel<float><<<grid, threads, 0, s>>>(c, static_cast<const float*>(scales), bytes, K, bits, block,
-                                                        static_cast<float*>(out));
-      break;
-    case MOE_DTYPE_F16:
-      dequantize_kernel<__half><<<grid, threads, 0, s>>>(c, static_cast<const __half*>(scales), bytes, K, bits, block,
-                                                         static_cast<__half*>(out));
-      break;
-    case MOE_DTYPE_BF16:
-      dequantize_kernel<__nv_bfloat16><<<grid, threads, 0, s>>>(c, static_cast<const __nv_bfloat16*>(scales), bytes, K,
-                                                                bits, block, static_cast<__nv_bfloat16*>(out));
-      break;
+    case MOE_DTYPE_F32: launch_dequantize_bits<float>(codes, scales, loads, bits, block, out, s); break;
+    case MOE_DTYPE_F16: launch_dequantize_bits<__half>(codes, scales, loads, bits, block, out, s); break;
+    case MOE_DTYPE_BF16: launch_dequantize_bits<__nv_bfloat16>(codes, scales, loads, bits, block, out, s); break;
   }
 }
 

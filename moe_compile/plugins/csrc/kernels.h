@@ -107,12 +107,13 @@ struct Route {
 };
 
 // The tensor-core steps reading quantized experts, dequantized in registers; shared.gate_up non-null: a
-// quantized shared expert (Shared's scales) in the same launches. T = 1: gate/up routes the token itself
-// from `route` (no launch_route_permute_small before it); otherwise `route` is not read.
+// quantized shared expert (Shared's scales) in the same launches. T = 1: both launches route the token themselves
+// from `route` (no launch_route_permute_small before them; down starts before gate/up ends, sm_90+); otherwise
+// `route` is not read.
 void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
                                   const Shared& shared, const Route& route, cudaStream_t s);
 void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,
-                                   void* out, cudaStream_t s);
+                                   const Route& route, void* out, cudaStream_t s);
 // out [rows, K] of dtype = (u - 2^(bits-1)) * scale from codes [rows, K*bits/8] and scales [rows, K/block].
 void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
                        moe_dtype dtype, void* out, cudaStream_t s);

@@ -374,7 +374,7 @@ extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_r
     const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
     if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);  // T = 1: gate/up routes
     launch_mma_gate_up_quantized(p, hidden, w, ws, sh, Route{router_logits, expert_bias}, s);
-    launch_mma_down_sum_quantized(p, w, ws, sh, out, s);
+    launch_mma_down_sum_quantized(p, w, ws, sh, Route{router_logits, expert_bias}, out, s);
   } else {
     Dequantized d;
     carve_dequantized(p, shared, base + total_bytes(p, shared), &d);

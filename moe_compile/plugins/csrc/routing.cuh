@@ -116,6 +116,7 @@ struct TokenRoute {
   int32_t pick[32];  // the k-th choice's expert
   float pick_w[32];
   int by_row[32];    // experts in permuted-row order (ascending id, as the permutation)
+  float w_by_row[32];  // their weights
 };
 
 // Warp 0 of the block; scratch: 2E floats of shared memory. `write`: this block writes the routing tables.
@@ -129,6 +130,7 @@ __device__ __forceinline__ void route_one_token_warp(const Problem& p, const flo
     int row = 0;
     for (int k = 0; k < p.K; ++k) row += r.pick[k] < e;  // the K choices are distinct experts
     r.by_row[row] = e;
+    r.w_by_row[row] = r.pick_w[lane];
     if (write) {
       ws.topk_ids[lane] = e;
       ws.topk_w[lane] = r.pick_w[lane];
