@@ -11,7 +11,10 @@
 #   fp16     moe-compile build --form ort --dtype fp16, then bench
 #   int8     the same with --quantize int8 --block-size $BLOCK
 #   int4     the same with --quantize int4 --block-size $BLOCK
+#   int4-head the same with --quantize int4 --quantize-lm-head (the LM head as MatMulNBits too)
 #   int4-ort the int4 build's bench again with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort): same-run comparison
+#   int4-serial the int4 build's bench again with the MoE's down launch not started early
+#            (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0): what the programmatic dependent launch gives a step
 #   profile  bench/ort_step_kernels.py on the int4 build (CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
@@ -86,13 +89,17 @@ record_bench() {  # NAME: $WORK/bench.json as one line of $OUT/bench.json, and i
 has fp16 && build_bench fp16
 has int8 && build_bench int8 --quantize int8 --block-size "$BLOCK"
 has int4 && build_bench int4 --quantize int4 --block-size "$BLOCK"
+has int4-head && build_bench int4-head --quantize int4 --block-size "$BLOCK" --quantize-lm-head
 
-if has int4-ort && [ -f "$WORK/build-int4/manifest.json" ]; then
-  step "moe-compile bench int4 --backend $BACKEND with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort)"
-  MOE_COMPILE_MOE_KERNELS=ort within 30 python3 -m moe_compile.cli bench "$WORK/build-int4" --backend "$BACKEND" \
+bench_again() {  # NAME ENV=VALUE: the int4 build's bench again under one environment setting
+  [ -f "$WORK/build-int4/manifest.json" ] || return 1
+  step "moe-compile bench int4 --backend $BACKEND with $2"
+  within 30 env "$2" python3 -m moe_compile.cli bench "$WORK/build-int4" --backend "$BACKEND" \
     --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-  echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench int4-ort
-fi
+  echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$1"
+}
+has int4-ort && bench_again int4-ort MOE_COMPILE_MOE_KERNELS=ort
+has int4-serial && bench_again int4-serial MOE_COMPILE_PROGRAMMATIC_LAUNCH=0
 
 if has profile && [ -f "$WORK/build-int4/manifest.json" ]; then
   step "bench/ort_step_kernels.py int4 on (CUDA graphs): GPU µs a decode step by kernel"

@@ -71,11 +71,9 @@ __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T
 
 // Rows of block-quantized weights as the A operand: the codes and scales of row element 0; + n moves n
 // elements along the rows (n a multiple of the block: row starts, expert starts, the down kernel's slices).
-// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it); PIPE: two
-// rounds of them (mma_rows16); ONE: one token, whose block scales multiply the mma's sums (mma_round).
-template <typename T, int BITS, int U, bool PIPE = false, bool ONE = false>
+// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it).
+template <typename T, int BITS, int U>
 struct QuantRows {
-  static constexpr bool kOneToken = ONE;
   const uint8_t* codes;
   const T* scales;
   int block;
@@ -91,31 +89,20 @@ template <typename T>
 __device__ __forceinline__ const T* shared_rows(const T*, const void* rows, const void*) {
   return static_cast<const T*>(rows);
 }
-template <typename T, int BITS, int U, bool PIPE, bool ONE>
-__device__ __forceinline__ QuantRows<T, BITS, U, PIPE, ONE> shared_rows(const QuantRows<T, BITS, U, PIPE, ONE>& routed,
-                                                                        const void* rows, const void* scales) {
+template <typename T, int BITS, int U>
+__device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, BITS, U>& routed, const void* rows,
+                                                             const void* scales) {
   return {static_cast<const uint8_t*>(rows), static_cast<const T*>(scales), routed.block};
-}
-
-// Rows read in the one-token layout (QuantRows' ONE), and the token lane (g, t) feeds as column g of the B operand
-// in n-tile nt (kDecodeMaxTokens: none). One token: lanes g = t, each beside its own chunk of k (mma_round).
-template <typename W> constexpr bool one_token() {
-  if constexpr (std::is_pointer_v<W>) return false;
-  else return W::kOneToken;
-}
-template <bool ONE> __device__ __forceinline__ int lane_token(int g, int t, int nt) {
-  return ONE ? (g == t ? 0 : kDecodeMaxTokens) : g + 8 * nt;
 }
 
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 // Weights k 8c .. 8c+7 of a 16-byte load of codes as the 4 registers a 16-bit load would give (pairs k 2j,
-// 2j+1), times the block's scale (SCALE; without: the codes' integers q = u - 2^(bits-1), exact in 16 bits).
-// fp16: a code u under 0x6400 is the half 1024 + u exactly, so one subtraction gives q exactly and the product
-// with the scale rounds once, as a dequantized fp16 weight does. int4 byte j holds k 2j (lower nibble) and
-// 2j+1: the upper lands as 16 u, undone by x 1/16. bf16 has no exact 16-bit trick for 8-bit codes: through
-// fp32 (2^23 + u is exact there), both widths.
-template <typename T, int BITS, bool SCALE = true>
+// 2j+1), times the block's scale. fp16: a code u under 0x6400 is the half 1024 + u exactly, so one
+// subtraction gives u - 2^(bits-1) exactly and the product with the scale rounds once, as a dequantized
+// fp16 weight does. int4 byte j holds k 2j (lower nibble) and 2j+1: the upper lands as 16 u, undone by x 1/16.
+// bf16 has no exact 16-bit trick for 8-bit codes: through fp32 (2^23 + u is exact there), both widths.
+template <typename T, int BITS>
 __device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_t (&out)[4]) {
   if constexpr (std::is_same_v<T, __half> && BITS == 4) {
     const uint32_t word = (&v.x)[c];
@@ -124,8 +111,7 @@ __device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       uint32_t h = (__byte_perm(word, 0, 0x4040 | (j << 8) | j) & 0x00F0000Fu) | 0x64006400u;
-      const __half2 q = __hfma2(*reinterpret_cast<__half2*>(&h), mul, add);
-      out[j] = as_u32(SCALE ? __hmul2(q, s2) : q);
+      out[j] = as_u32(__hmul2(__hfma2(*reinterpret_cast<__half2*>(&h), mul, add), s2));
     }
   } else if constexpr (std::is_same_v<T, __half>) {
     const __half2 bias = __float2half2_rn(1152.f), s2 = __half2half2(scale);
@@ -133,11 +119,10 @@ __device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_
     for (int j = 0; j < 4; ++j) {
       const int b = (j % 2) * 2;  // bytes b, b + 1 of word 2c + j / 2
       uint32_t h = __byte_perm((&v.x)[2 * c + j / 2], 0x64646464u, 0x4040 | ((b + 1) << 8) | b);
-      const __half2 q = __hsub2(*reinterpret_cast<__half2*>(&h), bias);
-      out[j] = as_u32(SCALE ? __hmul2(q, s2) : q);
+      out[j] = as_u32(__hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), bias), s2));
     }
   } else {
-    const float s = SCALE ? to_float(scale) : 1.f, zero = 8388608.f + (1 << (BITS - 1));
+    const float s = to_float(scale), zero = 8388608.f + (1 << (BITS - 1));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       uint32_t lo, hi;
@@ -153,124 +138,59 @@ __device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_
   }
 }
 
-// One load round of quantized rows: lane (g, t) holds U 16-byte loads of codes of rows g and g+8 (C consecutive
-// k each, inside one block since the block is a multiple of C) and their scales; zeros past len or a null row.
-// ONE: lanes t < 2 hold the scales of chunks 2t and 2t + 1 of each group of 4 (mma_round), the others none.
-template <typename T, int BITS, int U, bool ONE>
-struct CodeRound {
-  static constexpr int S = ONE ? 2 : 1;
-  uint4 lo[U], hi[U];
-  T s_lo[U][S], s_hi[U][S];
-};
-
-template <typename T, int BITS, int U, bool PIPE, bool ONE>
-__device__ __forceinline__ void load_round(CodeRound<T, BITS, U, ONE>& r, const QuantRows<T, BITS, U, PIPE, ONE>& w_lo,
-                                           const QuantRows<T, BITS, U, PIPE, ONE>& w_hi, int base, int len) {
+// mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
+// inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
+// len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
+// feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
+// wait: the tokens are the launch before's output, read only after wait_for_producer, which waits once the
+// first round's weights are in flight.
+template <typename T, int NT, int BITS, int U>
+__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
+                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
   constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  float part[4][NT][4] = {};
+  for (int base = 0; base < len; base += 4 * C * U) {  // uniform over the warp
+    uint4 lo[U], hi[U];
+    T s_lo[U], s_hi[U];
 #pragma unroll
-  for (int q = 0; q < U; ++q) {
-    const int k = base + (4 * q + t) * C;
-    const bool ok = k < len;
-    r.lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
-    r.hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
-#pragma unroll
-    for (int j = 0; j < r.S; ++j) {
-      const int ks = ONE ? base + (4 * q + 2 * t + j) * C : k;
-      const bool oks = ks < len && (!ONE || t < 2);
-      r.s_lo[q][j] = oks && w_lo ? w_lo.scales[ks / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
-      r.s_hi[q][j] = oks && w_hi ? w_hi.scales[ks / w_hi.block] : from_float<T>(0.f);
+    for (int q = 0; q < U; ++q) {
+      const int k = base + (4 * q + t) * C;
+      const bool ok = k < len;
+      lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
+      hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
+      s_lo[q] = ok && w_lo ? w_lo.scales[k / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
+      s_hi[q] = ok && w_hi ? w_hi.scales[k / w_hi.block] : from_float<T>(0.f);
     }
-  }
-}
-
-// The round's weights x the same k of the tokens, added to part (chain i: the mma steps of chunk pair c % 2 and
-// half i % 2; a 16-byte load feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency
-// the critical path). Each weight is dequantized in registers.
-// ONE (one token, lanes g = t feeding it): column t of the B operand holds the token only at lane t's own k, so
-// column n of the sums is the dot product over chunk 4q + n alone, one block's, and the block's scale multiplies
-// the fp32 sum instead of each weight (the mma multiplies the exact integers): lane (g, t < 2) holds columns
-// 2t and 2t + 1, and part[0][0] / part[0][2] (rows g / g + 8) gather them.
-template <typename T, int NT, int BITS, int U, bool ONE>
-__device__ __forceinline__ void mma_round(const CodeRound<T, BITS, U, ONE>& r, const T* const (&xs)[NT], int base,
-                                          int len, float (&part)[4][NT][4]) {
-  constexpr int C = 128 / BITS;
-  const int t = threadIdx.x % 4;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+    if (wait && base == 0) wait_for_producer();
 #pragma unroll
-  for (int q = 0; q < U; ++q) {
-    if (base + 4 * q * C >= len) break;  // uniform over the warp
-    const int k = base + (4 * q + t) * C;
-    const bool ok = k < len;
-    float sums[4][NT][4] = {};
-    float (&chains)[4][NT][4] = ONE ? sums : part;
+    for (int q = 0; q < U; ++q) {
+      if (base + 4 * q * C >= len) break;
+      const int k = base + (4 * q + t) * C;
+      const bool ok = k < len;
 #pragma unroll
-    for (int c = 0; c < C / 8; ++c) {
-      uint32_t a_lo[4], a_hi[4];
-      dequant8<T, BITS, !ONE>(r.lo[q], c, r.s_lo[q][0], a_lo);
-      dequant8<T, BITS, !ONE>(r.hi[q], c, r.s_hi[q][0], a_hi);
-      const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
-      const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
+      for (int c = 0; c < C / 8; ++c) {
+        uint32_t a_lo[4], a_hi[4];
+        dequant8<T, BITS>(lo[q], c, s_lo[q], a_lo);
+        dequant8<T, BITS>(hi[q], c, s_hi[q], a_hi);
+        const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
+        const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
-        const uint32_t b0[2] = {xv.x, xv.y};
-        const uint32_t b1[2] = {xv.z, xv.w};
-        mma_16816<T>(chains[2 * (c % 2)][nt], a0, b0);
-        mma_16816<T>(chains[2 * (c % 2) + 1][nt], a1, b1);
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
+          const uint32_t b0[2] = {xv.x, xv.y};
+          const uint32_t b1[2] = {xv.z, xv.w};
+          mma_16816<T>(part[2 * (c % 2)][nt], a0, b0);
+          mma_16816<T>(part[2 * (c % 2) + 1][nt], a1, b1);
+        }
       }
     }
-    if constexpr (ONE) {
-      float col[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) col[i] = (sums[0][0][i] + sums[1][0][i]) + (sums[2][0][i] + sums[3][0][i]);
-      part[0][0][0] += col[0] * to_float(r.s_lo[q][0]) + col[1] * to_float(r.s_lo[q][1]);
-      part[0][0][2] += col[2] * to_float(r.s_hi[q][0]) + col[3] * to_float(r.s_hi[q][1]);
-    }
   }
-}
-
-// mma_rows16 over quantized rows, in rounds of 4CU k; len % C == 0 (a multiple of the block size). PIPE: two
-// rounds' registers, the next round's loads issued before this round's mma steps, so a warp that loops over
-// several rounds keeps its loads in flight while it computes. wait: the first round's loads go out before it.
-template <typename T, int NT, int BITS, int U, bool PIPE, bool ONE>
-__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U, PIPE, ONE> w_lo, QuantRows<T, BITS, U, PIPE, ONE> w_hi,
-                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
-  static_assert(!ONE || NT == 1, "one token: one n-tile");
-  constexpr int R = 4 * (128 / BITS) * U;  // k a round
-  float part[4][NT][4] = {};
-  CodeRound<T, BITS, U, ONE> a;
-  if constexpr (PIPE) {
-    CodeRound<T, BITS, U, ONE> b;
-    load_round(a, w_lo, w_hi, 0, len);
-    if (wait) wait_for_producer();
-    for (int base = 0; base < len; base += 2 * R) {  // uniform over the warp
-      load_round(b, w_lo, w_hi, base + R, len);
-      mma_round<T, NT>(a, xs, base, len, part);
-      load_round(a, w_lo, w_hi, base + 2 * R, len);
-      mma_round<T, NT>(b, xs, base + R, len, part);
-    }
-  } else {
-    for (int base = 0; base < len; base += R) {
-      load_round(a, w_lo, w_hi, base, len);
-      if (wait && base == 0) wait_for_producer();
-      mma_round<T, NT>(a, xs, base, len, part);
-    }
-  }
-  if constexpr (ONE) {  // lane (g, 0) adds lane (g, 1)'s columns: the token's sums land where the layout has them
 #pragma unroll
-    for (int i = 0; i < 4; i += 2) {
-      const float v = part[0][0][i] + __shfl_down_sync(0xffffffffu, part[0][0][i], 1);
-      if (threadIdx.x % 4 == 0) acc[0][i] += v;
-    }
-  } else {
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
-  }
+    for (int i = 0; i < 4; ++i) acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
 }
 
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in
@@ -316,7 +236,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int s = lane_token<one_token<W>()>(g, t, nt);
+        const int s = g + 8 * nt;
         // ROUTE: the one token (the tables are block (0, 0)'s to write, not to read here)
         const int token = ROUTE || s >= n ? 0 : ws.perm_entry[row0 + s] / p.K;
         xs[nt] = s < n ? x + (size_t)token * p.H + k0 : nullptr;
@@ -334,7 +254,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int s = lane_token<one_token<W>()>(g, t, nt);
+        const int s = g + 8 * nt;
         xs[nt] = s < n ? x + (size_t)s * p.H + k0 : nullptr;
       }
       const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
@@ -381,7 +301,6 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out,
                         const float* __restrict__ logits, const float* __restrict__ bias) {
   constexpr int TMAX = 8 * NT;
-  constexpr bool kOne = one_token<W>();
   __shared__ float partial[WARPS][16][TMAX];
   __shared__ TokenRoute route;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -404,15 +323,12 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     if (item < routed_items) {
       const int tile = item / routed_slices, e = ROUTE ? route.by_row[tile] : ws.tile_expert[tile];
       const int k0 = (item % routed_slices) * SLICE, len = min(SLICE, p.I - k0);
-      // one token: tile r is act row r (gate_up's routing), so no table lookup stands before the weights' loads
-      const int row0 = kOne ? tile : ws.expert_offsets[e];
-      const int n = kOne ? 1 : ws.expert_offsets[e + 1] - row0;
+      // ROUTE: tile r is act row r (gate/up's routing), so no table lookup stands before the weights' loads
+      const int row0 = ROUTE ? tile : ws.expert_offsets[e];
+      const int n = ROUTE ? 1 : ws.expert_offsets[e + 1] - row0;
       const W we = w + ((size_t)e * p.H * p.I + k0);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int s = lane_token<kOne>(g, t, nt);
-        xs[nt] = s < n ? act + (size_t)(row0 + s) * p.I + k0 : nullptr;
-      }
+      for (int nt = 0; nt < NT; ++nt) xs[nt] = g + 8 * nt < n ? act + (size_t)(row0 + g + 8 * nt) * p.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : W{}, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : W{}, xs,
                         len, acc, ROUTE);
 #pragma unroll
@@ -430,10 +346,8 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       const int k0 = (item - routed_items) * SLICE, len = min(SLICE, sh.I - k0);
       const W wd = shared_rows(w, sh.down, sh.down_scales) + k0;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int s = lane_token<kOne>(g, t, nt);
-        xs[nt] = s < p.T ? static_cast<const T*>(sh.act) + (size_t)s * sh.I + k0 : nullptr;
-      }
+      for (int nt = 0; nt < NT; ++nt)
+        xs[nt] = g + 8 * nt < p.T ? static_cast<const T*>(sh.act) + (size_t)(g + 8 * nt) * sh.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : W{}, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : W{}, xs,
                         len, acc, ROUTE);
 #pragma unroll
@@ -525,44 +439,19 @@ void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeight
   launch_mma<T, NT, G, D, kSplit, kQuantDownSlice>(p, x, wgu, wd, ws, sh, true, out, s, gate_up);
 }
 
-#ifndef MOE_Q1_KSPLIT  // sweep knobs (bench/sweep_quant_decode1.py builds a library per setting)
-#define MOE_Q1_KSPLIT 4
-#endif
-#ifndef MOE_Q1_GU_U
-#define MOE_Q1_GU_U 4
-#endif
-#ifndef MOE_Q1_GU_PIPE
-#define MOE_Q1_GU_PIPE false
-#endif
-#ifndef MOE_Q1_GU_WARPS
-#define MOE_Q1_GU_WARPS 8
-#endif
-#ifndef MOE_Q1_SLICE
-#define MOE_Q1_SLICE 512
-#endif
-#ifndef MOE_Q1_DOWN_U
-#define MOE_Q1_DOWN_U 4
-#endif
-#ifndef MOE_Q1_DOWN_PIPE
-#define MOE_Q1_DOWN_PIPE false
-#endif
-#ifndef MOE_Q1_ONE
-#define MOE_Q1_ONE false
-#endif
-#ifndef MOE_Q1_DOWN_WARPS
-#define MOE_Q1_DOWN_WARPS 16
-#endif
-
-// Batch-1 decode: the gate_up launch routes the token from r.
+// Batch-1 decode: both launches route the token from r, and down starts as gate/up's programmatic dependent.
+// Gate/up in blocks of 4 warps, 2 a row group, rounds of 2 loads (int4: 4 rounds over A2.7B's H = 2048), so
+// that every block fits the GPU at once. H200, an A2.7B layer with its shared expert, over 8 copies of the
+// weights (bench/sweep_quant_decode1.py at 89e12a9; docs/FUSED_MOE.md): int4 35.0 -> 29.2 us, int8 43.3 -> 38.4,
+// against the setting T <= 8 takes.
 template <typename T, int BITS>
 void mma_dispatch_bits_one_token(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
                                  const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  using G = QuantRows<T, BITS, MOE_Q1_GU_U, MOE_Q1_GU_PIPE, MOE_Q1_ONE>;
-  using D = QuantRows<T, BITS, MOE_Q1_DOWN_U, MOE_Q1_DOWN_PIPE, MOE_Q1_ONE>;
+  using G = QuantRows<T, BITS, 2>;
+  using D = QuantRows<T, BITS, 4>;
   const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
   const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  launch_mma<T, 1, G, D, MOE_Q1_KSPLIT, MOE_Q1_SLICE, true, MOE_Q1_GU_WARPS, MOE_Q1_DOWN_WARPS>(
-      p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
+  launch_mma<T, 1, G, D, 2, kQuantDownSlice, true, 4>(p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
 }
 
 template <typename T, int BITS>
