@@ -39,8 +39,14 @@ def _moe_model(experts=6, hidden=16, inter=8, k=2, normalize=0, **extra) -> tupl
                                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", experts])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
                               [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = _model(graph)
     return model, {"fc1": fc1, "fc2": fc2}
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """IR 10: a newer onnx writes its newest IR by default, which onnxruntime 1.31 refuses (at most 13)."""
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
 
 
 def _run_on_cpu(model: onnx.ModelProto, hidden: int, experts: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -221,7 +227,7 @@ def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple
     graph = helper.make_graph(nodes, "moe_shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
                               [numpy_helper.from_array(v, name) for name, v in w.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = _model(graph)
     return model, w
 
 
