@@ -266,6 +266,17 @@ def test_quantized_shared_expert_matches_reference(num_tokens, bits, dtype):
                      shared=True)
 
 
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_quantized_one_token_is_the_same_with_the_down_launch_serialised(bits, monkeypatch):
+    """At T = 1 the down launch starts as the gate/up launch's programmatic dependent (sm_90+) and waits for it only
+    before it reads act; serialised (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0) the output must be the same bits."""
+    routing = library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False)
+    early = _check_quantized(1, bits, 32, torch.float16, routing, shared=True)
+    monkeypatch.setenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH", "0")
+    serialised = _check_quantized(1, bits, 32, torch.float16, routing, shared=True)
+    assert torch.equal(early, serialised)
+
+
 @functools.lru_cache(maxsize=4)
 def _quantized_shared(bits, block, dtype):
     """(codes gate_up, scales, codes down, scales) on the GPU, and the dequantized gate_up [2I_s, H] and down
@@ -334,3 +345,4 @@ def _check_quantized(num_tokens, bits, block, dtype, routing, shared=False):
     if routing.kind == RoutingKind.SOFTMAX_TOPK and not shared:  # the torch op: softmax routing, no shared expert
         got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
         assert torch.equal(got, first)
+    return first
