@@ -20,8 +20,9 @@ Nine nodes a layer go.
 A quantized build's `com.microsoft:QMoE` nodes (`--quantize int4|int8`, weights_prepacked=0) become
 `moe_compile:FusedQMoE` on the same codes and scales: at decode sizes our tensor-core kernels read the
 codes and dequantize in registers. Its shared expert, two MatMulNBits at the QMoE's bits and block, moves
-into the same op as the float one does (the same nine nodes go). H200, A2.7B int4, batch 1, one lease
-(2026-12-01, docs/BENCHMARKS.md): 476.8 tok/s on this op, 392.4 on ONNX Runtime's QMoE, 401.8 for fp16.
+into the same op as the float one does (the same nine nodes go). H200, A2.7B int4, batch 1 (docs/BENCHMARKS.md):
+542.3 tok/s on this op against 407.7 for fp16 (2026-12-02); 476.8 on an earlier version of it against 392.4 on
+ONNX Runtime's QMoE (2026-12-01).
 
     MOE_COMPILE_MOE_KERNELS=ort   keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_ORT_OPS_LIB=PATH  a prebuilt libmoe_compile_ort.so
