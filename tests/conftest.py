@@ -197,3 +197,14 @@ def reference_tokens(checkpoint, tmp_path_factory):
         return json.loads(_once(root / f"reference-{variant}-{key}.json", run).read_text())
 
     return make
+
+
+def assert_one_line_error(rc: int, err: str, *words: str) -> None:
+    """A refused command: non-zero exit, exactly one stderr line (`error: ...`, naming `words`), no traceback."""
+    assert rc != 0, err
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err  # exactly one line: the error, nothing before it
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "internal error" not in last, err
+    for word in words:
+        assert word in last, last

@@ -10,21 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 
 
 def cli(*args, env=None):
     result = subprocess.run([sys.executable, "-m", "moe_compile.cli", *args], capture_output=True, text=True,
                             env={**os.environ, **(env or {})}, timeout=600)
     return result.returncode, result.stderr.strip()
-
-
-def assert_one_line_error(rc, stderr, *words):
-    assert rc != 0
-    last = stderr.splitlines()[-1]
-    assert "Traceback" not in stderr, stderr
-    assert last.startswith("error: "), stderr
-    for word in words:
-        assert word in last, last
 
 
 def test_unknown_hub_id_offline(tmp_path):

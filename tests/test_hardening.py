@@ -25,6 +25,7 @@ import torch
 
 from moe_compile.cli import main
 from moe_compile.errors import ArtifactError, RequestError
+from conftest import assert_one_line_error
 
 RUN = ["--input-ids", "1,2,3", "--max-new-tokens", "2"]
 
@@ -33,16 +34,6 @@ def cli(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()  # what came before (a session fixture writing its checkpoint) is not the command's
     rc = main([str(a) for a in args])
     return rc, capsys.readouterr().err.strip()
-
-
-def assert_one_line_error(rc: int, err: str, *words: str) -> None:
-    assert rc != 0, err
-    assert "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err  # exactly one line: the error, nothing before it
-    last = err.splitlines()[-1]
-    assert last.startswith("error: ") and "internal error" not in last, err
-    for word in words:
-        assert word in last, last
 
 
 @pytest.fixture
