@@ -17,6 +17,8 @@
 // a lane's 16-byte load of codes holds 32 (int4) or 16 (int8) consecutive k, which it turns into the
 // register pairs of as many 16-bit loads (fp16: the exact magic-number conversion, then one multiply by
 // the block's scale), so the bytes read per weight drop 4x or 2x and nothing else changes.
+// At T = 1 (quantized) both launches route the token themselves and the down launch starts while gate/up
+// runs (programmatic dependent launch, sm_90+): mma_dispatch_bits_one_token.
 #include <stdlib.h>
 
 #include <type_traits>
@@ -200,7 +202,8 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
 // 8 columns, each a slice of H in multiples of 128, and add their sums in a fixed order through shared memory.
 // ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
 // (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
-// less a step; block (0, 0) writes the tables the down kernel reads.
+// less a step; it lets the down launch start early (allow_dependent_launch). Block (0, 0) still writes the
+// routing tables, which the down kernel at T = 1 no longer reads (it routes the token too).
 template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
