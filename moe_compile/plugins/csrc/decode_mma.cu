@@ -429,40 +429,32 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
 // one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
 constexpr int kQuantDownSlice = 512;
 
-template <typename T, int BITS, int NT>
-void mma_dispatch_bits_tokens(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                              const Shared& sh, void* out, cudaStream_t s, bool gate_up) {
-  constexpr int kSplit = NT == 1 ? 4 : 2;
-  // 4C k a load round: 512 of H = 2048 at one n-tile (int8: two rounds, 98 registers where one took 146; gate/up
-  // at T = 1 23.3 -> 20.3 us, 39.0 -> 26.7 with the shared expert: docs/FUSED_MOE.md), 1024 (int4) or 512 at two
-  using G = QuantRows<T, BITS, NT == 1 ? 4 : 8>;
+// Gate/up in rounds of GU_U loads a lane, KSPLIT warps a row group, WARPS warps a block; down in rounds of 4.
+template <typename T, int BITS, int NT, int GU_U, int KSPLIT, bool ROUTE, int WARPS>
+void launch_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
+                      void* out, cudaStream_t s, bool gate_up, const Route& r) {
+  using G = QuantRows<T, BITS, GU_U>;
   using D = QuantRows<T, BITS, 4>;  // a slice: kQuantDownSlice / 4C loads, in rounds of 4 (int8: two)
   const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
   const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  launch_mma<T, NT, G, D, kSplit, kQuantDownSlice>(p, x, wgu, wd, ws, sh, true, out, s, gate_up);
+  launch_mma<T, NT, G, D, KSPLIT, kQuantDownSlice, ROUTE, WARPS>(p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits,
+                                                                 r.bias);
 }
 
-// Batch-1 decode: both launches route the token from r, and down starts as gate/up's programmatic dependent.
-// Gate/up in blocks of 4 warps, 2 a row group, rounds of 2 loads (int4: 4 rounds over A2.7B's H = 2048), so
-// that every block fits the GPU at once. H200, an A2.7B layer with its shared expert, over 8 copies of the
-// weights (bench/sweep_quant_decode1.py at 89e12a9; docs/FUSED_MOE.md): int4 35.0 -> 29.2 us, int8 43.3 -> 38.4,
-// against the setting T <= 8 takes.
-template <typename T, int BITS>
-void mma_dispatch_bits_one_token(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                                 const Shared& sh, void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  using G = QuantRows<T, BITS, 2>;
-  using D = QuantRows<T, BITS, 4>;
-  const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
-  const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  launch_mma<T, 1, G, D, 2, kQuantDownSlice, true, 4>(p, x, wgu, wd, ws, sh, true, out, s, gate_up, r.logits, r.bias);
-}
-
+// T = 1 (batch-1 decode): both launches route the token from r, and down starts as gate/up's programmatic
+// dependent. Gate/up in blocks of 4 warps, 2 a row group, rounds of 2 loads (int4: 4 rounds over A2.7B's
+// H = 2048), so that every block fits the GPU at once. H200, an A2.7B layer with its shared expert, over 8
+// copies of the weights (bench/sweep_quant_decode1.py at 89e12a9; docs/FUSED_MOE.md): int4 35.0 -> 29.2 us,
+// int8 43.3 -> 38.4, against the T <= 8 setting.
+// T <= 8, one n-tile: 4 warps a row group, one round of 4 loads = 512 of H = 2048 (int8: two rounds, 98 registers
+// where one took 146; gate/up at T = 1 23.3 -> 20.3 us, 39.0 -> 26.7 with the shared expert: docs/FUSED_MOE.md).
+// Two n-tiles: 2 warps a row group, rounds of 8 loads (1024 of H at int4, 512 at int8).
 template <typename T, int BITS>
 void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
                        void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  if (p.T == 1) mma_dispatch_bits_one_token<T, BITS>(p, x, w, ws, sh, out, s, gate_up, r);
-  else if (p.T <= 8) mma_dispatch_bits_tokens<T, BITS, 1>(p, x, w, ws, sh, out, s, gate_up);
-  else mma_dispatch_bits_tokens<T, BITS, 2>(p, x, w, ws, sh, out, s, gate_up);
+  if (p.T == 1) launch_quantized<T, BITS, 1, 2, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r);
+  else if (p.T <= 8) launch_quantized<T, BITS, 1, 4, 4, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
+  else launch_quantized<T, BITS, 2, 8, 2, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
 }
 
 template <typename T>

@@ -259,8 +259,6 @@ void run_routed(const Problem& p, const void* hidden, const float* router_logits
 namespace moe {
 namespace {
 
-// moe_compile_forward's work on checked arguments: the routed experts, then the shared expert (inside their
-// launches, or apart as a one-expert problem), from the workspace at base.
 // The routed problem's workspace and the shared expert's plan (if any), laid out from base as total_bytes counts them.
 struct Layout {
   Workspace ws;
@@ -274,6 +272,8 @@ Layout lay_out(const Problem& p, const moe_shared_expert* shared, char* base) {
   return l;
 }
 
+// moe_compile_forward's work on checked arguments: the routed experts, then the shared expert (inside their
+// launches, or apart as a one-expert problem), from the workspace at base.
 void forward_float(const Problem& p, const moe_shared_expert* shared, const void* hidden, const float* router_logits,
                    const float* expert_bias, const void* gate_up, const void* down, void* out, char* base,
                    cudaStream_t s) {
@@ -372,7 +372,7 @@ extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_r
     sh.gate_up_scales = quant->shared_gate_up_scales;
     sh.down_scales = quant->shared_down_scales;
     const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
-    if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);  // T = 1: gate/up routes
+    if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);  // T = 1: both launches route
     launch_mma_gate_up_quantized(p, hidden, w, ws, sh, Route{router_logits, expert_bias}, s);
     launch_mma_down_sum_quantized(p, w, ws, sh, Route{router_logits, expert_bias}, out, s);
   } else {
