@@ -15,7 +15,9 @@
 #   int4-ort the int4 build's bench again with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort): same-run comparison
 #   int4-serial the int4 build's bench again with the MoE's down launch not started early
 #            (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0): what the programmatic dependent launch gives a step
-#   profile  bench/ort_step_kernels.py on the int4 build (CUPTI: GPU µs a decode step by kernel)
+#   int4-ortmm the int4 build's bench again with ONNX Runtime's MatMulNBits for the projections
+#            (MOE_COMPILE_MATMUL_KERNELS=ort): what our quantized matmul gives a step
+#   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
 # Expects onnxruntime-gpu in /tmp/devsite (../shared/tools/device-wheels: five calls first; pydantic as cp312
@@ -36,6 +38,7 @@ BATCHES=${BATCHES:-1}
 PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
 KEEP=${KEEP:-fp16,int8,int4}
+PROFILE=${PROFILE:-int4}
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (LAYERS=1)
 LOG=issue12.log
 source "$(dirname "$0")/gpu_common.sh"
@@ -100,11 +103,12 @@ bench_again() {  # NAME ENV=VALUE: the int4 build's bench again under one enviro
 }
 has int4-ort && bench_again int4-ort MOE_COMPILE_MOE_KERNELS=ort
 has int4-serial && bench_again int4-serial MOE_COMPILE_PROGRAMMATIC_LAUNCH=0
+has int4-ortmm && bench_again int4-ortmm MOE_COMPILE_MATMUL_KERNELS=ort
 
-if has profile && [ -f "$WORK/build-int4/manifest.json" ]; then
-  step "bench/ort_step_kernels.py int4 on (CUDA graphs): GPU µs a decode step by kernel"
-  within 30 python3 bench/ort_step_kernels.py "$WORK/build-int4" on > "$OUT/profile-int4.txt" 2>&1; echo "rc=$?"
-  head -60 "$OUT/profile-int4.txt"
+if has profile && [ -f "$WORK/build-$PROFILE/manifest.json" ]; then
+  step "bench/ort_step_kernels.py $PROFILE on (CUDA graphs): GPU µs a decode step by kernel"
+  within 30 python3 bench/ort_step_kernels.py "$WORK/build-$PROFILE" on > "$OUT/profile-$PROFILE.txt" 2>&1; echo "rc=$?"
+  head -60 "$OUT/profile-$PROFILE.txt"
 fi
 
 if has parity; then

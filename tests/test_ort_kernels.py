@@ -199,6 +199,95 @@ def test_qmoe_nodes_our_kernels_do_not_read_stay_with_the_reason(extra, reason):
     assert swapped == 0 and reason in kept
 
 
+def _projection_model(scheme: str, dtype=np.float16, n=200, k=384, bias: str = "add") -> onnx.ModelProto:
+    """An attention projection as a quantized ort build writes it: MatMul(x, W [K, N]) then Add of its bias (bias
+    "add": the ort form's packed q/k/v), or Gemm with the bias inside ("gemm": MatMulNBits' bias input), or no bias;
+    quantized into MatMulNBits by our quantizer."""
+    rng = np.random.default_rng(n + k)
+    w = {"w": rng.standard_normal((k, n)).astype(np.float32) / k**0.5, "b": rng.standard_normal(n).astype(np.float32)}
+    if bias == "gemm":
+        w["w"] = np.ascontiguousarray(w["w"].T)
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="proj")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p" if bias == "add" else "y"], name="proj")]
+        nodes += [helper.make_node("Add", ["p", "b"], ["y"], name="bias")] if bias == "add" else []
+    helper.set_metadata_props(nodes[0], {"pkg.torch.onnx.name_scopes": "['model.layers.0.self_attn.q_proj', 'x']"})
+    graph = helper.make_graph(nodes, "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])],
+                              [numpy_helper.from_array(v, name) for name, v in w.items() if bias or name == "w"])
+    return _quantized(_model(graph), scheme, dtype)
+
+
+def _projection_reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """What the moe_compile:MatMulNBits node of a swapped model computes: x times its codes dequantized by
+    quantize/packing.py, plus its bias, in float64."""
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight = _dequantized(inits[node.input[1]], inits[node.input[2]].reshape(attrs["N"], -1), attrs["bits"],
+                          attrs["block_size"]).double().numpy()
+    bias = inits[node.input[3]].astype(np.float64) if len(node.input) > 3 else 0.0
+    return x.astype(np.float64) @ weight.reshape(attrs["N"], attrs["K"]).T + bias
+
+
+@pytest.mark.parametrize("bias", ["add", "gemm", ""], ids=["bias-add", "bias-input", "no-bias"])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_matmul_nbits_contract_is_com_microsoft_matmul_nbits(scheme, bias):
+    """moe_compile:MatMulNBits(A, codes, scales[, bias]; K, N, bits, block_size) as our kernels compute it (x times
+    the codes dequantized by quantize/packing.py, plus the bias) equals ONNX Runtime's CPU com.microsoft:MatMulNBits
+    and the bias Add after it, which the swap folds into the op."""
+    model = _projection_model(scheme, bias=bias)
+    x = np.random.default_rng(2).standard_normal((5, 384)).astype(np.float16)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0].astype(np.float64)
+
+    assert ort_kernels.swap_matmul_nodes(model) == (1, "")
+    assert [(n.domain, n.op_type) for n in model.graph.node] == [("moe_compile", "MatMulNBits")]  # the Add went in
+    node = model.graph.node[0]
+    assert len(node.input) == (4 if bias else 3) and node.output[0] == model.graph.output[0].name
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"K": 384, "N": 200, "bits": {"int4": 4, "int8": 8}[scheme], "block_size": 32}
+    np.testing.assert_allclose(_projection_reference(model, x), expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("change, reason", [("float32", "float32 MatMul"), ("zero points", "zero points"),
+                                            ("block 16", "blocks of 16")])
+def test_matmul_nbits_nodes_our_kernels_do_not_read_stay_with_the_reason(change, reason):
+    model = _projection_model("int4", dtype=np.float32 if change == "float32" else np.float16, bias="")
+    node = model.graph.node[0]
+    if change == "zero points":
+        node.input.extend(["zp"])
+    elif change == "block 16":
+        next(a for a in node.attribute if a.name == "block_size").i = 16
+    swapped, kept = ort_kernels.swap_matmul_nodes(model)
+    assert swapped == 0 and reason in kept
+    assert (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("bias", ["add", ""], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+def test_matmul_nbits_on_cuda_matches_onnxruntime_and_the_reference(scheme, tokens, bias):
+    """The custom op on ONNX Runtime's CUDA provider, fp16, against the float64 reference on the same codes and
+    against ONNX Runtime's own CUDA MatMulNBits (and bias Add) on the unswapped model."""
+    path, why = ort_kernels.library()
+    assert path is not None, why
+    model = _projection_model(scheme, bias=bias, n=2056, k=2048)
+    x = np.random.default_rng(tokens).standard_normal((tokens, 2048)).astype(np.float16)
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"]).run(
+        None, {"x": x})[0].astype(np.float64)
+    assert ort_kernels.swap_matmul_nodes(model) == (1, "")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(path))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    got = session.run(None, {"x": x})[0].astype(np.float64)
+    expected = _projection_reference(model, x)
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - expected) <= 1e-2 * np.linalg.norm(expected)
+    assert np.linalg.norm(got - theirs) <= 1e-2 * np.linalg.norm(expected)
+
+
 def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple[onnx.ModelProto, dict]:
     """The ort form's Qwen2-MoE MLP: router + shared-gate MatMul and Split, MoE, and the shared expert
     (gate/up MatMul, Split, QuickGelu, Mul, down Gemm) times the gate's sigmoid, added."""
@@ -363,7 +452,25 @@ def test_every_qmoe_node_of_a_quantized_ort_build_is_swapped(built, scheme):
     assert ops.count("Softmax") == softmaxes - before  # qwen2_moe does not renormalise: each QMoE had its Softmax
     fused = [n for n in model.graph.node if n.op_type == "FusedQMoE"]
     assert all(len(n.input) == 10 for n in fused) and "Sigmoid" not in ops  # the shared expert went in with it
-    assert "MatMulNBits" in ops  # attention stays on ONNX Runtime's quantized MatMul
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert matmuls and all(n.domain == "com.microsoft" for n in matmuls)  # the fp32 build's stay on ONNX Runtime's
+    assert ort_kernels.swap_matmul_nodes(model) == (0, "a float32 MatMul (ours take 16-bit activations)")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_every_matmul_nbits_node_of_a_quantized_fp16_ort_build_is_swapped(built, scheme):
+    """An fp16 quantized build: every MatMulNBits (attention projections, Qwen2-MoE's dense MLP layers) goes on our
+    kernels, and the q/k/v bias Adds go into them."""
+    model = onnx.load(str(built("qwen2_moe", dtype="fp16", form="ort", quantize=scheme) / "model.onnx"),
+                      load_external_data=False)
+    ort_kernels.swap_moe_nodes(model)
+    before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    adds = sum(n.op_type == "Add" for n in model.graph.node)
+    assert before and ort_kernels.swap_matmul_nodes(model) == (before, "")
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(matmuls) == before and all(n.domain == "moe_compile" for n in matmuls)
+    with_bias = sum(len(n.input) == 4 for n in matmuls)
+    assert with_bias and sum(n.op_type == "Add" for n in model.graph.node) == adds - with_bias
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
@@ -398,8 +505,10 @@ def test_the_library_builds_and_registers(tmp_path):
     library = build_ort_op(out_dir=tmp_path, archs=("90",))
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
-    for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE")):
+    for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE"),
+                      (_projection_model("int4"), "MatMulNBits")):
         ort_kernels.swap_moe_nodes(model)
+        ort_kernels.swap_matmul_nodes(model)
         if not HAS_CUDA:  # the ops have CUDA kernels only: the CPU provider must say so, not run something else
             with pytest.raises(Exception, match=op):
                 ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -155,6 +155,9 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_silu_mul.restype = ctypes.c_int
     lib.moe_compile_add_gated.argtypes = [vp, vp, vp, ctypes.c_int32, i64, i64, vp]
     lib.moe_compile_add_gated.restype = ctypes.c_int
+    lib.moe_compile_quantized_matmul.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int32, ctypes.c_int32,
+                                                 ctypes.c_int32, vp]
+    lib.moe_compile_quantized_matmul.restype = ctypes.c_int
     lib.moe_compile_status_string.argtypes = [ctypes.c_int]
     lib.moe_compile_status_string.restype = ctypes.c_char_p
     return lib
@@ -224,3 +227,11 @@ def silu_mul(gate_up: int, dtype: Dtype, act: int, rows: int, intermediate: int,
 
 def add_gated(out: int, y: int, gate_logits: int | None, dtype: Dtype, rows: int, hidden: int, stream: int) -> None:
     check(load().moe_compile_add_gated(out, y, gate_logits, int(dtype), rows, hidden, stream), "moe_compile_add_gated")
+
+
+def quantized_matmul(x: int, codes: int, scales: int, bias: int | None, y: int, rows: int, k: int, n: int, bits: int,
+                     block_size: int, dtype: Dtype, stream: int) -> None:
+    """y [rows, n] = x [rows, k] W^T (+ bias) for W as com.microsoft:MatMulNBits holds it (fused_moe.h)."""
+    status = load().moe_compile_quantized_matmul(x, codes, scales, bias, y, rows, k, n, bits, block_size, int(dtype),
+                                                 stream)
+    check(status, "moe_compile_quantized_matmul")

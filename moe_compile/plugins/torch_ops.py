@@ -6,6 +6,8 @@
     torch.ops.moe_compile.fused_moe_quantized_cuda(hidden, router_logits, gate_up_codes, gate_up_scales,
                                                    down_codes, down_scales, bits, block_size, top_k, renormalize)
                                          -> out [T, H]   (experts as com.microsoft:QMoE holds them, fused_moe.h)
+    torch.ops.moe_compile.quantized_matmul_cuda(x, codes, scales, bias, bits, block_size)
+                                         -> y [M, N] = x [M, K] W^T (+ bias), W as com.microsoft:MatMulNBits holds it
     torch.ops.moe_compile.moe_route_cuda(router_logits, expert_bias, top_k, renormalize, routing_kind,
                                          n_group, topk_group, routed_scaling_factor)
                                          -> (topk_ids [T, K] int32, topk_weights [T, K] float32)
@@ -110,6 +112,34 @@ def fused_moe_quantized_cuda(hidden: torch.Tensor, router_logits: torch.Tensor, 
 def _(hidden, router_logits, gate_up_codes, gate_up_scales, down_codes, down_scales, bits, block_size, top_k,
       renormalize):
     return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("moe_compile::quantized_matmul_cuda", mutates_args=(), device_types="cuda")
+def quantized_matmul_cuda(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                          bits: int, block_size: int) -> torch.Tensor:
+    if x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype \
+            or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError("quantized_matmul_cuda: x, scales and bias must share one of float16, bfloat16")
+    if codes.dtype != torch.uint8:
+        raise TypeError("quantized_matmul_cuda: codes must be uint8")
+    n, k = codes.shape[0], x.shape[-1]
+    if x.dim() != 2 or codes.numel() != n * k * bits // 8 or scales.numel() != n * k // block_size \
+            or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"quantized_matmul_cuda: x {tuple(x.shape)}, codes {tuple(codes.shape)}, scales "
+                         f"{tuple(scales.shape)} do not fit [M, K], [N, K*bits/8], [N, K/block_size]")
+    if not all(t.is_contiguous() for t in (x, codes, scales) + ((bias,) if bias is not None else ())):
+        raise ValueError("quantized_matmul_cuda: inputs must be contiguous")
+    y = x.new_empty(x.shape[0], n)
+    with torch.cuda.device(x.device):
+        library.quantized_matmul(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
+                                 x.shape[0], k, n, bits, block_size, _DTYPES[x.dtype],
+                                 torch.cuda.current_stream().cuda_stream)
+    return y
+
+
+@quantized_matmul_cuda.register_fake
+def _(x, codes, scales, bias, bits, block_size):
+    return x.new_empty(x.shape[0], codes.shape[0])
 
 
 @torch.library.custom_op("moe_compile::moe_route_cuda", mutates_args=(), device_types="cuda")

@@ -203,10 +203,11 @@ class OrtCudaBackend(OrtBackend):
             if self.moe_kernels:
                 log.info("MoE nodes on onnxruntime's com.microsoft:MoE: %s", swap.reason)
             return super().model_source(options)
-        self.moe_kernels = "moe_compile"
+        self.moe_kernels = "moe_compile" if swap.swapped else "onnxruntime"
         options.register_custom_ops_library(str(swap.library))
         # the graph comes as bytes: ONNX Runtime finds its external data in the build's folder
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out))
-        kept = f" (kept on com.microsoft:MoE: {swap.reason})" if swap.reason else ""
-        log.info("%d MoE nodes on moe_compile's CUDA kernels%s", swap.swapped, kept)
+        kept = f" (kept on onnxruntime's: {swap.reason})" if swap.reason else ""
+        matmuls = f" and {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
+        log.info("%d MoE nodes%s on moe_compile's CUDA kernels%s", swap.swapped, matmuls, kept)
         return swap.model.SerializeToString()

@@ -24,8 +24,14 @@ into the same op as the float one does (the same nine nodes go). H200, A2.7B int
 542.3 tok/s on this op against 407.7 for fp16 (2026-12-02); 476.8 on an earlier version of it against 392.4 on
 ONNX Runtime's QMoE (2026-12-01).
 
-    MOE_COMPILE_MOE_KERNELS=ort   keep ONNX Runtime's MoE (comparisons, debugging)
-    MOE_COMPILE_ORT_OPS_LIB=PATH  a prebuilt libmoe_compile_ort.so
+The quantized build's other MatMulNBits nodes (attention projections; the LM head with --quantize-lm-head) become
+`moe_compile:MatMulNBits` on the same codes, scales and bias, where the activations are 16-bit: the MoE kernels'
+tensor-core GEMV for one dense matrix (plugins/csrc/quant_matmul.cu), the bias added in the same launch. ONNX
+Runtime's took 10 us a layer for A2.7B's 9.4 MB of projections, plus 1.4 for their bias (docs/BENCHMARKS.md).
+
+    MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
+    MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
+    MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from ..plugins.build import ORT_LIBRARY_NAME, BuildError, build_ort_op, default_
 DOMAIN = "moe_compile"
 OP = "FusedMoE"
 QUANTIZED_OP = "FusedQMoE"
-NO_MOE_NODES = "no com.microsoft:MoE or QMoE nodes"
-MOE_OPS = ("MoE", "QMoE")
+MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points or group index) in our domain
+NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
+OURS_OPS = ("MoE", "QMoE", "MatMulNBits")
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,9 @@ class Swap:
 
     model: onnx.ModelProto | None  # None: load the build's model.onnx unchanged
     library: Path | None
-    swapped: int
+    swapped: int  # MoE and QMoE nodes
     reason: str
+    matmuls: int = 0  # MatMulNBits nodes
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -316,6 +324,68 @@ def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
+def why_not_ours_matmul(g: _Graph, node: onnx.NodeProto) -> str | None:
+    """None if our kernels compute this com.microsoft:MatMulNBits node exactly, else the reason."""
+    attrs = _attributes(node)
+    if any(list(node.input)[3:5]):
+        return "MatMul zero points or group index"
+    bits, block, k, n = (attrs.get(name, 0) for name in ("bits", "block_size", "K", "N"))
+    if bits not in (4, 8) or block not in (32, 64, 128) or k % block:
+        return f"MatMul of {bits}-bit weights in blocks of {block} over K = {k}; ours read 4/8 bits in 32, 64 or 128"
+    codes, scales = g.initializers.get(node.input[1]), g.initializers.get(node.input[2])
+    if codes is None or scales is None or list(codes.dims) != [n, k // block, block * bits // 8]:
+        return "MatMul codes that are no initializer of whole blocks"
+    if scales.data_type not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return "a float32 MatMul (ours take 16-bit activations)"
+    return None
+
+
+def _bias_add(g: _Graph, node: onnx.NodeProto, n: int) -> tuple[onnx.NodeProto, str] | None:
+    """(the Add, its bias) where the node's output only goes to an Add of a constant [N] vector of the scales' type
+    (the ort form adds q/k/v's packed bias after the MatMul): our op adds it in the same launch."""
+    add = g.only_consumer(node.output[0], "Add")
+    if add is None:
+        return None
+    bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    init = g.initializers.get(bias)
+    if init is None or list(init.dims) != [n] or init.data_type != g.initializers[node.input[2]].data_type:
+        return None
+    return add, bias
+
+
+def swap_matmul_nodes(model: onnx.ModelProto) -> tuple[int, str]:
+    """Replace, in place, every com.microsoft:MatMulNBits node our kernels compute by moe_compile:MatMulNBits (A,
+    codes, scales[, bias]), with the bias Add after it where there is one (_bias_add). Returns (nodes swapped, the
+    reasons of the ones kept, '' if none)."""
+    swapped, kept = 0, set()
+    g = _Graph(model.graph)
+    folded: set[str] = set()  # the bias Adds, by output
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        reason = why_not_ours_matmul(g, node)
+        if reason:
+            kept.add(reason)
+            continue
+        attrs = _attributes(node)
+        bias, outputs = (node.input[5] if len(node.input) > 5 and node.input[5] else None), list(node.output)
+        add = _bias_add(g, node, attrs["N"]) if bias is None else None
+        if add is not None:
+            bias, outputs = add[1], list(add[0].output)
+            folded.add(outputs[0])
+        node.CopyFrom(onnx.helper.make_node(
+            MATMUL_OP, list(node.input[:3]) + ([bias] if bias else []), outputs, name=node.name, domain=DOMAIN,
+            **{name: attrs[name] for name in ("K", "N", "bits", "block_size")}))
+        swapped += 1
+    if folded:
+        kept_nodes = [n for n in model.graph.node if n.domain == DOMAIN or n.output[0] not in folded]
+        del model.graph.node[:]
+        model.graph.node.extend(kept_nodes)
+    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return swapped, "; ".join(sorted(kept))
+
+
 def library(build: bool = True) -> tuple[Path | None, str]:
     """The custom-op library, built first (`build`) where nvcc and onnxruntime's header are at hand; else (None, why)."""
     prebuilt = os.environ.get("MOE_COMPILE_ORT_OPS_LIB")
@@ -334,15 +404,18 @@ def library(build: bool = True) -> tuple[Path | None, str]:
 
 def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
-    if os.environ.get("MOE_COMPILE_MOE_KERNELS", "") == "ort":
+    moe, matmul = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort" for which in ("MOE", "MATMUL"))
+    if not moe and not matmul:
         return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
-    if not any(n.op_type in MOE_OPS and n.domain == "com.microsoft" for n in model.graph.node):
+    if not any(n.op_type in OURS_OPS and n.domain == "com.microsoft" for n in model.graph.node):
         return Swap(None, None, 0, NO_MOE_NODES)
     path, why = library()
     if path is None:
         return Swap(None, None, 0, why)
-    swapped, kept = swap_moe_nodes(model)
-    if not swapped:
-        return Swap(None, None, 0, kept)
-    return Swap(model, path, swapped, kept)
+    swapped, kept = swap_moe_nodes(model) if moe else (0, "MOE_COMPILE_MOE_KERNELS=ort")
+    matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
+    reason = "; ".join(r for r in (kept, kept_matmuls) if r)
+    if not swapped and not matmuls:
+        return Swap(None, None, 0, reason)
+    return Swap(model, path, swapped, reason, matmuls)

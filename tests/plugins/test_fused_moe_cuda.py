@@ -346,3 +346,53 @@ def _check_quantized(num_tokens, bits, block, dtype, routing, shared=False):
         got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
         assert torch.equal(got, first)
     return first
+
+
+@functools.lru_cache(maxsize=8)
+def _quantized_matrix(n, k, bits, block, dtype):
+    """(codes [N, K*bits/8], scales [N, K/block] in `dtype`) on the GPU, as com.microsoft:MatMulNBits holds a weight
+    our quantizer wrote, and the weight [N, K] they stand for."""
+    import numpy as np
+
+    from moe_compile.quantize.packing import quantize_rows
+    g = torch.Generator().manual_seed(n + k + bits + block)
+    q = quantize_rows((torch.randn(n, k, generator=g) / k**0.5).numpy(), bits, block, np.float32)
+    q.scales = torch.from_numpy(q.scales).to(dtype).float().numpy()
+    weight = torch.from_numpy(q.dequantize()).cuda()
+    return torch.from_numpy(q.codes).cuda(), torch.from_numpy(q.scales).to(dtype).cuda(), weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (8, 64)], ids=["int4-b32", "int4-b128", "int8-b32",
+                                                                                   "int8-b64"])
+@pytest.mark.parametrize("rows,n,k", [(1, 6144, 2048), (1, 200, 384), (3, 2048, 2048), (8, 200, 384), (9, 2048, 2048),
+                                      (16, 200, 384), (40, 200, 384), (128, 2048, 2048)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_quantized_matmul_matches_its_dequantized_weight(rows, n, k, bits, block, dtype, with_bias):
+    """The dense quantized matmul (a quantized build's projections on ort-cuda) against the float64 product with the
+    same weight dequantized: one and two n-tiles, token chunks of 16 (40, 128 rows), rows past a last partial
+    group of 16 (N = 200), slices of K that end early (K = 384); every element written, two runs the same bits, the
+    torch op the same bits."""
+    from moe_compile.plugins.torch_ops import quantized_matmul_cuda
+
+    codes, scales, weight = _quantized_matrix(n, k, bits, block, dtype)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+
+    def run():
+        y = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+        library.quantized_matmul(x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), y.data_ptr(), rows, k, n, bits, block,
+                                 DTYPE_ENUM[dtype], torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return y
+
+    first, second = run(), run()
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} output elements not written"
+    assert torch.equal(first, second), "two runs differ"
+    expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    rel = ((first.double() - expected).norm() / expected.norm()).item()
+    print(f"CASE quantized matmul int{bits} block {block} M={rows} N={n} K={k} {dtype} bias={with_bias} rel_err={rel:.2e}")
+    assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
+    assert torch.equal(quantized_matmul_cuda(x, codes, scales, bias, bits, block), first)

@@ -72,3 +72,14 @@ def test_the_shared_expert_streams_with_the_routed_kernels_only_in_decode():
                for dtype in (Dtype.F16, Dtype.BF16, Dtype.F32)}
     assert streams[Dtype.F16] == streams[Dtype.BF16] == [True] * 5 + [False] * 2
     assert streams[Dtype.F32] == [True, True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize("k, bits, block, dtype, reason", [
+    (2048, 3, 32, Dtype.F16, "3-bit codes"),
+    (2048, 4, 16, Dtype.F16, "blocks of 16"),
+    (2000, 4, 32, Dtype.F16, "K not a multiple of the block"),
+    (2048, 4, 32, Dtype.F32, "float32 (the kernels are 16-bit)"),
+])
+def test_quantized_matmul_rejects_invalid_arguments(k, bits, block, dtype, reason):
+    with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
+        library.quantized_matmul(16, 16, 16, None, 16, 1, k, 2048, bits, block, dtype, 0)

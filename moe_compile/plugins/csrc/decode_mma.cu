@@ -21,11 +21,10 @@
 // runs (programmatic dependent launch, sm_90+): mma_dispatch_bits_one_token.
 #include <stdlib.h>
 
-#include <type_traits>
-
 #include "common.cuh"
 #include "kernels.h"
 #include "mma.cuh"
+#include "quant_rows.cuh"
 #include "routing.cuh"
 
 namespace moe {
@@ -71,20 +70,6 @@ __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T
   }
 }
 
-// Rows of block-quantized weights as the A operand: the codes and scales of row element 0; + n moves n
-// elements along the rows (n a multiple of the block: row starts, expert starts, the down kernel's slices).
-// U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it).
-template <typename T, int BITS, int U>
-struct QuantRows {
-  const uint8_t* codes;
-  const T* scales;
-  int block;
-  __device__ __forceinline__ QuantRows operator+(size_t n) const {
-    return {codes + n * BITS / 8, scales + n / block, block};
-  }
-  __device__ __forceinline__ explicit operator bool() const { return codes != nullptr; }
-};
-
 // The shared expert's rows as the routed rows' type: 16-bit pointers, or codes with their scales (a quantized
 // build quantizes the shared expert at the routed experts' bits and block: Shared's scales, QuantRows' block).
 template <typename T>
@@ -95,104 +80,6 @@ template <typename T, int BITS, int U>
 __device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, BITS, U>& routed, const void* rows,
                                                              const void* scales) {
   return {static_cast<const uint8_t*>(rows), static_cast<const T*>(scales), routed.block};
-}
-
-__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-// Weights k 8c .. 8c+7 of a 16-byte load of codes as the 4 registers a 16-bit load would give (pairs k 2j,
-// 2j+1), times the block's scale. fp16: a code u under 0x6400 is the half 1024 + u exactly, so one
-// subtraction gives u - 2^(bits-1) exactly and the product with the scale rounds once, as a dequantized
-// fp16 weight does. int4 byte j holds k 2j (lower nibble) and 2j+1: the upper lands as 16 u, undone by x 1/16.
-// bf16 has no exact 16-bit trick for 8-bit codes: through fp32 (2^23 + u is exact there), both widths.
-template <typename T, int BITS>
-__device__ __forceinline__ void dequant8(const uint4& v, int c, T scale, uint32_t (&out)[4]) {
-  if constexpr (std::is_same_v<T, __half> && BITS == 4) {
-    const uint32_t word = (&v.x)[c];
-    const __half2 mul = __halves2half2(__float2half(1.f), __float2half(1.f / 16)),
-                  add = __halves2half2(__float2half(-1032.f), __float2half(-72.f)), s2 = __half2half2(scale);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t h = (__byte_perm(word, 0, 0x4040 | (j << 8) | j) & 0x00F0000Fu) | 0x64006400u;
-      out[j] = as_u32(__hmul2(__hfma2(*reinterpret_cast<__half2*>(&h), mul, add), s2));
-    }
-  } else if constexpr (std::is_same_v<T, __half>) {
-    const __half2 bias = __float2half2_rn(1152.f), s2 = __half2half2(scale);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int b = (j % 2) * 2;  // bytes b, b + 1 of word 2c + j / 2
-      uint32_t h = __byte_perm((&v.x)[2 * c + j / 2], 0x64646464u, 0x4040 | ((b + 1) << 8) | b);
-      out[j] = as_u32(__hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), bias), s2));
-    }
-  } else {
-    const float s = to_float(scale), zero = 8388608.f + (1 << (BITS - 1));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t lo, hi;
-      if (BITS == 4) {
-        const uint32_t byte = ((&v.x)[c] >> (8 * j)) & 0xFFu;
-        lo = byte & 0xFu, hi = byte >> 4;
-      } else {
-        const uint32_t word = (&v.x)[2 * c + j / 2];
-        lo = (word >> (16 * (j % 2))) & 0xFFu, hi = (word >> (16 * (j % 2) + 8)) & 0xFFu;
-      }
-      out[j] = pack2<T>((__uint_as_float(0x4B000000u | lo) - zero) * s, (__uint_as_float(0x4B000000u | hi) - zero) * s);
-    }
-  }
-}
-
-// mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
-// inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
-// len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
-// feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
-// wait: the tokens are the launch before's output, read only after wait_for_producer, which waits once the
-// first round's weights are in flight.
-template <typename T, int NT, int BITS, int U>
-__device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
-                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
-  constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
-  const int t = threadIdx.x % 4;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  float part[4][NT][4] = {};
-  for (int base = 0; base < len; base += 4 * C * U) {  // uniform over the warp
-    uint4 lo[U], hi[U];
-    T s_lo[U], s_hi[U];
-#pragma unroll
-    for (int q = 0; q < U; ++q) {
-      const int k = base + (4 * q + t) * C;
-      const bool ok = k < len;
-      lo[q] = ok && w_lo ? __ldcs(reinterpret_cast<const uint4*>(w_lo.codes + k * BITS / 8)) : zero;
-      hi[q] = ok && w_hi ? __ldcs(reinterpret_cast<const uint4*>(w_hi.codes + k * BITS / 8)) : zero;
-      s_lo[q] = ok && w_lo ? w_lo.scales[k / w_lo.block] : from_float<T>(0.f);  // zero: a row past the end
-      s_hi[q] = ok && w_hi ? w_hi.scales[k / w_hi.block] : from_float<T>(0.f);
-    }
-    if (wait && base == 0) wait_for_producer();
-#pragma unroll
-    for (int q = 0; q < U; ++q) {
-      if (base + 4 * q * C >= len) break;
-      const int k = base + (4 * q + t) * C;
-      const bool ok = k < len;
-#pragma unroll
-      for (int c = 0; c < C / 8; ++c) {
-        uint32_t a_lo[4], a_hi[4];
-        dequant8<T, BITS>(lo[q], c, s_lo[q], a_lo);
-        dequant8<T, BITS>(hi[q], c, s_hi[q], a_hi);
-        const uint32_t a0[4] = {a_lo[0], a_hi[0], a_lo[1], a_hi[1]};
-        const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
-          const uint32_t b0[2] = {xv.x, xv.y};
-          const uint32_t b1[2] = {xv.z, xv.w};
-          mma_16816<T>(part[2 * (c % 2)][nt], a0, b0);
-          mma_16816<T>(part[2 * (c % 2) + 1][nt], a1, b1);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] += (part[0][nt][i] + part[1][nt][i]) + (part[2][nt][i] + part[3][nt][i]);
 }
 
 // grid.x: `routed_grid` routed tiles (those past *num_tiles exit), then the shared expert's I_s in

@@ -31,6 +31,13 @@
 // above) on our kernels, and the shared expert beside it as com.microsoft:MatMulNBits holds it (the same bits
 // and block, gate rows then up rows): decode sizes read the codes (dequantized in registers), others
 // dequantize the layer's experts into the workspace first (fused_moe.h: moe_compile_forward_quantized).
+//
+//   MatMulNBits(A [..., K], B codes uint8 [N, K/block, block*bits/8], scales [N, K/block], bias [N])  bias optional
+//     K, N, bits, block_size  ->  Y [..., N]
+//
+// com.microsoft:MatMulNBits without zero points or group index, on our tensor-core kernels for 16-bit A (fused_moe.h:
+// moe_compile_quantized_matmul): a quantized build's attention projections and LM head, the bias added in the same
+// launch.
 #include <stdio.h>
 
 #include <string>
@@ -44,7 +51,8 @@ namespace {
 constexpr uint32_t kApiVersion = 18;  // KernelContext_GetAllocator is the newest call used
 const OrtApi* g_api = nullptr;
 
-OrtStatus* fail(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, ("FusedMoE: " + msg).c_str()); }
+// msg starts with the op's name
+OrtStatus* fail(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, ("moe_compile:" + msg).c_str()); }
 
 #define ORT_TRY(expr)                       \
   do {                                      \
@@ -185,30 +193,30 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   for (size_t i = 0; i < kInputs && i < count; ++i) {
     ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
     if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 4) return fail("input " + std::to_string(i) + " is missing");
+    else if (i < 4) return fail("FusedMoE: input " + std::to_string(i) + " is missing");
   }
   const bool has_shared = values[4] && values[5];
-  if (!has_shared && (values[4] || values[5])) return fail("shared_fc1 and shared_fc2 come together");
+  if (!has_shared && (values[4] || values[5])) return fail("FusedMoE: shared_fc1 and shared_fc2 come together");
   const int dtype = moe_dtype_of(x.type);
   if (dtype < 0 || logits.type != x.type || fc1.type != x.type || fc2.type != x.type ||
       (has_shared && (sfc1.type != x.type || sfc2.type != x.type)))
-    return fail("input, router_logits and the weights must share one type of float32, float16, bfloat16");
+    return fail("FusedMoE: input, router_logits and the weights must share one type of float32, float16, bfloat16");
   if (x.dims.empty() || logits.dims.empty() || fc1.dims.size() != 3 || fc2.dims.size() != 3)
-    return fail("expected input [..., H], router_logits [..., E], fc1 [E, 2I, H], fc2 [E, H, I]");
+    return fail("FusedMoE: expected input [..., H], router_logits [..., E], fc1 [E, 2I, H], fc2 [E, H, I]");
   const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
   const int64_t gate_column = kernel->shared_gate ? 1 : 0;
   if (fc1.dims[2] != H || fc1.dims[1] != 2 * I || fc2.dims[0] != E || fc2.dims[1] != H || fc2.dims[2] != I ||
       logits.dims.back() != E + gate_column || logits.leading() != T)
-    return fail("shapes disagree: input " + dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " +
+    return fail("FusedMoE: shapes disagree: input " + dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " +
                 dims_text(fc1) + ", fc2 " + dims_text(fc2) + (gate_column ? " (shared_gate: E + 1 logits)" : ""));
   int64_t shared_i = 0;
   if (has_shared) {
     shared_i = sfc2.dims.size() == 2 ? sfc2.dims[1] : -1;
     if (sfc1.dims.size() != 2 || sfc1.dims[0] != 2 * shared_i || sfc1.dims[1] != H || sfc2.dims[0] != H)
-      return fail("shapes disagree: shared_fc1 " + dims_text(sfc1) + ", shared_fc2 " + dims_text(sfc2) +
+      return fail("FusedMoE: shapes disagree: shared_fc1 " + dims_text(sfc1) + ", shared_fc2 " + dims_text(sfc2) +
                   " (expected [2I_s, " + std::to_string(H) + "], [" + std::to_string(H) + ", I_s])");
   } else if (gate_column) {
-    return fail("shared_gate = 1 without shared_fc1 and shared_fc2");
+    return fail("FusedMoE: shared_gate = 1 without shared_fc1 and shared_fc2");
   }
 
   void *out_data = nullptr, *stream = nullptr;
@@ -270,21 +278,21 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   for (size_t i = 0; i < kQuantizedInputs && i < count; ++i) {
     ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
     if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 6) return fail("input " + std::to_string(i) + " is missing");
+    else if (i < 6) return fail("FusedQMoE: input " + std::to_string(i) + " is missing");
     given += i >= 6 && values[i];
   }
-  if (given != 0 && given != 4) return fail("the shared expert's four inputs come together");
+  if (given != 0 && given != 4) return fail("FusedQMoE: the shared expert's four inputs come together");
   const bool has_shared = given == 4;
   const int dtype = moe_dtype_of(x.type);
   const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   if (dtype < 0 || logits.type != x.type || fc1_scales.type != x.type || fc2_scales.type != x.type || fc1.type != u8 ||
       fc2.type != u8 || (has_shared && (sfc1.type != u8 || sfc2.type != u8 || sfc1_scales.type != x.type ||
                                         sfc2_scales.type != x.type)))
-    return fail("input, router_logits and the scales must share one float type, the codes be uint8");
+    return fail("FusedQMoE: input, router_logits and the scales must share one float type, the codes be uint8");
   const int64_t bits = kernel->bits, block = kernel->block;
   if (x.dims.empty() || logits.dims.empty() || fc1.dims.size() != 3 || fc2.dims.size() != 3 ||
       fc1_scales.dims.size() != 3 || fc2_scales.dims.size() != 3)
-    return fail("expected input [..., H], router_logits [..., E], codes and scales [E, N, ...]");
+    return fail("FusedQMoE: expected input [..., H], router_logits [..., E], codes and scales [E, N, ...]");
   const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
   const int64_t gate_column = kernel->shared_gate ? 1 : 0;
   const bool fits = fc1.dims[1] == 2 * I && fc1.dims[2] * 8 == H * bits && fc2.dims[0] == E && fc2.dims[1] == H &&
@@ -292,7 +300,7 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
                     fc1_scales.dims[2] * block == H && fc2_scales.dims[0] == E && fc2_scales.dims[1] == H &&
                     fc2_scales.dims[2] * block == I && logits.dims.back() == E + gate_column && logits.leading() == T;
   if (!fits)
-    return fail("shapes disagree (bits " + std::to_string(bits) + ", block " + std::to_string(block) + "): input " +
+    return fail("FusedQMoE: shapes disagree (bits " + std::to_string(bits) + ", block " + std::to_string(block) + "): input " +
                 dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " + dims_text(fc1) + " / " +
                 dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales) +
                 (gate_column ? " (shared_gate: E + 1 logits)" : ""));
@@ -305,11 +313,11 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
                              sfc1_scales.dims[1] * block == H && sfc2.dims.size() == 3 && sfc2.dims[0] == H &&
                              sfc2.dims[1] * block == shared_i && sfc2.dims[2] == blob && sfc2_scales.dims[0] == H;
     if (!shared_fits)
-      return fail("shapes disagree: shared_fc1 " + dims_text(sfc1) + " / " + dims_text(sfc1_scales) + ", shared_fc2 " +
+      return fail("FusedQMoE: shapes disagree: shared_fc1 " + dims_text(sfc1) + " / " + dims_text(sfc1_scales) + ", shared_fc2 " +
                   dims_text(sfc2) + " / " + dims_text(sfc2_scales) + " (expected MatMulNBits' [N, K/" +
                   std::to_string(block) + ", " + std::to_string(blob) + "] codes, [N, K/block] scales)");
   } else if (gate_column) {
-    return fail("shared_gate = 1 without the shared expert's inputs");
+    return fail("FusedQMoE: shared_gate = 1 without the shared expert's inputs");
   }
 
   void *out_data = nullptr, *stream = nullptr;
@@ -347,6 +355,72 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   g_api->ReleaseAllocator(allocator);
   return status;
 }
+
+struct MatMulKernel {
+  int64_t k = 0, n = 0, bits = 0, block = 0;
+};
+
+// MatMulNBits: A, codes, scales[, bias].
+OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* values[4] = {};
+  TensorView a, codes, scales, bias;
+  TensorView* views[4] = {&a, &codes, &scales, &bias};
+  for (size_t i = 0; i < 4 && i < count; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+    else if (i < 3) return fail("MatMulNBits: input " + std::to_string(i) + " is missing");
+  }
+  const int64_t K = kernel->k, N = kernel->n, bits = kernel->bits, block = kernel->block;
+  const int dtype = moe_dtype_of(a.type);
+  if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || scales.type != a.type || (values[3] && bias.type != a.type) ||
+      codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    return fail("MatMulNBits: A, scales and bias must share float16 or bfloat16, the codes be uint8");
+  auto elements = [](const TensorView& t) {
+    int64_t n = 1;
+    for (int64_t d : t.dims) n *= d;
+    return n;
+  };
+  if (a.dims.empty() || a.dims.back() != K || elements(codes) * 8 != N * K * bits || elements(scales) * block != N * K ||
+      (values[3] && elements(bias) != N))
+    return fail("MatMulNBits: shapes disagree (K " + std::to_string(K) + ", N " + std::to_string(N) + ", bits " +
+                std::to_string(bits) + ", block " + std::to_string(block) + "): A " + dims_text(a) + ", codes " +
+                dims_text(codes) + ", scales " + dims_text(scales) + (values[3] ? ", bias " + dims_text(bias) : ""));
+  std::vector<int64_t> out_dims = a.dims;
+  out_dims.back() = N;
+  OrtValue* out = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &out));
+  void *y = nullptr, *stream = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(out, &y));
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const int rc = moe_compile_quantized_matmul(a.data, codes.data, scales.data, values[3] ? bias.data : nullptr, y,
+                                              a.leading(), K, N, (int32_t)bits, (int32_t)block, dtype, stream);
+  if (rc == MOE_ERR_CUDA) return fail("MatMulNBits: the kernel's launch failed");
+  if (rc != MOE_OK) return fail("MatMulNBits: K a multiple of block_size (32, 64, 128), 4 or 8 bits, 16-byte aligned");
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL create_matmul_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                             void** out) {
+  auto* kernel = new MatMulKernel();
+  const char* names[4] = {"K", "N", "bits", "block_size"};
+  int64_t* fields[4] = {&kernel->k, &kernel->n, &kernel->bits, &kernel->block};
+  for (int i = 0; i < 4; ++i) {
+    if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, names[i], fields[i])) {
+      delete kernel;
+      return status;
+    }
+  }
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_matmul_kernel(void* kernel, OrtKernelContext* ctx) {
+  return compute_matmul(static_cast<const MatMulKernel*>(kernel), ctx);
+}
+
+void ORT_API_CALL destroy_matmul_kernel(void* kernel) { delete static_cast<MatMulKernel*>(kernel); }
 
 // ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none.
 // Every attribute is given: a kernel created this way gets no schema defaults (the CUDA Gemm refuses
@@ -464,11 +538,29 @@ OrtCustomOp make_quantized_op() {
   return op;
 }
 
+// MatMulNBits: the codes (input 1) are uint8, everything else kType (16-bit only); the bias optional.
+template <ONNXTensorElementDataType kType>
+OrtCustomOp make_matmul_op() {
+  OrtCustomOp op = make_op<kType>();
+  op.GetName = [](const OrtCustomOp*) { return "MatMulNBits"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kType; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.CreateKernelV2 = create_matmul_kernel;
+  op.KernelComputeV2 = compute_matmul_kernel;
+  op.KernelDestroy = destroy_matmul_kernel;
+  return op;
+}
+
 OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
-                       make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>()};
+                       make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
+                       make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
+                       make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
 
 }  // namespace
 
