@@ -1,7 +1,7 @@
 """Benchmark the fused MoE kernels against transformers' experts implementations on one GPU.
 
     PYTHONUNBUFFERED=1 python bench/bench_fused_moe.py [--tokens 1,8,64,512,2048] [--json out.json]
-        [--shared 1,8] [--quantized 1,8,64]
+        [--shared 1,8] [--quantized 1,8,64] [--projections 1,16,128]
 
 For each model shape (model_shapes.SHAPES) and token count: median time (triton do_bench, L2
 flushed before every repetition), weight bytes of the selected experts over time (GB/s) and
@@ -327,6 +327,48 @@ def bench_quantized(tokens, block=32):
                 print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
 
 
+def bench_projections(tokens, block=32):
+    """A2.7B's dense projections (q/k/v packed, o, the LM head), fp16 activations, timed as CUDA-graph replays: the
+    fp16 weight on cuBLAS (torch's matmul, as ONNX Runtime's MatMul runs it) against our quantized matmul on its int8
+    and int4 codes (com.microsoft:MatMulNBits' layout; bias added inside). Each call reads the next of enough copies
+    of the weights that L2 holds none of them, as a decode step finds a layer's weights. Bytes = codes + scales."""
+    import numpy as np
+
+    from moe_compile.plugins.torch_ops import quantized_matmul_cuda
+    from moe_compile.quantize.packing import quantize_rows
+
+    h = SHAPES["qwen1.5-moe-a2.7b"].hidden
+    gen = torch.Generator().manual_seed(0)
+    print(f"| A2.7B projection, fp16 activations, block {block} |     T | format | µs | GB/s | rel diff to fp16 |")
+    for name, n in (("q/k/v", 3 * h), ("o", h), ("lm_head", 151936)):
+        w = (torch.randn(n, h, generator=gen) / h**0.5).half()
+        bias = torch.randn(n, device="cuda").half()
+        formats = {"fp16": (w.cuda(),)}
+        for bits in (8, 4):
+            q = quantize_rows(w.float().numpy(), bits, block, np.float16)
+            formats[f"int{bits}"] = (torch.from_numpy(q.codes).cuda(), torch.from_numpy(q.scales).cuda(), bits)
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda").half()
+            ref = None
+            for fmt, parts in formats.items():
+                nbytes = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
+                copies = [parts] + [tuple(p.clone() if isinstance(p, torch.Tensor) else p for p in parts)
+                                    for _ in range(max(0, min(31, -(-256 * 2**20 // nbytes) - 1)))]
+                turn = iter(range(10**9))
+                if fmt == "fp16":
+                    fn = lambda copies=copies: torch.addmm(bias, x, copies[next(turn) % len(copies)][0].T)
+                else:
+                    fn = lambda copies=copies: quantized_matmul_cuda(x, *copies[next(turn) % len(copies)][:2], bias,
+                                                                     copies[0][2], block)
+                out = fn().float()
+                ref = out if ref is None else ref
+                us = graph_us(fn, calls=max(20, len(copies)))
+                diff = ((out - ref).norm() / ref.norm()).item()
+                print(f"| {name} {n} x {h} | {t:5d} | {fmt:6s} | {us:7.1f} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |",
+                      flush=True)
+            del copies
+
+
 def kernel_times(fn, calls=20) -> dict[str, float]:
     """Device µs a call of each kernel `fn` launches (torch profiler), by the kernel's name up to its template."""
     from torch.profiler import ProfilerActivity, profile
@@ -361,6 +403,7 @@ def main(argv=None):
     parser.add_argument("--breakdown", default="", help="shape:T pairs to profile per kernel, e.g. qwen1.5-moe-a2.7b:1")
     parser.add_argument("--shared", default="", help="token counts for the A2.7B shared-expert comparison, e.g. 1,8")
     parser.add_argument("--quantized", default="", help="token counts for A2.7B's experts as fp16/int8/int4, e.g. 1,8")
+    parser.add_argument("--projections", default="", help="token counts for A2.7B's dense projections as fp16/int8/int4")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
@@ -373,13 +416,15 @@ def main(argv=None):
           "ORT MoE µs (rel. diff to ours) | vs best |")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-        for name in args.shapes.split(","):
+        for name in filter(None, args.shapes.split(",")):
             bench_shape(name, [int(t) for t in args.tokens.split(",")], rows, args.ours_only,
                         None if args.no_ort else workdir)
     if args.shared:
         bench_shared([int(t) for t in args.shared.split(",")])
     if args.quantized:
         bench_quantized([int(t) for t in args.quantized.split(",")])
+    if args.projections:
+        bench_projections([int(t) for t in args.projections.split(",")])
     for pair in filter(None, args.breakdown.split(",")):
         name, t = pair.split(":")
         kernel_breakdown(name, int(t))
