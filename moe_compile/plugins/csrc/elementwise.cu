@@ -173,3 +173,17 @@ extern "C" int moe_compile_add_gated(void* out, const void* y, const float* gate
   moe::launch_add_shared(p, y, gate_logits, out, static_cast<cudaStream_t>(cuda_stream));
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }
+
+extern "C" int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int32_t bits,
+                                      int32_t block_size, int32_t dtype, void* out, void* cuda_stream) {
+  const bool block_ok = block_size == 32 || block_size == 64 || block_size == 128;
+  if (rows < 0 || K <= 0 || (bits != 4 && bits != 8) || !block_ok || K % block_size) return MOE_ERR_INVALID_ARGUMENT;
+  if (dtype != MOE_DTYPE_F32 && dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) return MOE_ERR_INVALID_ARGUMENT;
+  if (rows == 0) return MOE_OK;
+  // 16-byte loads of codes and stores of weights
+  if (!codes || !scales || !out || reinterpret_cast<uintptr_t>(codes) % 16 || reinterpret_cast<uintptr_t>(out) % 16)
+    return MOE_ERR_INVALID_ARGUMENT;
+  moe::launch_dequantize(codes, scales, rows, K, bits, block_size, static_cast<moe_dtype>(dtype), out,
+                         static_cast<cudaStream_t>(cuda_stream));
+  return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
+}

@@ -135,10 +135,17 @@ int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* rou
 // y [M, N] = x [M, K] W^T (+ bias [N]) for a block-quantized W as com.microsoft:MatMulNBits holds it (symmetric,
 // no zero points): codes [N, K*bits/8] (its [N, K/block, block*bits/8]), scales [N, K/block]; x, scales, bias
 // (NULL: none) and y of `dtype`, 16-bit only (tensor cores, quant_matmul.cu). K a multiple of block_size; x and
-// codes 16-byte aligned. MOE_ERR_CUDA carries no text here: see the launch error.
+// codes 16-byte aligned. It reads the codes once per 16 rows of x: beyond decode sizes a caller with a GEMM
+// dequantizes the weight (moe_compile_dequantize) and runs that. MOE_ERR_CUDA carries no text here: see the launch
+// error.
 int moe_compile_quantized_matmul(const void* x, const void* codes, const void* scales, const void* bias, void* y,
                                  int64_t M, int64_t K, int64_t N, int32_t bits, int32_t block_size, int32_t dtype,
                                  void* cuda_stream);
+
+// out [rows, K] of `dtype` = (u - 2^(bits-1)) * scale, from codes [rows, K*bits/8] and scales [rows, K/block_size]
+// in the layouts above. K a multiple of block_size; codes and out 16-byte aligned. MOE_ERR_CUDA carries no text.
+int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int32_t bits,
+                           int32_t block_size, int32_t dtype, void* out, void* cuda_stream);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

@@ -68,21 +68,33 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     }
 }
 
-// 8 warps a block, all on one row group: 8 slices of K (A2.7B's K = 2048 at int4: one round of 2 loads a lane), so
-// that even a 2048-row projection spreads over 1024 warps. NT: one n-tile up to 8 tokens, two beyond.
+// Launch settings measured on the H200 (A2.7B's projections at K = 2048, T = 1, over copies of the weights L2 cannot
+// hold; docs/FUSED_MOE.md): a projection's few rows (q/k/v 6144, o 2048) want every warp in flight at once, 8 warps
+// on one row group, each an eighth of K in one round of 2 loads (int4 q/k/v 6.5 us, o 4.4); the LM head's 151936
+// rows want whole waves of small blocks, 2 warps a row group, 2 row groups a block (71.7 us, 2.4 TB/s, where the
+// first setting takes 95.6). NT: one n-tile up to 8 tokens, two beyond.
+template <typename T, int BITS, int KSPLIT, int WARPS>
+void launch_quant_matmul_split(const void* x, const void* codes, const void* scales, const void* bias, void* y, int M,
+                               int K, int N, int block, cudaStream_t s) {
+  constexpr int kRound = 2;
+  const QuantRows<T, BITS, kRound> w{static_cast<const uint8_t*>(codes), static_cast<const T*>(scales), block};
+  const T* b = static_cast<const T*>(bias);
+  const dim3 grid((unsigned)ceil_div(N, 16 * (WARPS / KSPLIT)), (unsigned)ceil_div(M, M <= 8 ? 8 : 16));
+  if (M <= 8)
+    quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS><<<grid, WARPS * kWarp, 0, s>>>(
+        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
+  else
+    quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS><<<grid, WARPS * kWarp, 0, s>>>(
+        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
+}
+
+constexpr int kManyRows = 32768;  // rows from which the LM head's setting wins (between 6144 and 151936 measured)
+
 template <typename T, int BITS>
 void launch_quant_matmul_as(const void* x, const void* codes, const void* scales, const void* bias, void* y, int M,
                             int K, int N, int block, cudaStream_t s) {
-  constexpr int kSplit = 8, kWarps = 8, kRound = 2;
-  const QuantRows<T, BITS, kRound> w{static_cast<const uint8_t*>(codes), static_cast<const T*>(scales), block};
-  const T* b = static_cast<const T*>(bias);
-  const dim3 grid((unsigned)ceil_div(N, 16 * (kWarps / kSplit)), (unsigned)ceil_div(M, M <= 8 ? 8 : 16));
-  if (M <= 8)
-    quant_matmul_kernel<T, 1, BITS, kRound, kSplit, kWarps><<<grid, kWarps * kWarp, 0, s>>>(
-        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
-  else
-    quant_matmul_kernel<T, 2, BITS, kRound, kSplit, kWarps><<<grid, kWarps * kWarp, 0, s>>>(
-        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
+  if (N >= kManyRows) launch_quant_matmul_split<T, BITS, 2, 4>(x, codes, scales, bias, y, M, K, N, block, s);
+  else launch_quant_matmul_split<T, BITS, 8, 8>(x, codes, scales, bias, y, M, K, N, block, s);
 }
 
 template <typename T>

@@ -37,7 +37,7 @@
 //
 // com.microsoft:MatMulNBits without zero points or group index, on our tensor-core kernels for 16-bit A (fused_moe.h:
 // moe_compile_quantized_matmul): a quantized build's attention projections and LM head, the bias added in the same
-// launch.
+// launch. Past 16 rows (prefill) the weight is dequantized into the workspace for ONNX Runtime's Gemm.
 #include <stdio.h>
 
 #include <string>
@@ -134,11 +134,16 @@ OrtStatus* output_and_stream(OrtKernelContext* ctx, const TensorView& x, void** 
 }
 
 // Router logits [T, E (+1)] as float32 at base (the kernels route in fp32) and, with a shared gate, its column
-// at base + logits_bytes, which shared->gate_logits then points to.
+// at base + logits_bytes, which shared->gate_logits then points to. One token (decode): one launch converts the
+// row, and the gate is its last column, at base + E floats (inside the logits' padding or at base + logits_bytes).
 int router_logits_to_float(const TensorView& logits, int dtype, int64_t T, int64_t E, bool gate_column, char* base,
                            size_t logits_bytes, moe_shared_expert* shared, void* stream) {
   const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
   const int64_t columns = E + gate_column;
+  if (T == 1 && gate_column) {
+    shared->gate_logits = reinterpret_cast<float*>(base) + E;
+    return moe_compile_to_float(logits.data, dtype, reinterpret_cast<float*>(base), 1, columns, columns, stream);
+  }
   int rc = moe_compile_to_float(logits.data, dtype, reinterpret_cast<float*>(base), T, E, columns, stream);
   if (rc == MOE_OK && gate_column) {
     shared->gate_logits = reinterpret_cast<float*>(base + logits_bytes);
@@ -356,9 +361,82 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   return status;
 }
 
+// ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none. with_bias: beta = 1
+// and a third input C (a bias row, broadcast). Every attribute is given: a kernel created this way gets no schema
+// defaults (the CUDA Gemm refuses to construct without transA).
+OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType type, bool with_bias = false) {
+  const int64_t zero = 0, one = 1;
+  const float alpha = 1.0f, beta = with_bias ? 1.0f : 0.0f;
+  OrtOpAttr* attrs[4] = {};
+  OrtStatus* status = api->CreateOpAttr("transA", &zero, 1, ORT_OP_ATTR_INT, &attrs[0]);
+  if (!status) status = api->CreateOpAttr("transB", &one, 1, ORT_OP_ATTR_INT, &attrs[1]);
+  if (!status) status = api->CreateOpAttr("alpha", &alpha, 1, ORT_OP_ATTR_FLOAT, &attrs[2]);
+  if (!status) status = api->CreateOpAttr("beta", &beta, 1, ORT_OP_ATTR_FLOAT, &attrs[3]);
+  if (status) {
+    api->ReleaseStatus(status);
+    for (OrtOpAttr* a : attrs)
+      if (a) api->ReleaseOpAttr(a);
+    return nullptr;
+  }
+  const char* names[1] = {"T"};
+  const ONNXTensorElementDataType types[1] = {type};
+  OrtOp* op = nullptr;
+  if (OrtStatus* status = api->CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 4, with_bias ? 3 : 2, 1, &op)) {
+    static bool said = false;  // once a process: the ops still compute, on our kernels alone
+    if (!said) fprintf(stderr, "moe_compile: ONNX Runtime's Gemm is not available to the custom ops (%s); beyond the "
+                       "decode sizes they run on our kernels alone\n", api->GetErrorMessage(status));
+    said = true;
+    api->ReleaseStatus(status);
+    op = nullptr;
+  }
+  for (OrtOpAttr* a : attrs) api->ReleaseOpAttr(a);
+  return op;
+}
+
+// Rows of A up to which our kernel reads the codes (it reads them once per 16 rows); beyond, the weight is dequantized
+// into the workspace for ONNX Runtime's Gemm (cuBLAS), as ONNX Runtime's own MatMulNBits does past one row.
+constexpr int64_t kMatMulDecodeRows = 16;
+
 struct MatMulKernel {
   int64_t k = 0, n = 0, bits = 0, block = 0;
+  OrtOp* gemm = nullptr;  // Gemm(A, W, [bias], transB = 1); null: our kernel at every size
+  ~MatMulKernel() {
+    if (gemm) g_api->ReleaseOp(gemm);
+  }
 };
+
+// y [M, N] = Gemm(A [M, K], W [N, K] dequantized into the workspace, bias).
+OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, const OrtValue* const (&values)[4],
+                          const TensorView& a, const TensorView& codes, const TensorView& scales, int dtype, void* y,
+                          void* stream) {
+  const int64_t M = a.leading(), K = kernel->k, N = kernel->n;
+  const OrtMemoryInfo* memory = nullptr;
+  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
+  OrtAllocator* allocator = nullptr;
+  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
+  void* weight = nullptr;
+  OrtStatus* status = g_api->AllocatorAlloc(allocator, (size_t)(N * K) * 2, &weight);
+  if (!status) {
+    OrtValue* tensors[3] = {};  // A as [M, K], the weight, y as [M, N]
+    const int rc = moe_compile_dequantize(codes.data, scales.data, N, K, (int32_t)kernel->bits, (int32_t)kernel->block,
+                                          dtype, weight, stream);
+    if (rc != MOE_OK) status = fail("MatMulNBits: dequantizing the weight failed");
+    if (!status) status = wrap(memory, a.data, M, K, a.type, &tensors[0]);
+    if (!status) status = wrap(memory, weight, N, K, a.type, &tensors[1]);
+    if (!status) status = wrap(memory, y, M, N, a.type, &tensors[2]);
+    if (!status) {
+      const OrtValue* inputs[3] = {tensors[0], tensors[1], values[3]};
+      status = g_api->InvokeOp(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1);
+    }
+    for (OrtValue* t : tensors)
+      if (t) g_api->ReleaseValue(t);
+    OrtStatus* freed = g_api->AllocatorFree(allocator, weight);  // as compute(): reused only later on this stream
+    if (freed && !status) status = freed;
+    else if (freed) g_api->ReleaseStatus(freed);
+  }
+  g_api->ReleaseAllocator(allocator);
+  return status;
+}
 
 // MatMulNBits: A, codes, scales[, bias].
 OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
@@ -394,6 +472,9 @@ OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
   void *y = nullptr, *stream = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(out, &y));
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  if (a.leading() == 0) return nullptr;
+  if (a.leading() > kMatMulDecodeRows && kernel->gemm)
+    return matmul_by_gemm(kernel, ctx, values, a, codes, scales, dtype, y, stream);
   const int rc = moe_compile_quantized_matmul(a.data, codes.data, scales.data, values[3] ? bias.data : nullptr, y,
                                               a.leading(), K, N, (int32_t)bits, (int32_t)block, dtype, stream);
   if (rc == MOE_ERR_CUDA) return fail("MatMulNBits: the kernel's launch failed");
@@ -401,6 +482,7 @@ OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
   return nullptr;
 }
 
+template <ONNXTensorElementDataType kType>
 OrtStatus* ORT_API_CALL create_matmul_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                                              void** out) {
   auto* kernel = new MatMulKernel();
@@ -412,6 +494,9 @@ OrtStatus* ORT_API_CALL create_matmul_kernel(const OrtCustomOp*, const OrtApi* a
       return status;
     }
   }
+  size_t inputs = 0;
+  if (OrtStatus* failed = api->KernelInfo_GetInputCount(info, &inputs)) api->ReleaseStatus(failed);
+  kernel->gemm = create_gemm(api, info, kType, inputs > 3);
   *out = kernel;
   return nullptr;
 }
@@ -421,38 +506,6 @@ OrtStatus* ORT_API_CALL compute_matmul_kernel(void* kernel, OrtKernelContext* ct
 }
 
 void ORT_API_CALL destroy_matmul_kernel(void* kernel) { delete static_cast<MatMulKernel*>(kernel); }
-
-// ONNX Runtime's Gemm (opset 13, transB = 1) on the provider of this kernel; null if it has none.
-// Every attribute is given: a kernel created this way gets no schema defaults (the CUDA Gemm refuses
-// to construct without transA).
-OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType type) {
-  const int64_t zero = 0, one = 1;
-  const float alpha = 1.0f, beta = 0.0f;
-  OrtOpAttr* attrs[4] = {};
-  OrtStatus* status = api->CreateOpAttr("transA", &zero, 1, ORT_OP_ATTR_INT, &attrs[0]);
-  if (!status) status = api->CreateOpAttr("transB", &one, 1, ORT_OP_ATTR_INT, &attrs[1]);
-  if (!status) status = api->CreateOpAttr("alpha", &alpha, 1, ORT_OP_ATTR_FLOAT, &attrs[2]);
-  if (!status) status = api->CreateOpAttr("beta", &beta, 1, ORT_OP_ATTR_FLOAT, &attrs[3]);
-  if (status) {
-    api->ReleaseStatus(status);
-    for (OrtOpAttr* a : attrs)
-      if (a) api->ReleaseOpAttr(a);
-    return nullptr;
-  }
-  const char* names[1] = {"T"};
-  const ONNXTensorElementDataType types[1] = {type};
-  OrtOp* op = nullptr;
-  if (OrtStatus* status = api->CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 4, 2, 1, &op)) {
-    static bool said = false;  // once a process: the op still computes, on our kernels alone
-    if (!said) fprintf(stderr, "moe_compile FusedMoE: ONNX Runtime's Gemm is not available to the op (%s); the shared "
-                       "expert runs on our kernels beyond the decode sizes\n", api->GetErrorMessage(status));
-    said = true;
-    api->ReleaseStatus(status);
-    op = nullptr;
-  }
-  for (OrtOpAttr* a : attrs) api->ReleaseOpAttr(a);
-  return op;
-}
 
 // Reads the attributes every op has (k, optional normalize_routing_weights) and `optional` ones that
 // default to 0; a missing required one fails the session's creation.
@@ -548,7 +601,7 @@ OrtCustomOp make_matmul_op() {
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
     return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   };
-  op.CreateKernelV2 = create_matmul_kernel;
+  op.CreateKernelV2 = create_matmul_kernel<kType>;
   op.KernelComputeV2 = compute_matmul_kernel;
   op.KernelDestroy = destroy_matmul_kernel;
   return op;
