@@ -89,8 +89,8 @@ __device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, 
 // 8 columns, each a slice of H in multiples of 128, and add their sums in a fixed order through shared memory.
 // ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
 // (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
-// less a step; it lets the down launch start early (allow_dependent_launch). Block (0, 0) still writes the
-// routing tables, which the down kernel at T = 1 no longer reads (it routes the token too).
+// less a step; it lets the down launch start early (allow_dependent_launch). No block writes the routing tables:
+// the down kernel at T = 1 routes the token too.
 template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
@@ -112,10 +112,8 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     if constexpr (ROUTE) {
       extern __shared__ float route_scratch[];  // sel [E], score [E]
       __shared__ TokenRoute route;
-      const bool writes = blockIdx.x == 0 && blockIdx.y == 0;
-      if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, writes);
+      if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);  // no tables: nothing reads them
       __syncthreads();
-      if (writes) route_one_token_offsets(p, route, ws);
       e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
     } else {
       if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
@@ -127,7 +125,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int s = g + 8 * nt;
-        // ROUTE: the one token (the tables are block (0, 0)'s to write, not to read here)
+        // ROUTE: the one token
         const int token = ROUTE || s >= n ? 0 : ws.perm_entry[row0 + s] / p.K;
         xs[nt] = s < n ? x + (size_t)token * p.H + k0 : nullptr;
       }
@@ -183,7 +181,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 // items into its own partial rows, and the block adds the warps' rows in a fixed order.
 // routed = false: only the shared items, added to what out holds (the routed part ran apart).
 // ROUTE (T = 1, dynamic shared memory 2E floats): the block routes the token itself, as the gate/up launch
-// does, instead of reading the tables that launch writes; then nothing but act depends on that launch, and the
+// does, instead of reading routing tables; then nothing but act depends on that launch, and the
 // kernel, launched as its programmatic dependent (launch_mma), loads its first weights while the gate/up
 // launch finishes and waits for it only before it reads act (mma_rows16's `wait`).
 template <typename T, int NT, typename W, int SLICE, int WARPS, bool ROUTE>
