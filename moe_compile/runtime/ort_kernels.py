@@ -26,8 +26,10 @@ ONNX Runtime's QMoE (2026-12-01).
 
 The quantized build's other MatMulNBits nodes (attention projections; the LM head with --quantize-lm-head) become
 `moe_compile:MatMulNBits` on the same codes, scales and bias, where the activations are 16-bit: the MoE kernels'
-tensor-core GEMV for one dense matrix (plugins/csrc/quant_matmul.cu), the bias added in the same launch. ONNX
-Runtime's took 10 us a layer for A2.7B's 9.4 MB of projections, plus 1.4 for their bias (docs/BENCHMARKS.md).
+tensor-core GEMV for one dense matrix (plugins/csrc/quant_matmul.cu), the bias added in the same launch; past 16
+rows ONNX Runtime's Gemm on the weight dequantized. H200, A2.7B (docs/BENCHMARKS.md, eighth run): the projections
+take 10.5 us a layer, as ONNX Runtime's 9.9 + 1.4 for the bias Add; the int4 LM head ~70 us a step less than
+the fp16 one on cuBLAS (ONNX Runtime's `MatMulNBits` took longer than cuBLAS for it), with 1.0 GB less device memory.
 
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
