@@ -487,6 +487,27 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
     assert per_layer and max(per_layer) <= 12, per_layer
 
 
+@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL"])
+def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
+    """prepare() on an fp16 int4 build: both kinds of node swapped, or the MoE nodes
+    (MOE_COMPILE_MOE_KERNELS=ort) or the MatMulNBits ones (MOE_COMPILE_MATMUL_KERNELS=ort) kept on ONNX Runtime's."""
+    out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
+    library = tmp_path / "libmoe_compile_ort.so"
+    library.write_bytes(b"")  # prepare only names the library; the session loads it
+    monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
+    for which in ("MOE", "MATMUL"):
+        monkeypatch.delenv(f"MOE_COMPILE_{which}_KERNELS", raising=False)
+    if keep:
+        monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
+    swap = ort_kernels.prepare(out / "model.onnx")
+    ours = {(n.domain, n.op_type) for n in swap.model.graph.node if n.domain == "moe_compile"}
+    theirs = {n.op_type for n in swap.model.graph.node if n.domain == "com.microsoft"}
+    assert (swap.swapped > 0, ("moe_compile", "FusedQMoE") in ours, "QMoE" in theirs) == (
+        (False, False, True) if keep == "MOE" else (True, True, False))
+    assert (swap.matmuls > 0, ("moe_compile", "MatMulNBits") in ours, "MatMulNBits" in theirs) == (
+        (False, False, True) if keep == "MATMUL" else (True, True, False))
+
+
 def test_a_missing_library_is_one_reason_and_ort_kernels_run(built, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_COMPILE_KERNELS_DIR", str(tmp_path))  # no library built there
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path))  # and no header to build it with

@@ -174,7 +174,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   }
   if (!status) {
     int rc = moe_compile_silu_mul(gate_up, dtype, act, T, shared_i, stream);
-    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    if (rc != MOE_OK) status = fail(std::string("FusedMoE: ") + moe_compile_status_string(rc));
   }
   if (!status) {
     const OrtValue* in2[2] = {tensors[2], sfc2};
@@ -182,7 +182,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   }
   if (!status) {
     int rc = moe_compile_add_gated(out, y, gate_logits, dtype, T, H, stream);
-    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    if (rc != MOE_OK) status = fail(std::string("FusedMoE: ") + moe_compile_status_string(rc));
   }
   for (OrtValue* t : tensors)
     if (t) g_api->ReleaseValue(t);
@@ -234,7 +234,7 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   const bool shared_apart = has_shared && kernel->gemm && !moe_compile_streams_shared(&shape);
   const moe_shared_expert* in_kernels = has_shared && !shared_apart ? &shared : nullptr;
   const size_t kernel_bytes = moe_compile_workspace_size(&shape, &routing, in_kernels);
-  if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
+  if (kernel_bytes == 0) return fail(std::string("FusedMoE: ") + moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
   // router logits (and the shared gate's column) as float32 first (the kernels route in fp32), the
   // kernels' own workspace, then the shared expert's GEMM scratch
   const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
@@ -254,7 +254,7 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
     if (rc == MOE_OK)
       rc = moe_compile_forward(&shape, &routing, in_kernels, x.data, reinterpret_cast<float*>(base), nullptr, fc1.data,
                                fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes, stream);
-    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    if (rc != MOE_OK) status = fail(std::string("FusedMoE: ") + moe_compile_status_string(rc));
     if (!status && shared_apart)
       status = shared_by_gemm(kernel, ctx, memory, x, values[4], values[5], shared_i, shared.gate_logits, dtype,
                               out_data, base + logits_bytes + gate_bytes + aligned(kernel_bytes), stream);
@@ -335,7 +335,7 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   moe_shared_expert shared = {shared_i, MOE_GATE_UP_CONCATENATED, sfc1.data, sfc2.data, nullptr};
   const moe_shared_expert* with = has_shared ? &shared : nullptr;
   const size_t kernel_bytes = moe_compile_workspace_size_quantized(&shape, &routing, &quant, with);
-  if (kernel_bytes == 0) return fail(moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
+  if (kernel_bytes == 0) return fail(std::string("FusedQMoE: ") + moe_compile_status_string(MOE_ERR_INVALID_ARGUMENT));
   // router logits (and the shared gate's column) as float32 first, then the kernels' own workspace
   const size_t logits_bytes = aligned((size_t)(T * E) * sizeof(float)), gate_bytes = aligned((size_t)T * sizeof(float));
 
@@ -352,7 +352,7 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
       rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, reinterpret_cast<float*>(base), nullptr,
                                          fc1.data, fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes,
                                          stream);
-    if (rc != MOE_OK) status = fail(moe_compile_status_string(rc));
+    if (rc != MOE_OK) status = fail(std::string("FusedQMoE: ") + moe_compile_status_string(rc));
     OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // as compute(): reused only later on this stream
     if (freed && !status) status = freed;
     else if (freed) g_api->ReleaseStatus(freed);
