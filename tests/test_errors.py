@@ -146,6 +146,9 @@ def test_log_records_go_to_stderr_as_it_is_now(monkeypatch):
 
     from moe_compile.cli import main
 
+    # as in a fresh process: no handlers on the root logger (pytest's logging plugin installs its own, and main()
+    # leaves a configured root alone); the original list comes back after the test
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     first = io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     main(["families"])
