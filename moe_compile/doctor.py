@@ -121,13 +121,14 @@ def _ort_cuda(ort, gpu) -> str | None:
 
 
 def _moe_kernels() -> str:
-    """Which kernels run ort-cuda's MoE nodes (runtime/ort_kernels.py); never builds anything."""
+    """Which kernels run ort-cuda's MoE nodes and a quantized build's MatMulNBits (runtime/ort_kernels.py); never
+    builds anything."""
     from .runtime.ort_kernels import library
 
     path, why = library(build=False)
     if path:
-        return f"moe_compile's kernels ({path.name})"
-    return f"onnxruntime's MoE ({why})"
+        return f"moe_compile's kernels for MoE and quantized MatMul ({path.name})"
+    return f"onnxruntime's MoE and MatMulNBits ({why})"
 
 
 def _trt(trt, gpu, torch_gpu: str | None) -> str | None:
