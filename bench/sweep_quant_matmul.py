@@ -13,7 +13,6 @@ their output's relative difference to the first setting's. docs/FUSED_MOE.md's t
 
 import argparse
 import ctypes
-import statistics
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,29 +45,9 @@ def build(out: Path) -> None:
         list(pool.map(one, SETTINGS))
 
 
-def time_graph(torch, fn, calls: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(30):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times[5:])
-
-
 def time_all(out: Path) -> None:
     import torch
+    from bench_fused_moe import graph_us  # this folder's: CUDA-graph replays, the median
 
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
@@ -100,7 +79,7 @@ def time_all(out: Path) -> None:
                     torch.cuda.synchronize()
                     got = y.float().clone()
                     ref = got if ref is None else ref
-                    row.append((time_graph(torch, fn, max(20, copies)), key, ((got - ref).norm() / ref.norm()).item()))
+                    row.append((graph_us(fn, calls=max(20, copies)), key, ((got - ref).norm() / ref.norm()).item()))
                 print(f"int{bits} {name:8s} T={t:2d} {nbytes / 1e6:7.1f} MB | " + " | ".join(
                     f"{key} {us:.1f}" + ("" if diff < 1e-3 else f" DIFF {diff:.0e}") for us, key, diff in sorted(row)),
                     flush=True)
