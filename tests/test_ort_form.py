@@ -166,3 +166,28 @@ def test_a_build_for_one_row(built, reference_tokens):
     # the build's check runs rows of different lengths: no more than the graph serves (max(max_batch, 2))
     out = built("qwen2", form="ort", max_batch=1)
     assert [g.token_ids for g in load(out).generate(PROMPTS[:1], max_new_tokens=16)] == reference_tokens("qwen2", PROMPTS[:1], 16)
+
+
+def test_folded_weights_are_computed_when_written_not_held():
+    """The MoE gate/up interleave (Reshape, Transpose, Reshape over the experts' constant) folds into one lazy
+    constant: the same values as numpy's, computed on each read, so the export holds no second copy of the experts."""
+    import onnx_ir as ir
+
+    from moe_compile.export.ort_fusions import fold_constant_layouts
+
+    experts = np.arange(2 * 6 * 4, dtype=np.float16).reshape(2, 6, 4)  # [E, 2I, H], gate rows then up rows
+    weight = ir.Value(name="w", const_value=ir.tensor(experts))
+    four = ir.Value(name="s4", const_value=ir.tensor(np.array([2, 2, 3, 4], np.int64)))
+    three = ir.Value(name="s3", const_value=ir.tensor(np.array([2, -1, 4], np.int64)))
+    split = ir.node("Reshape", [weight, four])
+    swap = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+    back = ir.node("Reshape", [swap.outputs[0], three])
+    use = ir.node("Identity", [back.outputs[0]])
+    graph = ir.Graph([], use.outputs, nodes=[split, swap, back, use], initializers=[weight, four, three])
+
+    assert fold_constant_layouts(graph) == 3
+    folded = use.inputs[0].const_value
+    assert isinstance(folded, ir.LazyTensor) and list(folded.shape) == [2, 6, 4]
+    expected = experts.reshape(2, 2, 3, 4).transpose(0, 2, 1, 3).reshape(2, 6, 4)  # g0, u0, g1, u1, ...
+    np.testing.assert_array_equal(folded.numpy(), expected)
+    assert [n.op_type for n in graph] == ["Identity"]

@@ -14,7 +14,7 @@ applied; `fuse_for_ort` runs them in order and logs the counts.
 - `packed_qkv`: GroupQueryAttention reading the three outputs of one such Split as query, key, value ->
   GroupQueryAttention on the packed tensor (its packed-QKV input).
 - `folded_weights`: Reshape/Transpose chains over a constant (the MoE node's gate/up interleave) -> a
-  constant, computed once here instead of at every session start.
+  constant, computed once when the model is written instead of at every session start.
 """
 
 from __future__ import annotations
@@ -196,6 +196,9 @@ def pack_qkv(graph: ir.Graph) -> int:
 
 
 def fold_constant_layouts(graph: ir.Graph) -> int:
+    """Fold Reshape/Transpose chains over constants into lazy constants: the value is computed when the model is
+    written (or read), tensor by tensor, and dropped after, so the export holds no second copy of what it folds (the
+    MoE experts' gate/up interleave is most of a model's weights: +1.4 GB held for a 2-layer A2.7B when eager)."""
     count = 0
     changed = True
     while changed:
@@ -204,19 +207,26 @@ def fold_constant_layouts(graph: ir.Graph) -> int:
             if node.op_type not in ("Reshape", "Transpose") or node.graph is None:
                 continue
             data = node.inputs[0].const_value if node.inputs[0] is not None else None
-            if data is None:
+            if data is None or data.shape is None:
                 continue
-            array = data.numpy()
+            dims = [int(d) for d in data.shape]
             if node.op_type == "Transpose":
                 perm = node.attributes.get("perm")
-                folded = np.transpose(array, perm.value if perm is not None else None)
+                perm = list(perm.value) if perm is not None else list(reversed(range(len(dims))))
+                shape = [dims[p] for p in perm]
+                fold = lambda data=data, perm=perm: np.transpose(data.numpy(), perm)
             else:
-                shape = node.inputs[1].const_value
-                if shape is None or 0 in shape.numpy():
+                target = node.inputs[1].const_value
+                if target is None or 0 in target.numpy():
                     continue
-                folded = array.reshape(shape.numpy())
+                shape = [int(d) for d in target.numpy()]
+                if -1 in shape:
+                    shape[shape.index(-1)] = int(np.prod(dims)) // -int(np.prod(shape))
+                fold = lambda data=data, shape=shape: data.numpy().reshape(shape)
             out = node.outputs[0]
-            value = ir.Value(name=f"{out.name}.folded", const_value=ir.tensor(np.ascontiguousarray(folded)))
+            lazy = ir.LazyTensor(lambda fold=fold: ir.tensor(np.ascontiguousarray(fold())), dtype=data.dtype,
+                                 shape=ir.Shape(shape))
+            value = ir.Value(name=f"{out.name}.folded", const_value=lazy)
             graph.register_initializer(value)
             out.replace_all_uses_with(value)
             graph.remove(node, safe=True)
