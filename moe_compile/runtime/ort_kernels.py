@@ -256,6 +256,17 @@ def _shared_expert(g: _Graph, moe: onnx.NodeProto, quant: tuple[int, int] | None
     return replaced, parts
 
 
+def _rewrite_nodes(model: onnx.ModelProto, swapped: int, removed: set[str], first: list = ()) -> None:
+    """After a swap: drop the nodes whose first output is in `removed` (our ops keep theirs: a fused op takes over
+    the output name of the last node it replaces), put `first` in front, and declare our domain if a node uses it."""
+    if removed or first:
+        kept = [n for n in model.graph.node if n.domain == DOMAIN or n.output[0] not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(list(first) + kept)
+    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+
+
 def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     """Replace, in place, every MoE node our kernels compute by moe_compile:FusedMoE, with the shared
     expert around it where there is one (_shared_expert), and every QMoE node by moe_compile:FusedQMoE
@@ -316,13 +327,7 @@ def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
                                             **({"shared_gate": shared_gate} if shared is not None else {}))
         node.CopyFrom(replacement)
         swapped += 1
-    if removed:
-        # (the fused op took over the Add's output name: it stays)
-        kept_nodes = [n for n in model.graph.node if n.domain == DOMAIN or n.output[0] not in removed]
-        del model.graph.node[:]
-        model.graph.node.extend(transposes + kept_nodes)  # the Transposes read initializers only
-    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    _rewrite_nodes(model, swapped, removed, first=transposes)  # the Transposes read initializers only
     return swapped, "; ".join(sorted(kept))
 
 
@@ -379,12 +384,7 @@ def swap_matmul_nodes(model: onnx.ModelProto) -> tuple[int, str]:
             MATMUL_OP, list(node.input[:3]) + ([bias] if bias else []), outputs, name=node.name, domain=DOMAIN,
             **{name: attrs[name] for name in ("K", "N", "bits", "block_size")}))
         swapped += 1
-    if folded:
-        kept_nodes = [n for n in model.graph.node if n.domain == DOMAIN or n.output[0] not in folded]
-        del model.graph.node[:]
-        model.graph.node.extend(kept_nodes)
-    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    _rewrite_nodes(model, swapped, folded)
     return swapped, "; ".join(sorted(kept))
 
 
@@ -408,7 +408,7 @@ def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
     moe, matmul = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort" for which in ("MOE", "MATMUL"))
     if not moe and not matmul:
-        return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort")
+        return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort and MOE_COMPILE_MATMUL_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
     if not any(n.op_type in OURS_OPS and n.domain == "com.microsoft" for n in model.graph.node):
         return Swap(None, None, 0, NO_MOE_NODES)

@@ -59,6 +59,29 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
   return gate / (1.f + __expf(-gate)) * up;
 }
 
+// KSPLIT consecutive warps of a block share a row group, each summing its slice of K into acc (the mma
+// accumulators of NT n-tiles): the others' sums join the first warp's in a fixed order through shared memory. Every
+// thread of the block calls it; false: this warp's sums went to the first one, which writes them.
+template <int NT, int KSPLIT, int WARPS>
+__device__ __forceinline__ bool add_split_sums(float (&acc)[NT][4]) {
+  if constexpr (KSPLIT > 1) {
+    __shared__ float sums[WARPS][NT * 4][kWarp];
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sums[warp][nt * 4 + i][lane] = acc[nt][i];
+    __syncthreads();
+    if (warp % KSPLIT != 0) return false;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        for (int other = 1; other < KSPLIT; ++other) acc[nt][i] += sums[warp + other][nt * 4 + i][lane];
+  }
+  return true;
+}
+
 // Programmatic dependent launch (sm_90+; a no-op before, where launches serialise anyway): the running kernel lets
 // the next one, launched with the programmatic attribute, start; that one waits for it (its memory visible)
 // before it reads what it wrote. Without such a launch, the wait returns at once.

@@ -152,20 +152,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       dst_stride = sh.I;
     }
   }
-  if constexpr (KSPLIT > 1) {
-    __shared__ float sums[WARPS][NT * 4][kWarp];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sums[warp][nt * 4 + i][lane] = acc[nt][i];
-    __syncthreads();
-    if (split != 0) return;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        for (int other = 1; other < KSPLIT; ++other) acc[nt][i] += sums[warp + other][nt * 4 + i][lane];
-  }
+  if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;
   if (!active) return;
   // acc[nt] = {gate, gate, up, up} of column j0 + g for tokens 8 nt + 2t and 8 nt + 2t + 1.
 #pragma unroll

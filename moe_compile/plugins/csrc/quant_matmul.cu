@@ -38,20 +38,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     const W hi = r0 + g + 8 < N ? w + ((size_t)(r0 + g + 8) * K + k0) : W{};
     mma_rows16<T, NT>(lo, hi, xs, len, acc);
   }
-  if constexpr (KSPLIT > 1) {
-    __shared__ float sums[WARPS][NT * 4][kWarp];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sums[warp][nt * 4 + i][lane] = acc[nt][i];
-    __syncthreads();
-    if (split != 0) return;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        for (int other = 1; other < KSPLIT; ++other) acc[nt][i] += sums[warp + other][nt * 4 + i][lane];
-  }
+  if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;
   if (r0 >= N) return;
   // acc[nt] = {row g, row g, row g + 8, row g + 8} x {token 2t, 2t + 1} of n-tile nt
 #pragma unroll
