@@ -250,11 +250,13 @@ def bench_shared(tokens):
               f"{us_apart:16.1f} | {nbytes / us_apart / 1e3:4.0f} | {diff:.1e} |", flush=True)
 
 
-def bench_quantized(tokens, block=32):
+def bench_quantized(tokens, block=32, copies=8):
     """A2.7B's routed experts, fp16 activations, timed as CUDA-graph replays: ours on fp16 weights against ours
     on int8 and int4 codes (block `block`, quantize/packing.py's quantizer, com.microsoft:QMoE's layout), alone
     and with the shared expert (I_s = 5632, gated; quantized as MatMulNBits holds it) in the same launches.
-    Bytes = the selected experts' weights (and the shared expert's) as each stores them (codes + fp16 scales)."""
+    Each call reads the next of `copies` copies of the weights, so that L2 holds none of them, as a 24-layer
+    decode step finds a layer's weights. Bytes = the selected experts' weights (and the shared expert's) as each
+    stores them (codes + fp16 scales)."""
     import numpy as np
 
     from moe_compile.plugins import library
@@ -296,29 +298,42 @@ def bench_quantized(tokens, block=32):
                 bits = 16 if fmt == "fp16" else int(fmt[3:])
                 per_weight = 2 if fmt == "fp16" else bits / 8 + 2 / block
                 nbytes = (experts * 3 * h * inter + with_shared * 3 * h * shared_i) * per_weight
+                sets = [w] + [[part.clone() for part in w] for _ in range(copies - 1)]
+                turn = iter(range(10**9))
                 if fmt == "fp16":
-                    shared = library.SharedExpert(shared_i, w[2].data_ptr(), w[3].data_ptr(),
-                                                  gate_logits.data_ptr()) if with_shared else None
-                    size = library.workspace_size(c_shape, routing, shared)
+                    def shared_of(w, with_shared=with_shared):
+                        return library.SharedExpert(shared_i, w[2].data_ptr(), w[3].data_ptr(),
+                                                    gate_logits.data_ptr()) if with_shared else None
+
+                    size = library.workspace_size(c_shape, routing, shared_of(w))
                     ws = torch.empty(size, dtype=torch.uint8, device="cuda")
-                    fn = lambda w=w, out=out, ws=ws, size=size, shared=shared: library.forward(
-                        c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(), w[1].data_ptr(),
-                        out.data_ptr(), ws.data_ptr(), size, stream(), shared)
+
+                    def fn(sets=sets, out=out, ws=ws, size=size, shared_of=shared_of):
+                        w = sets[next(turn) % len(sets)]
+                        library.forward(c_shape, routing, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(),
+                                        w[1].data_ptr(), out.data_ptr(), ws.data_ptr(), size, stream(), shared_of(w))
                 else:
-                    shared = library.SharedExpert(shared_i, w[4].data_ptr(), w[6].data_ptr(),
-                                                  gate_logits.data_ptr()) if with_shared else None
-                    quant = library.QuantizedExperts(bits, block, w[1].data_ptr(), w[3].data_ptr(),
-                                                     w[5].data_ptr() if with_shared else None,
-                                                     w[7].data_ptr() if with_shared else None)
-                    size = library.workspace_size_quantized(c_shape, routing, quant, shared)
+                    def parts(w, with_shared=with_shared, bits=bits):
+                        shared = library.SharedExpert(shared_i, w[4].data_ptr(), w[6].data_ptr(),
+                                                      gate_logits.data_ptr()) if with_shared else None
+                        quant = library.QuantizedExperts(bits, block, w[1].data_ptr(), w[3].data_ptr(),
+                                                         w[5].data_ptr() if with_shared else None,
+                                                         w[7].data_ptr() if with_shared else None)
+                        return shared, quant
+
+                    size = library.workspace_size_quantized(c_shape, routing, *reversed(parts(w)))
                     ws = torch.empty(size, dtype=torch.uint8, device="cuda")
-                    fn = lambda w=w, out=out, ws=ws, size=size, quant=quant, shared=shared: library.forward_quantized(
-                        c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None, w[0].data_ptr(),
-                        w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size, stream(), shared)
+
+                    def fn(sets=sets, out=out, ws=ws, size=size, parts=parts):
+                        w = sets[next(turn) % len(sets)]
+                        shared, quant = parts(w)
+                        library.forward_quantized(c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None,
+                                                  w[0].data_ptr(), w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size,
+                                                  stream(), shared)
                 fn()
                 torch.cuda.synchronize()
                 results[fmt] = out.float()
-                us = graph_us(fn)
+                us = graph_us(fn, calls=max(20, copies))
                 ref = results["fp16"]
                 diff = ((out.float() - ref).norm() / ref.norm()).item()
                 print(f"| quantized | {t:5d} | {fmt:6s} | {'yes' if with_shared else 'no':6s} | {us:7.1f} | "
