@@ -10,6 +10,8 @@ previous good build stays until the new one is whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import logging
 import shutil
 import time
@@ -172,7 +174,10 @@ def build(
         )
         manifest.write(tmp)
         with stages("check"):
-            check_build(tmp, manifest, program, captured)
+            reference = check_reference(manifest, program, captured)
+            del torch_model, program, captured, passes  # their weights go before ONNX Runtime loads the build's
+            gc.collect()
+            check_build(tmp, manifest, reference)
         if tensorrt is not None:
             with stages("engine"):
                 manifest.engine = build_engine(tmp, manifest, tensorrt, Path(timing_cache) if timing_cache else None)
@@ -249,8 +254,32 @@ def engine_builder(backend: str, lowering: str):
     return tensorrt
 
 
-def check_build(out: Path, manifest: Manifest, program, captured) -> None:
-    """One sample step through ONNX Runtime against the lowered torch program."""
+@dataclasses.dataclass
+class CheckReference:
+    """The torch program's logits on the check's sample inputs, taken before ONNX Runtime loads the build so that
+    the torch side's weights can go first: a build's host peak then holds one copy of the weights, not both."""
+
+    feeds: list[dict]  # per sample: input name -> array
+    expected: np.ndarray  # [positions, vocab] float32
+
+
+def check_reference(manifest: Manifest, program, captured) -> CheckReference:
+    """The lowered torch program on the check's samples: for the ort form a right-padded prefill of rows of
+    different lengths, then a decode step."""
+    if manifest.form == "ort":
+        lengths = [4, 2, 3][: max(2, min(3, manifest.max_batch))]  # the graph serves max(max_batch, 2) rows
+        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, len(lengths), lengths, manifest.max_seq,
+                                         manifest.vocab_size, decode=decode) for decode in (False, True)]
+    else:
+        samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]
+    with torch.no_grad():
+        expected = [program.module(check_guards=False)(*args)[0].float().numpy() for args in samples]
+    return CheckReference([{name: a.numpy() for name, a in zip(captured.input_names, args)} for args in samples],
+                          np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]))
+
+
+def check_build(out: Path, manifest: Manifest, reference: CheckReference) -> None:
+    """The samples through ONNX Runtime against the torch program's logits."""
     from .quantize.exact import float_activations, qmoe_in_float, rounds_activations
     from .runtime.ort_backend import MissingKernelError, OrtBackend
 
@@ -276,20 +305,9 @@ def check_build(out: Path, manifest: Manifest, program, captured) -> None:
     except MissingKernelError as exc:  # bf16, or fused on an ORT before 1.32, on the CPU: the ONNX is for other runtimes
         log.warning("check skipped: %s", exc)
         return
-    if manifest.form == "ort":  # a right-padded prefill of rows of different lengths, then a decode step
-        lengths = [4, 2, 3][: max(2, min(3, manifest.max_batch))]  # the graph serves max(max_batch, 2) rows
-        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, len(lengths), lengths, manifest.max_seq,
-                                         manifest.vocab_size, decode=decode) for decode in (False, True)]
-    else:
-        samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]
-    expected, got = [], []
-    for args in samples:
-        with torch.no_grad():
-            expected.append(program.module(check_guards=False)(*args)[0].float().numpy())
-        feeds = {name: a.numpy() for name, a in zip(captured.input_names, args)}
-        got.append(backend.session.run(["logits"], feeds)[0].astype(np.float32))
-    expected, got = np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]), np.concatenate(
-        [g.reshape(-1, g.shape[-1]) for g in got])
+    expected = reference.expected
+    got = np.concatenate([backend.session.run(["logits"], feeds)[0].astype(np.float32).reshape(-1, expected.shape[-1])
+                          for feeds in reference.feeds])
     # NaN compares false with every tolerance: non-finite logits must fail on their own.
     for what, logits in (("the torch program", expected), ("ONNX Runtime", got)):
         if not np.isfinite(logits).all():

@@ -102,7 +102,7 @@ def test_build_check_catches_a_wrong_graph(built, dtype):
     """The build's check stage passes on a good build and fails when the ONNX and the program disagree."""
     from types import SimpleNamespace
 
-    from moe_compile.build import check_build
+    from moe_compile.build import check_build, check_reference
     from moe_compile.capture.decoder_step import kv_names
     from moe_compile.capture.trace import INPUT_NAMES
     from moe_compile.errors import MoeCompileError
@@ -116,12 +116,12 @@ def test_build_check_catches_a_wrong_graph(built, dtype):
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     captured = SimpleNamespace(kv_shapes=kv_shapes, dtype=dtypes[dtype],
                                input_names=INPUT_NAMES + kv_names(len(kv_shapes))[0])
-    check_build(out, manifest, program, captured)
+    check_build(out, manifest, check_reference(manifest, program, captured))
     norm = next(t for name, t in program.state_dict.items() if name.endswith("model.norm.weight"))
     with torch.no_grad():
         norm.mul_(1.5)  # a wrong graph moves every position
     with pytest.raises(MoeCompileError, match="check failed"):
-        check_build(out, manifest, program, captured)
+        check_build(out, manifest, check_reference(manifest, program, captured))
 
 
 def test_build_without_torch_program(checkpoint, tmp_path):

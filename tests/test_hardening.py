@@ -275,7 +275,7 @@ def test_check_fails_on_non_finite_logits(built):
     """NaN weights: NaN is never 'greater than the tolerance', so the check looks at finiteness itself."""
     from types import SimpleNamespace
 
-    from moe_compile.build import check_build
+    from moe_compile.build import check_build, check_reference
     from moe_compile.capture.decoder_step import kv_names
     from moe_compile.capture.trace import INPUT_NAMES
     from moe_compile.errors import MoeCompileError
@@ -291,7 +291,7 @@ def test_check_fails_on_non_finite_logits(built):
     with torch.no_grad():
         norm.fill_(float("nan"))
     with pytest.raises(MoeCompileError, match="non-finite"):
-        check_build(out, manifest, program, captured)
+        check_build(out, manifest, check_reference(manifest, program, captured))
 
 
 def test_broken_tokenizer_is_reported(checkpoint, tmp_path):

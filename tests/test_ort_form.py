@@ -168,6 +168,34 @@ def test_a_build_for_one_row(built, reference_tokens):
     assert [g.token_ids for g in load(out).generate(PROMPTS[:1], max_new_tokens=16)] == reference_tokens("qwen2", PROMPTS[:1], 16)
 
 
+def test_check_loads_the_build_after_the_torch_weights_are_released(checkpoint, tmp_path, monkeypatch):
+    """The check takes the torch program's logits first, then releases the torch model and program, and only then
+    ONNX Runtime loads the build: the host holds one copy of the weights at a time there (docs/QUANTIZATION.md)."""
+    import gc
+    import importlib
+    import weakref
+
+    build_module = importlib.import_module("moe_compile.build")  # the package exports the function as `build`
+    loaded, alive = [], []
+    load_model, check_build = build_module.load_model, build_module.check_build
+
+    def load(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        loaded.extend(weakref.ref(t) for t in [model, *model.parameters()])
+        return model
+
+    def check(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        return check_build(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "load_model", load)
+    monkeypatch.setattr(build_module, "check_build", check)
+    build_module.build(str(checkpoint("qwen2_moe")), tmp_path / "out", dtype="fp16", max_seq=32, progress=False,
+                       backend="onnx", form="ort", quantize="int4")
+    assert len(loaded) > 1 and alive == [0], f"{alive} of the model and its {len(loaded) - 1} parameters alive"
+
+
 def test_folded_weights_are_computed_when_written_not_held():
     """The MoE gate/up interleave (Reshape, Transpose, Reshape over the experts' constant) folds into one lazy
     constant: the same values as numpy's, computed on each read, so the export holds no second copy of the experts."""

@@ -4,6 +4,7 @@ runtime reads."""
 
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 
@@ -64,9 +65,27 @@ def export_onnx(program: ExportedProgram, input_names: list[str], output_names: 
     )
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     onnx_program.save(path, external_data=external)
+    forget_matched_graphs()
     if not ort_fusions:  # SimplifiedLayerNormalization is ONNX Runtime's op in the default domain, unknown to onnx's
         onnx.checker.check_model(str(path))  # checker; the build's check stage loads the ort form in ONNX Runtime
     return path
+
+
+def forget_matched_graphs() -> None:
+    """onnxscript's rewrite rules are module-level objects whose pattern matchers keep the last graph they matched
+    and its match (onnxscript 0.7: SimplePatternMatcher's _graph, _match, _current_node), and through them every
+    weight of the export, torch's own and the quantized codes, for as long as the process lives: the build's check
+    would load ONNX Runtime's copy beside them. Written, the export lets them go (tests/test_ort_form.py holds that
+    no torch weight outlives it)."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript: the test says whether it still holds graphs
+        return
+    for matcher in gc.get_objects():
+        if isinstance(matcher, SimplePatternMatcher):
+            for held in ("_graph", "_match", "_current_node"):
+                if hasattr(matcher, held):
+                    setattr(matcher, held, None)
 
 
 def symbol_names(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
