@@ -147,6 +147,36 @@ def test_codes_scales_and_reference_dequantizer(bits):
     assert (again.codes == q.codes).all() and (again.scales == q.scales).all()
 
 
+@pytest.mark.parametrize("qmoe", [True, False], ids=["qmoe", "matmul_nbits"])
+def test_quantized_initializers_are_computed_when_written_not_held(qmoe):
+    """The ort form's codes and scales are lazy constants: their shapes and sizes known up front, their values
+    quantize_rows' (QMoE's or MatMulNBits' layout), computed from the source when read, one quantization for the
+    pair, so that an export holds one weight's codes at a time."""
+    import onnx_ir as ir
+
+    from moe_compile.quantize.onnx_rewrite import _quantized_initializers
+    from moe_compile.quantize.packing import matmul_nbits_weights, qmoe_weights
+
+    weight = np.random.default_rng(0).standard_normal((3, 8, 64) if qmoe else (8, 64)).astype(np.float16)
+    reads = []
+
+    def rows():
+        reads.append(1)
+        return weight
+
+    graph = ir.Graph([], [], nodes=[])
+    lead = [3] if qmoe else []
+    codes, scales = _quantized_initializers(graph, "w", rows, ir.DataType.FLOAT16, lead, 8, 64,
+                                            Quantization("int4", block_size=32), qmoe=qmoe)
+    assert [v.name for v in graph.initializers.values()] == ["w.q4", "w.scales"]
+    assert all(isinstance(v.const_value, ir.LazyTensor) for v in (codes, scales)) and not reads
+    expected = (qmoe_weights if qmoe else matmul_nbits_weights)(quantize_rows(weight, 4, 32, np.float16))
+    assert codes.const_value.nbytes == expected[0].nbytes and scales.const_value.nbytes == expected[1].nbytes
+    np.testing.assert_array_equal(codes.const_value.numpy(), expected[0])
+    np.testing.assert_array_equal(scales.const_value.numpy(), expected[1])
+    assert len(reads) == 1, "one quantization serves the codes and the scales"
+
+
 def test_weight_classes():
     assert weight_class("model.layers.0.mlp.experts") == "experts"
     assert weight_class("model.layers.0.mlp.gate") == "router"

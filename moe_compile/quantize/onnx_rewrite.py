@@ -1,4 +1,5 @@
-"""Quantize an exported model's weights in place, one initializer at a time (onnx_ir).
+"""Quantize an exported model's weights in place, one initializer at a time (onnx_ir); the ort form's codes and
+scales are lazy constants, quantized as the file is written.
 
 ort form (ONNX Runtime's contrib ops, after export/ort_fusions.py):
 
@@ -121,14 +122,39 @@ def quantize_model(model: ir.Model, quantization: Quantization, form: str, engin
     return record
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
+def _constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array))
     graph.register_initializer(value)
     return value
+
+
+def _quantized_initializers(graph: ir.Graph, name: str, rows, dtype: ir.DataType, lead: list[int], n: int, k: int,
+                            quantization: Quantization, qmoe: bool) -> tuple[ir.Value, ir.Value]:
+    """The codes and scales of `rows()` ([*lead, n, k] in `dtype`) as QMoE's or MatMulNBits' initializers
+    `{name}.q{bits}` and `{name}.scales`, lazy: quantized as the file is written, so that the export holds one
+    weight's codes at a time, not the model's (docs/QUANTIZATION.md). One quantization serves both: the part
+    read second waits in `held`."""
+    bits, block = quantization.bits, quantization.block_size
+    held = {}
+
+    def read(part: int) -> ir.Tensor:
+        if part not in held:
+            q = quantize_rows(rows(), bits, block, dtype.numpy())
+            held.update(enumerate(qmoe_weights(q) if qmoe else matmul_nbits_weights(q)))
+        return ir.tensor(np.ascontiguousarray(held.pop(part)))
+
+    codes_shape = [*lead, n, k * bits // 8] if qmoe else [n, k // block, block * bits // 8]
+    parts = []
+    for part, (suffix, part_dtype, shape) in enumerate(((f"q{bits}", ir.DataType.UINT8, codes_shape),
+                                                        ("scales", dtype, [*lead, n, k // block]))):
+        lazy = ir.LazyTensor(lambda part=part: read(part), dtype=part_dtype, shape=ir.Shape(shape))
+        parts.append(ir.Value(name=f"{name}.{suffix}", const_value=lazy))
+        graph.register_initializer(parts[-1])
+    return parts[0], parts[1]
 
 
 def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
@@ -139,21 +165,20 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
         cls = node_weight_class(node)
         if node.op_type == "MoE" and node.domain == "com.microsoft":
             moe_in = [*node.inputs, *[None] * (8 - len(node.inputs))]
-            fc1, fc2 = _const(moe_in[2]), _const(moe_in[4])
-            if fc1 is None or fc2 is None or any(v is not None for v in moe_in[6:]):
+            fc1, fc2 = moe_in[2], moe_in[4]
+            if not _constant(fc1) or not _constant(fc2) or any(v is not None for v in moe_in[6:]):
                 unquantized[node.name] = "MoE weights are not constants in the fc1/fc2 form"
                 continue
-            if fc1.shape[-1] % block or fc2.shape[-1] % block:
-                unquantized[node.name] = f"expert K ({fc1.shape[-1]}, {fc2.shape[-1]}) not a multiple of {block}"
+            (e, n1, k1), (_, n2, k2) = fc1.const_value.shape, fc2.const_value.shape
+            if k1 % block or k2 % block:
+                unquantized[node.name] = f"expert K ({k1}, {k2}) not a multiple of {block}"
                 continue
-            dtype = fc1.dtype
-            w1, s1 = qmoe_weights(quantize_rows(fc1, bits, block, dtype))
-            w2, s2 = qmoe_weights(quantize_rows(fc2, bits, block, dtype))
             name = node.name
-            inputs = [moe_in[0], moe_in[1], _initializer(graph, f"{name}.fc1.q{bits}", w1),
-                      _initializer(graph, f"{name}.fc1.scales", s1), moe_in[3],
-                      _initializer(graph, f"{name}.fc2.q{bits}", w2), _initializer(graph, f"{name}.fc2.scales", s2),
-                      moe_in[5]]
+            w1, s1 = _quantized_initializers(graph, f"{name}.fc1", fc1.const_value.numpy, fc1.const_value.dtype, [e], n1,
+                                             k1, quantization, qmoe=True)
+            w2, s2 = _quantized_initializers(graph, f"{name}.fc2", fc2.const_value.numpy, fc2.const_value.dtype, [e], n2,
+                                             k2, quantization, qmoe=True)
+            inputs = [moe_in[0], moe_in[1], w1, s1, moe_in[3], w2, s2, moe_in[5]]
             if "normalize_routing_weights" in node.attributes and not node.attributes["normalize_routing_weights"].value:
                 # onnxruntime 1.32's CPU QMoE renormalises the top-k weights even with normalize_routing_weights=0
                 # (measured; its MoE does not): the op's router_weights input, the softmax, gives the weights as they are
@@ -169,18 +194,17 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
                                           metadata_props=dict(node.metadata_props)))
             counts["QMoE"] += 1
         elif node.op_type in ("MatMul", "Gemm") and cls is not None and quantization.quantizes(cls):
-            rows, bias, why = _matmul_rows(node)
+            rows, (n, k), bias, why = _matmul_rows(node)
             if rows is None:
                 unquantized[node.name] = why
                 continue
-            n, k = rows.shape
             if k % block:
                 unquantized[node.name] = f"K={k} is not a multiple of the block size {block}"
                 continue
-            codes, scales = matmul_nbits_weights(quantize_rows(rows, bits, block, rows.dtype))
             name = node.name
-            inputs = [node.inputs[0], _initializer(graph, f"{name}.q{bits}", codes),
-                      _initializer(graph, f"{name}.scales", scales)]
+            codes, scales = _quantized_initializers(graph, name, rows, node.inputs[1].const_value.dtype, [], n, k,
+                                                    quantization, qmoe=False)
+            inputs = [node.inputs[0], codes, scales]
             if bias is not None:
                 inputs += [None, None, bias]
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block),
@@ -191,20 +215,23 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
     return counts
 
 
-def _matmul_rows(node: ir.Node) -> tuple[np.ndarray | None, ir.Value | None, str]:
-    """(weight as rows [N, K], 1-D bias value or None, why not) of a MatMul/Gemm by a constant."""
-    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim != 2:
-        return None, None, "the weight is not a constant matrix"
+def _matmul_rows(node: ir.Node):
+    """(a function giving the weight as rows [N, K], (N, K), 1-D bias value or None, why not) of a MatMul/Gemm by a
+    constant; the rows are read when the function is called (as the file is written)."""
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if weight is None or len(weight.shape) != 2:
+        return None, (0, 0), None, "the weight is not a constant matrix"
+    k, n = weight.shape  # MatMul's [K, N], or Gemm's without transB
+    columns = lambda: np.ascontiguousarray(weight.numpy().T)  # noqa: E731
     if node.op_type == "MatMul":
-        return np.ascontiguousarray(w.T), None, ""
+        return columns, (n, k), None, ""
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        return None, None, "Gemm with transA, alpha or beta"
+        return None, (0, 0), None, "Gemm with transA, alpha or beta"
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and (bias.const_value is None or len(bias.shape) != 1):
-        return None, None, "Gemm bias is not a constant vector"
-    return (w if attrs.get("transB", 0) else np.ascontiguousarray(w.T)), bias, ""
+        return None, (0, 0), None, "Gemm bias is not a constant vector"
+    return (weight.numpy, (k, n), bias, "") if attrs.get("transB", 0) else (columns, (n, k), bias, "")
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
