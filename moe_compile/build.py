@@ -259,7 +259,7 @@ class CheckReference:
     """The torch program's logits on the check's sample inputs, taken before ONNX Runtime loads the build so that
     the torch side's weights can go first: a build's host peak then holds one copy of the weights, not both."""
 
-    feeds: list[dict]  # per sample: input name -> array
+    feeds: list[dict]  # per sample: input name -> tensor (numpy's only once ONNX Runtime runs: bf16 has no numpy dtype)
     expected: np.ndarray  # [positions, vocab] float32
 
 
@@ -274,7 +274,7 @@ def check_reference(manifest: Manifest, program, captured) -> CheckReference:
         samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]
     with torch.no_grad():
         expected = [program.module(check_guards=False)(*args)[0].float().numpy() for args in samples]
-    return CheckReference([{name: a.numpy() for name, a in zip(captured.input_names, args)} for args in samples],
+    return CheckReference([dict(zip(captured.input_names, args)) for args in samples],
                           np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]))
 
 
@@ -306,8 +306,8 @@ def check_build(out: Path, manifest: Manifest, reference: CheckReference) -> Non
         log.warning("check skipped: %s", exc)
         return
     expected = reference.expected
-    got = np.concatenate([backend.session.run(["logits"], feeds)[0].astype(np.float32).reshape(-1, expected.shape[-1])
-                          for feeds in reference.feeds])
+    got = np.concatenate([backend.session.run(["logits"], {name: a.numpy() for name, a in feeds.items()})[0]
+                          .astype(np.float32).reshape(-1, expected.shape[-1]) for feeds in reference.feeds])
     # NaN compares false with every tolerance: non-finite logits must fail on their own.
     for what, logits in (("the torch program", expected), ("ONNX Runtime", got)):
         if not np.isfinite(logits).all():
