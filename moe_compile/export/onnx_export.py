@@ -82,7 +82,7 @@ def forget_matched_graphs() -> None:
     except ImportError:  # another onnxscript: the test says whether it still holds graphs
         return
     for matcher in gc.get_objects():
-        if isinstance(matcher, SimplePatternMatcher):
+        if issubclass(type(matcher), SimplePatternMatcher):  # not isinstance: a dead weak proxy raises on it
             for held in ("_graph", "_match", "_current_node"):
                 if hasattr(matcher, held):
                     setattr(matcher, held, None)
