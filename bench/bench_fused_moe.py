@@ -321,7 +321,8 @@ def bench_quantized(tokens, block=32, copies=8):
                                                          w[7].data_ptr() if with_shared else None)
                         return shared, quant
 
-                    size = library.workspace_size_quantized(c_shape, routing, *reversed(parts(w)))
+                    shared, quant = parts(w)
+                    size = library.workspace_size_quantized(c_shape, routing, quant, shared)
                     ws = torch.empty(size, dtype=torch.uint8, device="cuda")
 
                     def fn(sets=sets, out=out, ws=ws, size=size, parts=parts):
