@@ -4,8 +4,8 @@ runtime reads."""
 
 from __future__ import annotations
 
-import gc
 import re
+import sys
 from pathlib import Path
 
 import onnx
@@ -76,16 +76,22 @@ def forget_matched_graphs() -> None:
     and its match (onnxscript 0.7: SimplePatternMatcher's _graph, _match, _current_node), and through them every
     weight of the export, torch's own and the quantized codes, for as long as the process lives: the build's check
     would load ONNX Runtime's copy beside them. Written, the export lets them go (tests/test_ort_form.py holds that
-    no torch weight outlives it)."""
+    no torch weight outlives it). The rules are found in the rewriters' module globals, not by walking the heap."""
     try:
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
+        from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleSet
     except ImportError:  # another onnxscript: the test says whether it still holds graphs
         return
-    for matcher in gc.get_objects():
-        if issubclass(type(matcher), SimplePatternMatcher):  # not isinstance: a dead weak proxy raises on it
-            for held in ("_graph", "_match", "_current_node"):
-                if hasattr(matcher, held):
-                    setattr(matcher, held, None)
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("onnxscript.", "torch.onnx.", "moe_compile.")):
+            continue
+        for value in list(vars(module).values()):
+            rules = value.rules if isinstance(value, RewriteRuleSet) else (
+                value if isinstance(value, (list, tuple)) else [value])
+            for rule in rules:
+                matcher = getattr(rule, "_matcher", None) if isinstance(rule, RewriteRule) else None
+                for held in ("_graph", "_match", "_current_node"):
+                    if hasattr(matcher, held):
+                        setattr(matcher, held, None)
 
 
 def symbol_names(inputs: dict[str, torch.Tensor]) -> dict[str, str]:
