@@ -490,16 +490,24 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
 @pytest.mark.parametrize("keep", ["", "MOE", "MATMUL"])
 def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
     """prepare() on an fp16 int4 build: both kinds of node swapped, or the MoE nodes
-    (MOE_COMPILE_MOE_KERNELS=ort) or the MatMulNBits ones (MOE_COMPILE_MATMUL_KERNELS=ort) kept on ONNX Runtime's."""
+    (MOE_COMPILE_MOE_KERNELS=ort) or the MatMulNBits ones (MOE_COMPILE_MATMUL_KERNELS=ort) kept on ONNX Runtime's;
+    the attention nodes stay on ONNX Runtime's unless asked for (MOE_COMPILE_ATTENTION_KERNELS=moe_compile)."""
     out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
     library = tmp_path / "libmoe_compile_ort.so"
     library.write_bytes(b"")  # prepare only names the library; the session loads it
     monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
-    for which in ("MOE", "MATMUL"):
+    for which in ("MOE", "MATMUL", "ATTENTION"):
         monkeypatch.delenv(f"MOE_COMPILE_{which}_KERNELS", raising=False)
     if keep:
         monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
     swap = ort_kernels.prepare(out / "model.onnx")
+    assert swap.attentions == 0 and not any(n.domain == "moe_compile" and n.op_type == "GroupQueryAttention"
+                                            for n in swap.model.graph.node)
+    monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "moe_compile")
+    with_attention = ort_kernels.prepare(out / "model.onnx")
+    layers = sum(n.op_type == "GroupQueryAttention" for n in with_attention.model.graph.node)
+    assert layers and with_attention.attentions == layers and (with_attention.swapped, with_attention.matmuls) == (
+        swap.swapped, swap.matmuls)
     ours = {(n.domain, n.op_type) for n in swap.model.graph.node if n.domain == "moe_compile"}
     theirs = {n.op_type for n in swap.model.graph.node if n.domain == "com.microsoft"}
     assert (swap.swapped > 0, ("moe_compile", "FusedQMoE") in ours, "QMoE" in theirs) == (
@@ -560,3 +568,144 @@ def test_our_kernels_and_ort_moe_agree_on_a_build(built, monkeypatch, variant):
     assert np.isfinite(logits).all()
     assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
     assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
+
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("variant", ["qwen2_moe", "glm4_moe"])
+def test_our_attention_and_ort_gqa_agree_on_a_build(built, monkeypatch, variant):
+    """A build's decode on ort-cuda (CUDA graphs) with our attention kernels against ONNX Runtime's: the same
+    prompt logits (the op's prefill is ONNX Runtime's kernel) and greedy tokens (16 decode steps, batches 1 and 2
+    of different lengths)."""
+    out = built(variant, dtype="fp16", form="ort")
+    prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
+    monkeypatch.delenv("MOE_COMPILE_ATTENTION_KERNELS", raising=False)
+    theirs = load(out, "ort-cuda")
+    expected_logits = _prompt_logits(theirs, prompts[0])
+    expected = [g.token_ids for g in theirs.generate(prompts, max_new_tokens=16)]
+    expected_one = theirs.generate([prompts[1]], max_new_tokens=16)[0].token_ids
+    del theirs
+    monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "moe_compile")
+    ours = load(out, "ort-cuda")
+    assert ort_kernels.prepare(out / "model.onnx").attentions > 0
+    np.testing.assert_array_equal(_prompt_logits(ours, prompts[0]), expected_logits)
+    assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
+    assert ours.generate([prompts[1]], max_new_tokens=16)[0].token_ids == expected_one
+
+def _gqa_model(heads=4, kv_heads=2, head=32, max_seq=160, rotary_half=8, dtype=np.float16,
+               **extra) -> tuple[onnx.ModelProto, dict]:
+    """One com.microsoft:GroupQueryAttention node as the ort form writes it (packed QKV, shared KV buffer, half-split
+    rotary from cos/sin initializers)."""
+    rng = np.random.default_rng(11)
+    angles = np.arange(max_seq)[:, None] * (1e4 ** (-np.arange(rotary_half) / rotary_half))[None]
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    cache = ["batch", kv_heads, max_seq, head]
+    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=0.9 / head ** 0.5, do_rotary=1, rotary_interleaved=0)
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_length",
+                                                    "cos", "sin"], ["out", "present_key", "present_value"],
+                            domain="com.microsoft", **(attrs | extra))
+    graph = helper.make_graph(
+        [node], "gqa",
+        [helper.make_tensor_value_info("qkv", elem, ["batch", "new", (heads + 2 * kv_heads) * head]),
+         helper.make_tensor_value_info("past_key", elem, cache), helper.make_tensor_value_info("past_value", elem, cache),
+         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+         helper.make_tensor_value_info("total_length", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("out", elem, ["batch", "new", heads * head]),
+         helper.make_tensor_value_info("present_key", elem, cache),
+         helper.make_tensor_value_info("present_value", elem, cache)],
+        [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])
+    rows = len(extra.get("lengths", ())) or 3
+    feeds = {"qkv": rng.standard_normal((rows, 1, (heads + 2 * kv_heads) * head)).astype(dtype),
+             "past_key": rng.standard_normal((rows, kv_heads, max_seq, head)).astype(dtype),
+             "past_value": rng.standard_normal((rows, kv_heads, max_seq, head)).astype(dtype),
+             "seqlens_k": np.array([4, 70, 150][:rows], np.int32), "total_length": np.array(max_seq, np.int32)}
+    return _model(graph), feeds | {"cos": cos, "sin": sin, "heads": heads, "scale": attrs["scale"]}
+
+
+def _gqa_reference(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from moe_compile.plugins.reference import decode_attention_reference
+
+    t = {name: torch.from_numpy(case[name]) for name in ("qkv", "past_key", "past_value", "seqlens_k", "cos", "sin")}
+    out, k, v = decode_attention_reference(t["qkv"][:, 0], t["past_key"], t["past_value"], t["seqlens_k"], t["cos"],
+                                           t["sin"], case["heads"], case["scale"])
+    return out.numpy()[:, None], k.numpy(), v.numpy()
+
+
+def test_decode_attention_contract_is_com_microsoft_gqa():
+    """The reference our decode kernels are tested against computes what ONNX Runtime's GroupQueryAttention does
+    for one new token a row over a shared KV buffer: rotary at position seqlens_k, the token written there,
+    attention over positions 0..seqlens_k (rows whose length crosses 64-row chunks and one that does not)."""
+    model, case = _gqa_model()
+    names = ("qkv", "past_key", "past_value", "seqlens_k", "total_length")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, present_k, present_v = session.run(None, {n: case[n] for n in names})
+    expected_out, expected_k, expected_v = _gqa_reference(case)
+    np.testing.assert_allclose(out.astype(np.float32), expected_out.astype(np.float32), atol=2e-3, rtol=2e-3)
+    for b, length in enumerate(case["seqlens_k"] + 1):  # what ONNX Runtime holds past the rows is its own business
+        np.testing.assert_allclose(present_k[b, :, :length].astype(np.float32),
+                                   expected_k[b, :, :length].astype(np.float32), atol=2e-3)
+        np.testing.assert_array_equal(present_v[b, :, :length], expected_v[b, :, :length])
+
+
+@pytest.mark.parametrize("extra, reason", [({"rotary_interleaved": 1}, "interleaved rotary"),
+                                           ({"softcap": 30.0}, "softcap"), ({"local_window_size": 8}, "local_window"),
+                                           ({"head": 48}, "head size 48"), ({"heads": 6, "kv_heads": 2}, "6 heads")])
+def test_attention_nodes_our_kernels_do_not_compute_stay_with_the_reason(extra, reason):
+    model, _ = _gqa_model(**{k: v for k, v in extra.items() if k in ("head", "heads", "kv_heads")},
+                          **{k: v for k, v in extra.items() if k not in ("head", "heads", "kv_heads")})
+    swapped, kept = ort_kernels.swap_attention_nodes(model)
+    assert swapped == 0 and reason in kept
+    assert model.graph.node[0].domain == "com.microsoft"
+
+
+@pytest.mark.parametrize("variant", ort_form_variants())
+def test_every_attention_node_of_an_fp16_ort_build_is_swapped(built, variant):
+    model = onnx.load(str(built(variant, dtype="fp16", form="ort") / "model.onnx"), load_external_data=False)
+    before = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    swapped, kept = ort_kernels.swap_attention_nodes(model)
+    assert before and (swapped, kept) == (before, "")  # the tiny models' head sizes are 16 and 32
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.domain == "moe_compile" and len(n.input) == 9 and len(n.output) == 3 for n in attention)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("head, heads, kv_heads", [(16, 4, 2), (128, 16, 16), (64, 32, 4)])
+def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv_heads):
+    """moe_compile:GroupQueryAttention in an ONNX Runtime CUDA session: a decode step, past and present bound to one
+    buffer (as the runtime binds them) and run plainly, against the reference; a prefill of 5 tokens (ONNX Runtime's
+    kernel, invoked by the op) against com.microsoft:GroupQueryAttention's own session."""
+    model, case = _gqa_model(heads=heads, kv_heads=kv_heads, head=head, rotary_half=head // 4)
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    assert ort_kernels.swap_attention_nodes(swapped) == (1, "")
+    path, why = ort_kernels.library()
+    assert path is not None, why
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(path))
+    ours = ort.InferenceSession(swapped.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    names = ("qkv", "past_key", "past_value", "seqlens_k", "total_length")
+    expected = _gqa_reference(case)
+    got = ours.run(None, {n: case[n] for n in names})
+    for value, reference in zip(got, expected):
+        np.testing.assert_allclose(value.astype(np.float32), reference.astype(np.float32), atol=2e-3, rtol=2e-3)
+    binding = ours.io_binding()  # in place: present_* are past_*'s buffers
+    feeds = {n: ort.OrtValue.ortvalue_from_numpy(case[n], "cuda", 0) for n in names if n != "total_length"}
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_cpu_input("total_length", case["total_length"])
+    binding.bind_output("out", "cuda")
+    binding.bind_ortvalue_output("present_key", feeds["past_key"])
+    binding.bind_ortvalue_output("present_value", feeds["past_value"])
+    ours.run_with_iobinding(binding)
+    in_place = [binding.get_outputs()[0].numpy(), feeds["past_key"].numpy(), feeds["past_value"].numpy()]
+    for value, reference in zip(in_place, expected):
+        np.testing.assert_allclose(value.astype(np.float32), reference.astype(np.float32), atol=2e-3, rtol=2e-3)
+
+    rng = np.random.default_rng(5)
+    prefill = {"qkv": rng.standard_normal((2, 5, case["qkv"].shape[2])).astype(np.float16),
+               "past_key": np.zeros_like(case["past_key"][:2]), "past_value": np.zeros_like(case["past_value"][:2]),
+               "seqlens_k": np.array([4, 2], np.int32), "total_length": np.array(5, np.int32)}
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    for value, reference in zip(ours.run(None, prefill), theirs.run(None, prefill)):
+        np.testing.assert_array_equal(value, reference)

@@ -68,3 +68,38 @@ def shared_expert_reference(hidden: torch.Tensor, gate_up: torch.Tensor, down: t
     intermediate = down.shape[-1]
     y = (torch.nn.functional.silu(gu[:, :intermediate]) * gu[:, intermediate:]) @ down.double().T
     return y if gate_logits is None else torch.sigmoid(gate_logits.double()).unsqueeze(-1) * y
+
+
+def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+                               cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int,
+                               scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """com.microsoft:GroupQueryAttention's decode step as moe_compile_decode_attention computes it, in float64:
+    qkv [B, (N + 2 KV) D] (one new token a row), caches [B, KV, max_seq, D], the token at seqlens_k[b], half-split
+    rotary by cos/sin [positions, R/2] (None: none); q and the new k rounded to the cache's dtype after rotation.
+    Returns (output [B, N D], k_cache, v_cache with the token written), in the caches' dtype."""
+    B, kv_heads, _, D = k_cache.shape
+    q, k, v = qkv.view(B, -1, D).split([num_heads, kv_heads, kv_heads], dim=1)
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    out = torch.empty(B, num_heads, D, dtype=k_cache.dtype)
+    scale = scale or D ** -0.5
+
+    def rotate(x: torch.Tensor, position: int) -> torch.Tensor:
+        if cos is None:
+            return x
+        half = cos.shape[1]
+        c, s = cos[position].double(), sin[position].double()
+        x = x.double()
+        first, second = x[..., :half], x[..., half:2 * half]
+        rotated = torch.cat([first * c - second * s, second * c + first * s, x[..., 2 * half:]], dim=-1)
+        return rotated.to(k_cache.dtype)
+
+    for b in range(B):
+        position = int(seqlens_k[b])
+        k_cache[b, :, position] = rotate(k[b], position)
+        v_cache[b, :, position] = v[b]
+        keys, values = k_cache[b, :, :position + 1].double(), v_cache[b, :, :position + 1].double()
+        group = num_heads // kv_heads
+        queries = rotate(q[b], position).double() * scale
+        scores = torch.einsum("nd,nsd->ns", queries, keys.repeat_interleave(group, dim=0))
+        out[b] = torch.einsum("ns,nsd->nd", scores.softmax(-1), values.repeat_interleave(group, dim=0)).to(out.dtype)
+    return out.reshape(B, num_heads * D), k_cache, v_cache

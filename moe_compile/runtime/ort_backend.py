@@ -208,6 +208,7 @@ class OrtCudaBackend(OrtBackend):
         # the graph comes as bytes: ONNX Runtime finds its external data in the build's folder
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out))
         kept = f" (kept on onnxruntime's: {swap.reason})" if swap.reason else ""
-        matmuls = f" and {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
-        log.info("%d MoE nodes%s on moe_compile's CUDA kernels%s", swap.swapped, matmuls, kept)
+        matmuls = f", {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
+        attentions = f", {swap.attentions} attention nodes" if swap.attentions else ""
+        log.info("%d MoE nodes%s%s on moe_compile's CUDA kernels%s", swap.swapped, matmuls, attentions, kept)
         return swap.model.SerializeToString()

@@ -31,8 +31,16 @@ rows ONNX Runtime's Gemm on the weight dequantized. H200, A2.7B (docs/BENCHMARKS
 take 10.5 us a layer, as ONNX Runtime's 9.9 + 1.4 for the bias Add; the int4 LM head ~70 us a step less than
 the fp16 one on cuBLAS (ONNX Runtime's `MatMulNBits` took longer than cuBLAS for it), with 1.0 GB less device memory.
 
+With MOE_COMPILE_ATTENTION_KERNELS=moe_compile, the ort form's com.microsoft:GroupQueryAttention nodes (shared KV
+buffer, half-split rotary) become `moe_compile:GroupQueryAttention` on the same inputs: a decode step (one new token
+a row) rotates, appends and attends in two launches of ours (plugins/csrc/decode_attention.cu), where ONNX Runtime's
+takes five (12.7 us a layer at batch 1, A2.7B, docs/BENCHMARKS.md); prefill runs ONNX Runtime's own kernel, invoked
+by the op. Opt-in until its GPU tests (tests/plugins/test_fused_moe_cuda.py, tests/test_ort_kernels.py) have run on
+a GPU: the contract is tested against ONNX Runtime's CPU kernel, the kernels have not run yet.
+
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
+    MOE_COMPILE_ATTENTION_KERNELS=moe_compile  run GroupQueryAttention's decode on ours (opt-in: not yet run on a GPU)
     MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
@@ -50,8 +58,12 @@ DOMAIN = "moe_compile"
 OP = "FusedMoE"
 QUANTIZED_OP = "FusedQMoE"
 MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points or group index) in our domain
-NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
-OURS_OPS = ("MoE", "QMoE", "MatMulNBits")
+ATTENTION_OP = "GroupQueryAttention"  # com.microsoft:GroupQueryAttention's first nine inputs, in our domain
+NO_MOE_NODES = "no com.microsoft:MoE, QMoE, MatMulNBits or GroupQueryAttention nodes"
+OURS_OPS = ("MoE", "QMoE", "MatMulNBits", "GroupQueryAttention")
+ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
+ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)
+ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # query heads a KV head
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class Swap:
     swapped: int  # MoE and QMoE nodes
     reason: str
     matmuls: int = 0  # MatMulNBits nodes
+    attentions: int = 0  # GroupQueryAttention nodes
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -388,6 +401,60 @@ def swap_matmul_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
+def _input_dims(model: onnx.ModelProto, name: str) -> tuple[list, int] | None:
+    """(dims, element type) of a graph input: the KV cache's [batch, kv_heads, max_seq, head_size]."""
+    for value in model.graph.input:
+        if value.name == name:
+            shape = value.type.tensor_type.shape
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape.dim], \
+                value.type.tensor_type.elem_type
+    return None
+
+
+def why_not_ours_attention(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    """None if our kernels compute this com.microsoft:GroupQueryAttention node's decode step exactly, else why."""
+    attrs = _attributes(node)
+    extra = sorted(set(attrs) - ATTENTION_ATTRIBUTES)
+    if extra or attrs.get("rotary_interleaved", 0):
+        return f"attention with {', '.join(extra) or 'interleaved rotary'}"
+    if len(node.input) > 9 and any(node.input[9:]):
+        return "attention with position ids, a bias or sinks"
+    cache = _input_dims(model, node.input[3]) if len(node.input) > 4 else None
+    if cache is None or len(cache[0]) != 4 or not isinstance(cache[0][3], int) or not isinstance(cache[0][1], int):
+        return "attention whose KV cache is no graph input of known head size"
+    dims, element = cache
+    heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+    if element not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return "a float32 attention (ours take 16-bit)"
+    if dims[3] not in ATTENTION_HEAD_SIZES or kv_heads != dims[1] or kv_heads <= 0 or heads % kv_heads \
+            or heads // kv_heads not in ATTENTION_GROUPS:
+        return f"attention of head size {dims[3]}, {heads} heads over {kv_heads}; ours take head sizes " \
+            f"{ATTENTION_HEAD_SIZES} and {ATTENTION_GROUPS} query heads a KV head"
+    return None
+
+
+def swap_attention_nodes(model: onnx.ModelProto) -> tuple[int, str]:
+    """Replace, in place, every com.microsoft:GroupQueryAttention node our kernels compute by
+    moe_compile:GroupQueryAttention (the same inputs and outputs). Returns (nodes swapped, the reasons of the ones
+    kept, '' if none)."""
+    swapped, kept = 0, set()
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        reason = why_not_ours_attention(model, node)
+        if reason:
+            kept.add(reason)
+            continue
+        attrs = _attributes(node)
+        node.CopyFrom(onnx.helper.make_node(
+            ATTENTION_OP, list(node.input[:9]), list(node.output[:3]), name=node.name, domain=DOMAIN,
+            num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=float(attrs.get("scale", 0.0)),
+            do_rotary=attrs.get("do_rotary", 0)))
+        swapped += 1
+    _rewrite_nodes(model, swapped, set())
+    return swapped, "; ".join(sorted(kept))
+
+
 def library(build: bool = True) -> tuple[Path | None, str]:
     """The custom-op library, built first (`build`) where nvcc and onnxruntime's header are at hand; else (None, why)."""
     prebuilt = os.environ.get("MOE_COMPILE_ORT_OPS_LIB")
@@ -407,7 +474,8 @@ def library(build: bool = True) -> tuple[Path | None, str]:
 def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
     moe, matmul = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort" for which in ("MOE", "MATMUL"))
-    if not moe and not matmul:
+    attention = os.environ.get("MOE_COMPILE_ATTENTION_KERNELS", "") == "moe_compile"
+    if not moe and not matmul and not attention:
         return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort and MOE_COMPILE_MATMUL_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
     if not any(n.op_type in OURS_OPS and n.domain == "com.microsoft" for n in model.graph.node):
@@ -417,7 +485,8 @@ def prepare(onnx_path: Path) -> Swap:
         return Swap(None, None, 0, why)
     swapped, kept = swap_moe_nodes(model) if moe else (0, "MOE_COMPILE_MOE_KERNELS=ort")
     matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
-    reason = "; ".join(r for r in (kept, kept_matmuls) if r)
-    if not swapped and not matmuls:
+    attentions, kept_attentions = swap_attention_nodes(model) if attention else (0, "")
+    reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions) if r)
+    if not swapped and not matmuls and not attentions:
         return Swap(None, None, 0, reason)
-    return Swap(model, path, swapped, reason, matmuls)
+    return Swap(model, path, swapped, reason, matmuls, attentions)

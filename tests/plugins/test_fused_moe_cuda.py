@@ -396,3 +396,42 @@ def test_quantized_matmul_matches_its_dequantized_weight(rows, n, k, bits, block
     print(f"CASE quantized matmul int{bits} block {block} M={rows} N={n} K={k} {dtype} bias={with_bias} rel_err={rel:.2e}")
     assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
     assert torch.equal(quantized_matmul_cuda(x, codes, scales, bias, bits, block), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head, heads, kv_heads", [(128, 16, 16), (64, 32, 4), (16, 4, 2), (32, 16, 1), (256, 8, 8),
+                                                   (128, 32, 8)])
+@pytest.mark.parametrize("max_seq", [48, 200, 4096])
+def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, max_seq):
+    """GroupQueryAttention's decode step (rotary on the first half of the dims, the token appended in place, one or
+    many 64-row chunks) against the float64 reference; past and present one buffer, then two (the past copied)."""
+    from moe_compile.plugins.reference import decode_attention_reference
+
+    torch.manual_seed(head + heads + max_seq)
+    batch, rotary_half = 3, head // 4
+    lengths = torch.tensor([1, max_seq // 2 + 3, max_seq], dtype=torch.int32)[:batch]
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head, dtype=dtype, device="cuda")
+    k_cache = torch.randn(batch, kv_heads, max_seq, head, dtype=dtype, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    angles = torch.arange(max_seq)[:, None] * (1e4 ** (-torch.arange(rotary_half) / rotary_half))[None]
+    cos, sin = angles.cos().to(dtype).cuda(), angles.sin().to(dtype).cuda()
+    seqlens = (lengths - 1).cuda()
+    expected, expected_k, expected_v = decode_attention_reference(qkv.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu(),
+                                                                  cos.cpu(), sin.cpu(), heads, 0.7 / head ** 0.5)
+    bytes_ = library.decode_attention_workspace_size(batch, heads, head, max_seq)
+    workspace = torch.empty(max(bytes_, 1), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    kind = Dtype.F16 if dtype == torch.float16 else Dtype.BF16
+    for shared in (True, False):
+        past_k, past_v = k_cache.clone(), v_cache.clone()
+        present_k, present_v = (past_k, past_v) if shared else (torch.empty_like(past_k), torch.empty_like(past_v))
+        out = torch.full((batch, heads * head), float("nan"), dtype=dtype, device="cuda")
+        library.decode_attention(qkv.data_ptr(), qkv.shape[1], past_k.data_ptr(), past_v.data_ptr(),
+                                 present_k.data_ptr(), present_v.data_ptr(), seqlens.data_ptr(), cos.data_ptr(),
+                                 sin.data_ptr(), rotary_half, batch, heads, kv_heads, head, max_seq, 0.7 / head ** 0.5,
+                                 kind, out.data_ptr(), workspace.data_ptr(), bytes_, stream)
+        torch.cuda.synchronize()
+        tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(present_k.cpu().float(), expected_k.float(), atol=tolerance, rtol=0)
+        assert torch.equal(present_v.cpu(), expected_v)

@@ -147,6 +147,28 @@ int moe_compile_quantized_matmul(const void* x, const void* codes, const void* s
 int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int32_t bits,
                            int32_t block_size, int32_t dtype, void* out, void* cuda_stream);
 
+// com.microsoft:GroupQueryAttention's decode step (decode_attention.cu): one new token a row b of `batch`, at
+// position seqlens_k[b] (device int32, ONNX Runtime's total length - 1). query: row b's num_heads heads at
+// query + b q_stride (elements); key/value: its kv_heads heads at key/value + b kv_stride (packed QKV: pointers
+// into one row). Rotary (rotary_half > 0): the first 2 rotary_half dims of q and the new k rotate in halves by
+// cos/sin_cache[position, rotary_half]. The new k and v are written into present_key/value [batch, kv_heads,
+// max_seq, head_dim] at the position (past_* copied there first where they are other buffers; NULL or the same:
+// in place), then out [batch, num_heads head_dim] = softmax(scale q K^T) V over positions 0..seqlens_k[b].
+// 16-bit dtypes; head_dim 16, 32, 64, 128 or 256; num_heads / kv_heads 1, 2, 4, 8 or 16 (..._supported). Two
+// launches whose grids depend on max_seq only: a CUDA graph replays them at any length.
+int moe_compile_decode_attention_supported(int64_t num_heads, int64_t kv_heads, int64_t head_dim);
+size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t head_dim,
+                                                   int64_t max_seq);
+int moe_compile_decode_attention(const void* query, const void* key, const void* value, int64_t q_stride,
+                                 int64_t kv_stride, const void* past_key, const void* past_value, void* present_key,
+                                 void* present_value, const int32_t* seqlens_k, const void* cos_cache,
+                                 const void* sin_cache, int64_t rotary_half, int64_t batch, int64_t num_heads,
+                                 int64_t kv_heads, int64_t head_dim, int64_t max_seq, float scale, int32_t dtype,
+                                 void* out, void* workspace, size_t workspace_bytes, void* cuda_stream);
+
+// cudaDeviceSynchronize: around an ONNX Runtime kernel a custom op invokes (it runs on CUDA's default stream).
+int moe_compile_device_synchronize(void);
+
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);
 

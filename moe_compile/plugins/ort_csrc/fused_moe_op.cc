@@ -38,6 +38,17 @@
 // com.microsoft:MatMulNBits without zero points or group index, on our tensor-core kernels for 16-bit A (fused_moe.h:
 // moe_compile_quantized_matmul): a quantized build's attention projections and LM head, the bias added in the same
 // launch. Past 16 rows (prefill) the weight is dequantized into the workspace for ONNX Runtime's Gemm.
+//
+//   GroupQueryAttention(query [B, S, (N + 2 KV) D] packed, or [B, S, N D] with key and value [B, S, KV D],
+//                       past_key, past_value [B, KV, max_seq, D], seqlens_k int32 [B], total_sequence_length (host),
+//                       cos_cache, sin_cache [positions, R/2])   num_heads, kv_num_heads, scale, do_rotary
+//     -> output [B, S, N D], present_key, present_value (past's buffers where the caller binds them so)
+//
+// com.microsoft:GroupQueryAttention with the KV cache a shared buffer and half-split rotary (rotary_interleaved 0,
+// no softcap, window, sinks or position ids): one new token a row (decode) on our kernels (fused_moe.h:
+// moe_compile_decode_attention, two launches where ONNX Runtime's takes five); more (prefill) on ONNX Runtime's own
+// kernel, invoked through the C API.
+#include <math.h>
 #include <stdio.h>
 
 #include <string>
@@ -507,6 +518,149 @@ OrtStatus* ORT_API_CALL compute_matmul_kernel(void* kernel, OrtKernelContext* ct
 
 void ORT_API_CALL destroy_matmul_kernel(void* kernel) { delete static_cast<MatMulKernel*>(kernel); }
 
+// GroupQueryAttention: inputs as com.microsoft's (the first nine); the attributes our kernels take.
+constexpr size_t kAttentionInputs = 9;
+
+struct AttentionKernel {
+  int64_t num_heads = 0, kv_heads = 0, do_rotary = 0;
+  float scale = 0.f;
+  OrtOp* gqa = nullptr;  // com.microsoft:GroupQueryAttention on this provider: more than one new token a row
+  ~AttentionKernel() {
+    if (gqa) g_api->ReleaseOp(gqa);
+  }
+};
+
+// Prefill: ONNX Runtime's kernel. Invoked ops get no compute stream (they run on CUDA's default stream), so the
+// device is synchronized on both sides: prefill is never captured into a CUDA graph.
+OrtStatus* attention_by_onnxruntime(const AttentionKernel* kernel, OrtKernelContext* ctx,
+                                    const OrtValue* const (&values)[kAttentionInputs], OrtValue* const (&outputs)[3]) {
+  if (!kernel->gqa) return fail("GroupQueryAttention: ONNX Runtime's kernel for prefill could not be created");
+  if (moe_compile_device_synchronize() != MOE_OK) return fail("GroupQueryAttention: synchronizing before prefill failed");
+  ORT_TRY(g_api->InvokeOp(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3));
+  if (moe_compile_device_synchronize() != MOE_OK) return fail("GroupQueryAttention: ONNX Runtime's prefill failed");
+  return nullptr;
+}
+
+OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ctx) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* values[kAttentionInputs] = {};
+  TensorView q, k, v, past_k, past_v, seqlens, total, cos, sin;
+  TensorView* views[kAttentionInputs] = {&q, &k, &v, &past_k, &past_v, &seqlens, &total, &cos, &sin};
+  for (size_t i = 0; i < kAttentionInputs && i < count; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+  }
+  const bool packed = !values[1];
+  if (!values[0] || !values[3] || !values[4] || !values[5] || (packed && values[2]) || (!packed && !values[2]) ||
+      (kernel->do_rotary && (!values[7] || !values[8])))
+    return fail("GroupQueryAttention: query, past_key/value, seqlens_k (and cos/sin with rotary) are required; key "
+                "and value come together");
+  const int dtype = moe_dtype_of(q.type);
+  if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || past_k.type != q.type || past_v.type != q.type ||
+      (!packed && (k.type != q.type || v.type != q.type)) || seqlens.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
+    return fail("GroupQueryAttention: query, key, value and the cache share float16 or bfloat16; seqlens_k is int32");
+  const int64_t N = kernel->num_heads, KV = kernel->kv_heads;
+  if (q.dims.size() != 3 || past_k.dims.size() != 4 || past_k.dims != past_v.dims || past_k.dims[1] != KV)
+    return fail("GroupQueryAttention: expected query [B, S, hidden] and past_key/value [B, " + std::to_string(KV) +
+                ", max_seq, head_size]: query " + dims_text(q) + ", past_key " + dims_text(past_k));
+  const int64_t B = q.dims[0], S = q.dims[1], D = past_k.dims[3], max_seq = past_k.dims[2];
+  if (q.dims[2] != (packed ? (N + 2 * KV) * D : N * D) || past_k.dims[0] != B || seqlens.dims.empty() ||
+      seqlens.dims[0] != B || (!packed && (k.dims != v.dims || k.dims.size() != 3 || k.dims[2] != KV * D)))
+    return fail("GroupQueryAttention: shapes disagree: query " + dims_text(q) + ", past_key " + dims_text(past_k) +
+                ", seqlens_k " + dims_text(seqlens) + (packed ? "" : ", key " + dims_text(k)));
+  const int64_t out_dims[3] = {B, S, N * D};
+  OrtValue* outputs[3] = {};
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims, 3, &outputs[0]));
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, past_k.dims.data(), 4, &outputs[1]));
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 2, past_v.dims.data(), 4, &outputs[2]));
+  if (B == 0 || S == 0) return nullptr;
+  if (S != 1) return attention_by_onnxruntime(kernel, ctx, values, outputs);
+  void *out = nullptr, *present_k = nullptr, *present_v = nullptr, *stream = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(outputs[0], &out));
+  ORT_TRY(g_api->GetTensorMutableData(outputs[1], &present_k));
+  ORT_TRY(g_api->GetTensorMutableData(outputs[2], &present_v));
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const int64_t rotary_half = kernel->do_rotary ? cos.dims.back() : 0;
+  const float scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)D);
+  const size_t element = 2;
+  const char* row = static_cast<const char*>(q.data);
+  const void* key = packed ? row + N * D * element : k.data;
+  const void* value = packed ? row + (N + KV) * D * element : v.data;
+  const int64_t kv_stride = packed ? q.dims[2] : KV * D;
+  const size_t bytes = moe_compile_decode_attention_workspace_size(B, N, D, max_seq);
+  const OrtMemoryInfo* memory = nullptr;
+  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
+  OrtAllocator* allocator = nullptr;
+  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
+  void* workspace = nullptr;
+  OrtStatus* status = bytes ? g_api->AllocatorAlloc(allocator, bytes, &workspace) : nullptr;
+  if (!status) {
+    const int rc = moe_compile_decode_attention(
+        q.data, key, value, q.dims[2], kv_stride, past_k.data, past_v.data, present_k, present_v,
+        static_cast<const int32_t*>(seqlens.data), cos.data, sin.data, rotary_half, B, N, KV, D, max_seq, scale, dtype,
+        out, workspace, bytes, stream);
+    if (rc != MOE_OK) status = fail(std::string("GroupQueryAttention: ") + moe_compile_status_string(rc));
+    if (workspace) {
+      OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // reused only later on this stream
+      if (freed && !status) status = freed;
+      else if (freed) g_api->ReleaseStatus(freed);
+    }
+  }
+  g_api->ReleaseAllocator(allocator);
+  return status;
+}
+
+// ONNX Runtime's GroupQueryAttention for this type (the cache of the same type), with the node's attributes.
+OrtOp* create_gqa(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType type,
+                  const AttentionKernel& kernel) {
+  const int64_t ints[4] = {kernel.num_heads, kernel.kv_heads, kernel.do_rotary, 0};
+  const char* int_names[4] = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"};
+  OrtOpAttr* attrs[5] = {};
+  OrtStatus* status = nullptr;
+  for (int i = 0; i < 4 && !status; ++i) status = api->CreateOpAttr(int_names[i], &ints[i], 1, ORT_OP_ATTR_INT, &attrs[i]);
+  if (!status) status = api->CreateOpAttr("scale", &kernel.scale, 1, ORT_OP_ATTR_FLOAT, &attrs[4]);
+  // older kernels know T and M only; the names a kernel does not declare are not looked at
+  const char* names[4] = {"T", "T_CACHE", "T_KV_SCALE", "M"};
+  const ONNXTensorElementDataType types[4] = {type, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                              ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
+  OrtOp* op = nullptr;
+  if (!status) status = api->CreateOp(info, "GroupQueryAttention", "com.microsoft", 1, names, types, 4, attrs, 5,
+                                      (int)kAttentionInputs, 3, &op);
+  if (status) {
+    api->ReleaseStatus(status);
+    op = nullptr;
+  }
+  for (OrtOpAttr* attr : attrs)
+    if (attr) api->ReleaseOpAttr(attr);
+  return op;
+}
+
+template <ONNXTensorElementDataType kType>
+OrtStatus* ORT_API_CALL create_attention_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                                void** out) {
+  auto* kernel = new AttentionKernel();
+  OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->num_heads);
+  if (!status) status = api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_heads);
+  if (!status) status = api->KernelInfoGetAttribute_int64(info, "do_rotary", &kernel->do_rotary);
+  if (!status) status = api->KernelInfoGetAttribute_float(info, "scale", &kernel->scale);
+  if (!status && (kernel->num_heads <= 0 || kernel->kv_heads <= 0 || kernel->num_heads % kernel->kv_heads))
+    status = api->CreateStatus(ORT_INVALID_ARGUMENT, "moe_compile:GroupQueryAttention: num_heads a multiple of kv_num_heads");
+  if (status) {
+    delete kernel;
+    return status;
+  }
+  kernel->gqa = create_gqa(api, info, kType, *kernel);
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_attention_kernel(void* kernel, OrtKernelContext* ctx) {
+  return compute_attention(static_cast<const AttentionKernel*>(kernel), ctx);
+}
+
+void ORT_API_CALL destroy_attention_kernel(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+
 // Reads the attributes every op has (k, optional normalize_routing_weights) and `optional` ones that
 // default to 0; a missing required one fails the session's creation.
 OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Kernel* kernel, bool quantized) {
@@ -607,13 +761,36 @@ OrtCustomOp make_matmul_op() {
   return op;
 }
 
+// GroupQueryAttention: seqlens_k (input 5) int32, total_sequence_length (6) an int32 on the host (as ONNX Runtime's
+// kernel takes it), everything else kType (16-bit only); key and value optional (packed query), cos/sin optional.
+template <ONNXTensorElementDataType kType>
+OrtCustomOp make_attention_op() {
+  OrtCustomOp op = make_op<kType>();
+  op.GetName = [](const OrtCustomOp*) { return "GroupQueryAttention"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) {
+    return i == 5 || i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : kType;
+  };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kAttentionInputs; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i == 0 || (i >= 3 && i <= 6) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t i) { return i == 6 ? OrtMemTypeCPUInput : OrtMemTypeDefault; };
+  op.CreateKernelV2 = create_attention_kernel<kType>;
+  op.KernelComputeV2 = compute_attention_kernel;
+  op.KernelDestroy = destroy_attention_kernel;
+  return op;
+}
+
 OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
                        make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
-                       make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
+                       make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
+                       make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
+                       make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
 
 }  // namespace
 
