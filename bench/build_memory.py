@@ -1,5 +1,8 @@
 """Host memory of a build by stage: `moe-compile build ARGS` with each stage's end reporting the process's
-resident set and its peak so far (/proc/self/status VmRSS, VmHWM), on stderr as `[mem] after STAGE: ...`.
+resident set (anonymous memory and file-backed pages: the checkpoint's mapped safetensors) and its peak so far
+(/proc/self/status VmRSS, RssAnon, RssFile, VmHWM), and the peak of the anonymous part (sampled: the kernel keeps
+none), on stderr as `[mem] after STAGE: ...`. File-backed pages are the page cache's: the kernel drops them under
+pressure and reads them again, so the anonymous peak is what a build needs the machine to hold.
 
     python bench/build_memory.py CHECKPOINT -o OUT [build flags...]
 
@@ -11,14 +14,31 @@ CKPT --layers 2`) come from `python bench/build_memory.py CKPT -o OUT --form ort
 import contextlib
 import importlib
 import sys
+import threading
+import time
 
 build_module = importlib.import_module("moe_compile.build")  # the module (the package exports the function)
 
 
+def status_gb() -> dict[str, float]:
+    return {key: int(value.split()[0]) / 2**20 for key, value in (line.split(":", 1) for line in open("/proc/self/status"))
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+
+
+peak_anonymous = 0.0  # the kernel keeps no peak of RssAnon: a thread samples it
+
+
+def sample_anonymous() -> None:
+    global peak_anonymous
+    while True:
+        peak_anonymous = max(peak_anonymous, status_gb()["RssAnon"])
+        time.sleep(0.02)
+
+
 def memory() -> str:
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    gb = lambda key: int(status[key].split()[0]) / 2**20
-    return f"RSS {gb('VmRSS'):.2f} GB, peak {gb('VmHWM'):.2f} GB"
+    gb = status_gb()
+    return (f"RSS {gb['VmRSS']:.2f} GB (anonymous {gb['RssAnon']:.2f}, file-backed {gb['RssFile']:.2f}), "
+            f"peak {gb['VmHWM']:.2f} GB, anonymous peak {max(peak_anonymous, gb['RssAnon']):.2f} GB (sampled every 20 ms)")
 
 
 stage = build_module._Stages.__call__
@@ -33,6 +53,7 @@ def stage_with_memory(self, name):
 
 if __name__ == "__main__":
     build_module._Stages.__call__ = stage_with_memory
+    threading.Thread(target=sample_anonymous, daemon=True).start()
     from moe_compile.cli import main
 
     sys.exit(main(["build", *sys.argv[1:]]))
