@@ -177,6 +177,35 @@ def test_quantized_initializers_are_computed_when_written_not_held(qmoe):
     assert len(reads) == 1, "one quantization serves the codes and the scales"
 
 
+
+@pytest.mark.parametrize("bits, in_int8", [(4, False), (8, False), (4, True)], ids=["int4", "int8", "int4-in-int8"])
+def test_dequantize_linear_initializers_are_computed_when_written_not_held(bits, in_int8):
+    """The portable form's codes and scales as lazy constants too: DequantizeLinear's layout (the weight's shape, K on
+    its axis; int4, or int8 for TensorRT's wide experts), read from the weight when written, once for both."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from moe_compile.quantize.onnx_rewrite import _dequantize_linear_initializers
+
+    weight = np.random.default_rng(1).standard_normal((3, 64, 8)).astype(np.float16)  # K = 64 on axis 1
+    reads = []
+
+    def read():
+        reads.append(1)
+        return ir.tensor(weight)
+
+    source = ir.Value(name="w", const_value=ir.LazyTensor(read, dtype=ir.DataType.FLOAT16, shape=ir.Shape(weight.shape)))
+    graph = ir.Graph([], [], nodes=[])
+    codes, scales = _dequantize_linear_initializers(graph, source, 1, bits, 32, in_int8)
+    assert [v.name for v in graph.initializers.values()] == [f"w.q{bits}", "w.scales"] and not reads
+    assert codes.const_value.dtype == (ir.DataType.INT4 if bits == 4 and not in_int8 else ir.DataType.INT8)
+    assert list(codes.const_value.shape) == [3, 64, 8] and list(scales.const_value.shape) == [3, 2, 8]
+    q = quantize_rows(np.moveaxis(weight, 1, -1), bits, 32, np.float16)
+    np.testing.assert_array_equal(codes.const_value.numpy().astype(np.int8), np.moveaxis(q.unpacked(), -1, 1))
+    np.testing.assert_array_equal(scales.const_value.numpy(), np.moveaxis(q.scales, -1, 1))
+    assert len(reads) == 1, "one quantization serves the codes and the scales"
+    assert codes.const_value.numpy().dtype == (ml_dtypes.int4 if bits == 4 and not in_int8 else np.int8)
+
 def test_weight_classes():
     assert weight_class("model.layers.0.mlp.experts") == "experts"
     assert weight_class("model.layers.0.mlp.gate") == "router"

@@ -1,5 +1,5 @@
-"""Quantize an exported model's weights in place, one initializer at a time (onnx_ir); the ort form's codes and
-scales are lazy constants, quantized as the file is written.
+"""Quantize an exported model's weights in place, one initializer at a time (onnx_ir); the codes and scales of
+both forms are lazy constants, quantized as the file is written.
 
 ort form (ONNX Runtime's contrib ops, after export/ort_fusions.py):
 
@@ -126,35 +126,58 @@ def _constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value
+def _lazy_pair(graph: ir.Graph, compute, specs) -> tuple[ir.Value, ir.Value]:
+    """Two initializers, specs ((name, dtype, shape), ...), that one call of `compute()` makes, lazy: computed as
+    the file is written, so that an export holds one weight's codes at a time, not the model's
+    (docs/QUANTIZATION.md). The part read second waits in `held`."""
+    held = {}
+
+    def read(part: int) -> ir.Tensor:
+        if part not in held:
+            held.update(enumerate(compute()))
+        return ir.tensor(np.ascontiguousarray(held.pop(part)))
+
+    values = []
+    for part, (name, dtype, shape) in enumerate(specs):
+        values.append(ir.Value(name=name, const_value=ir.LazyTensor(lambda part=part: read(part), dtype=dtype,
+                                                                     shape=ir.Shape(shape))))
+        graph.register_initializer(values[-1])
+    return values[0], values[1]
 
 
 def _quantized_initializers(graph: ir.Graph, name: str, rows, dtype: ir.DataType, lead: list[int], n: int, k: int,
                             quantization: Quantization, qmoe: bool) -> tuple[ir.Value, ir.Value]:
     """The codes and scales of `rows()` ([*lead, n, k] in `dtype`) as QMoE's or MatMulNBits' initializers
-    `{name}.q{bits}` and `{name}.scales`, lazy: quantized as the file is written, so that the export holds one
-    weight's codes at a time, not the model's (docs/QUANTIZATION.md). One quantization serves both: the part
-    read second waits in `held`."""
+    `{name}.q{bits}` and `{name}.scales`, lazy (_lazy_pair), one quantization for both."""
     bits, block = quantization.bits, quantization.block_size
-    held = {}
 
-    def read(part: int) -> ir.Tensor:
-        if part not in held:
-            q = quantize_rows(rows(), bits, block, dtype.numpy())
-            held.update(enumerate(qmoe_weights(q) if qmoe else matmul_nbits_weights(q)))
-        return ir.tensor(np.ascontiguousarray(held.pop(part)))
+    def compute():
+        q = quantize_rows(rows(), bits, block, dtype.numpy())
+        return qmoe_weights(q) if qmoe else matmul_nbits_weights(q)
 
     codes_shape = [*lead, n, k * bits // 8] if qmoe else [n, k // block, block * bits // 8]
-    parts = []
-    for part, (suffix, part_dtype, shape) in enumerate(((f"q{bits}", ir.DataType.UINT8, codes_shape),
-                                                        ("scales", dtype, [*lead, n, k // block]))):
-        lazy = ir.LazyTensor(lambda part=part: read(part), dtype=part_dtype, shape=ir.Shape(shape))
-        parts.append(ir.Value(name=f"{name}.{suffix}", const_value=lazy))
-        graph.register_initializer(parts[-1])
-    return parts[0], parts[1]
+    return _lazy_pair(graph, compute, ((f"{name}.q{bits}", ir.DataType.UINT8, codes_shape),
+                                       (f"{name}.scales", dtype, [*lead, n, k // block])))
+
+
+def _dequantize_linear_initializers(graph: ir.Graph, value: ir.Value, axis: int, bits: int, block: int,
+                                    in_int8: bool) -> tuple[ir.Value, ir.Value]:
+    """DequantizeLinear's codes (int4, or int8 where `in_int8`, the weight's shape) and scales (its dtype, K / block
+    on the K axis) of the weight `value`, K along `axis`, lazy (_lazy_pair): read from the weight as the file is
+    written."""
+    weight = value.const_value
+
+    def compute():
+        w = weight.numpy()
+        q = quantize_rows(np.moveaxis(w, axis, -1), bits, block, w.dtype)
+        codes = np.moveaxis(q.unpacked(), -1, axis).astype(ml_dtypes.int4 if bits == 4 and not in_int8 else np.int8)
+        return codes, np.moveaxis(q.scales, -1, axis)
+
+    shape = list(weight.shape)
+    scales_shape = shape[:axis] + [shape[axis] // block] + shape[axis + 1:]
+    codes_dtype = ir.DataType.INT4 if bits == 4 and not in_int8 else ir.DataType.INT8
+    return _lazy_pair(graph, compute, ((f"{value.name}.q{bits}", codes_dtype, shape),
+                                       (f"{value.name}.scales", weight.dtype, scales_shape)))
 
 
 def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict[str, str]) -> dict[str, int]:
@@ -280,18 +303,13 @@ def _quantize_portable(model: ir.Model, quantization: Quantization, unquantized:
             unquantized[value.name] = f"readers {sorted({u.node.op_type for u in uses})} with no single K axis"
             continue
         axis = axes.pop()
-        w = value.const_value.numpy()
-        if w.shape[axis] % block:
-            unquantized[value.name] = f"K={w.shape[axis]} is not a multiple of the block size {block}"
+        if value.const_value.shape[axis] % block:
+            unquantized[value.name] = f"K={value.const_value.shape[axis]} is not a multiple of the block size {block}"
             continue
-        q = quantize_rows(np.moveaxis(w, axis, -1), bits, block, w.dtype)
         in_int8 = bits == 4 and wide_experts and rank == 3
-        codes = np.moveaxis(q.unpacked(), -1, axis).astype(ml_dtypes.int4 if bits == 4 and not in_int8 else np.int8)
         wide += in_int8
-        scales = np.ascontiguousarray(np.moveaxis(q.scales, -1, axis))
         name = value.name
-        q_value = _initializer(graph, f"{name}.q{bits}", np.ascontiguousarray(codes))
-        s_value = _initializer(graph, f"{name}.scales", scales)
+        q_value, s_value = _dequantize_linear_initializers(graph, value, axis, bits, block, in_int8)
         dq = ir.Node("", "DequantizeLinear", [q_value, s_value], name=f"{name}.dequantize",
                      attributes=[ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)],
                      metadata_props=dict(uses[0].node.metadata_props))

@@ -59,8 +59,8 @@ OP = "FusedMoE"
 QUANTIZED_OP = "FusedQMoE"
 MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points or group index) in our domain
 ATTENTION_OP = "GroupQueryAttention"  # com.microsoft:GroupQueryAttention's first nine inputs, in our domain
-NO_MOE_NODES = "no com.microsoft:MoE, QMoE, MatMulNBits or GroupQueryAttention nodes"
-OURS_OPS = ("MoE", "QMoE", "MatMulNBits", "GroupQueryAttention")
+NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
+OURS_OPS = ("MoE", "QMoE", "MatMulNBits")
 ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
 ATTENTION_HEAD_SIZES = (16, 32, 64, 128, 256)
 ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # query heads a KV head
@@ -478,7 +478,8 @@ def prepare(onnx_path: Path) -> Swap:
     if not moe and not matmul and not attention:
         return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort and MOE_COMPILE_MATMUL_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
-    if not any(n.op_type in OURS_OPS and n.domain == "com.microsoft" for n in model.graph.node):
+    ours = OURS_OPS + ((ATTENTION_OP,) if attention else ())
+    if not any(n.op_type in ours and n.domain == "com.microsoft" for n in model.graph.node):
         return Swap(None, None, 0, NO_MOE_NODES)
     path, why = library()
     if path is None:
