@@ -535,9 +535,10 @@ def test_the_library_builds_and_registers(tmp_path):
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
     for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE"),
-                      (_projection_model("int4"), "MatMulNBits")):
+                      (_projection_model("int4"), "MatMulNBits"), (_gqa_model()[0], "GroupQueryAttention")):
         ort_kernels.swap_moe_nodes(model)
         ort_kernels.swap_matmul_nodes(model)
+        ort_kernels.swap_attention_nodes(model)
         if not HAS_CUDA:  # the ops have CUDA kernels only: the CPU provider must say so, not run something else
             with pytest.raises(Exception, match=op):
                 ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
