@@ -82,6 +82,7 @@ def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     out = torch.empty(B, num_heads, D, dtype=k_cache.dtype)
     scale = scale or D ** -0.5
+    group = num_heads // kv_heads
 
     def rotate(x: torch.Tensor, position: int) -> torch.Tensor:
         if cos is None:
@@ -98,7 +99,6 @@ def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache
         k_cache[b, :, position] = rotate(k[b], position)
         v_cache[b, :, position] = v[b]
         keys, values = k_cache[b, :, :position + 1].double(), v_cache[b, :, :position + 1].double()
-        group = num_heads // kv_heads
         queries = rotate(q[b], position).double() * scale
         scores = torch.einsum("nd,nsd->ns", queries, keys.repeat_interleave(group, dim=0))
         out[b] = torch.einsum("ns,nsd->nd", scores.softmax(-1), values.repeat_interleave(group, dim=0)).to(out.dtype)
