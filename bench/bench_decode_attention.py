@@ -54,7 +54,7 @@ def main() -> None:
     cos = torch.randn(max_seq, half, dtype=torch.float16, device="cuda")
     sin = torch.randn_like(cos)
     out = torch.empty(1, heads * head, dtype=torch.float16, device="cuda")
-    size = library.decode_attention_workspace_size(1, heads, head, max_seq)
+    size = library.decode_attention_workspace_size(1, heads, kv_heads, head, max_seq)
     workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
     seqlens = torch.zeros(1, dtype=torch.int32, device="cuda")
     print(f"heads {heads}, kv heads {kv_heads}, head size {head}, max_seq {max_seq}, batch 1, fp16; "

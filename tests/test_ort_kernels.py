@@ -575,9 +575,10 @@ def test_our_kernels_and_ort_moe_agree_on_a_build(built, monkeypatch, variant):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
 @pytest.mark.parametrize("variant", ["qwen2_moe", "glm4_moe"])
 def test_our_attention_and_ort_gqa_agree_on_a_build(built, monkeypatch, variant):
-    """A build's decode on ort-cuda (CUDA graphs) with our attention kernels against ONNX Runtime's: the same
-    prompt logits (the op's prefill is ONNX Runtime's kernel) and greedy tokens (16 decode steps, batches 1 and 2
-    of different lengths)."""
+    """A build's decode on ort-cuda (CUDA graphs) with our attention kernels against ONNX Runtime's: prompt logits
+    within 1% of their largest (the op's prefill is ONNX Runtime's kernel, invoked; on the H200 the session's own
+    node and the invoked one differed by up to 0.02 in a tiny model's logits) and the same greedy tokens (16 decode
+    steps, batches 1 and 2 of different lengths)."""
     out = built(variant, dtype="fp16", form="ort")
     prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
     monkeypatch.delenv("MOE_COMPILE_ATTENTION_KERNELS", raising=False)
@@ -589,7 +590,9 @@ def test_our_attention_and_ort_gqa_agree_on_a_build(built, monkeypatch, variant)
     monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "moe_compile")
     ours = load(out, "ort-cuda")
     assert ort_kernels.prepare(out / "model.onnx").attentions > 0
-    np.testing.assert_array_equal(_prompt_logits(ours, prompts[0]), expected_logits)
+    logits = _prompt_logits(ours, prompts[0])
+    assert np.isfinite(logits).all()
+    assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
     assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
     assert ours.generate([prompts[1]], max_new_tokens=16)[0].token_ids == expected_one
 
@@ -676,7 +679,8 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
     """moe_compile:GroupQueryAttention in an ONNX Runtime CUDA session: a decode step, past and present bound to one
     buffer (as the runtime binds them) and run plainly, against the reference; a prefill of 5 tokens (ONNX Runtime's
     kernel, invoked by the op) against com.microsoft:GroupQueryAttention's own session."""
-    model, case = _gqa_model(heads=heads, kv_heads=kv_heads, head=head, rotary_half=head // 4)
+    # ONNX Runtime's CUDA kernel (the prefill below) takes a rotary width of 8 pairs or more
+    model, case = _gqa_model(heads=heads, kv_heads=kv_heads, head=head, rotary_half=max(head // 4, 8))
     swapped = onnx.ModelProto()
     swapped.CopyFrom(model)
     assert ort_kernels.swap_attention_nodes(swapped) == (1, "")
@@ -708,5 +712,21 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
                "past_key": np.zeros_like(case["past_key"][:2]), "past_value": np.zeros_like(case["past_value"][:2]),
                "seqlens_k": np.array([4, 2], np.int32), "total_length": np.array(5, np.int32)}
     theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
-    for value, reference in zip(ours.run(None, prefill), theirs.run(None, prefill)):
+    expected = theirs.run(None, prefill)
+    for value, reference in zip(ours.run(None, prefill), expected):
+        np.testing.assert_array_equal(value, reference)
+
+    def in_place(session):  # prefill with present_* bound to past_*'s buffers, as the runtime binds the cache
+        binding = session.io_binding()
+        feeds = {n: ort.OrtValue.ortvalue_from_numpy(prefill[n], "cuda", 0) for n in names if n != "total_length"}
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_cpu_input("total_length", prefill["total_length"])
+        binding.bind_output("out", "cuda")
+        binding.bind_ortvalue_output("present_key", feeds["past_key"])
+        binding.bind_ortvalue_output("present_value", feeds["past_value"])
+        session.run_with_iobinding(binding)
+        return [binding.get_outputs()[0].numpy(), feeds["past_key"].numpy(), feeds["past_value"].numpy()]
+
+    for value, reference in zip(in_place(ours), in_place(theirs)):
         np.testing.assert_array_equal(value, reference)

@@ -158,7 +158,7 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_quantized_matmul.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int32, ctypes.c_int32,
                                                  ctypes.c_int32, vp]
     lib.moe_compile_quantized_matmul.restype = ctypes.c_int
-    lib.moe_compile_decode_attention_workspace_size.argtypes = [i64, i64, i64, i64]
+    lib.moe_compile_decode_attention_workspace_size.argtypes = [i64, i64, i64, i64, i64]
     lib.moe_compile_decode_attention_workspace_size.restype = ctypes.c_size_t
     lib.moe_compile_decode_attention.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64,
                                                  i64, i64, ctypes.c_float, ctypes.c_int32, vp, vp, ctypes.c_size_t, vp]
@@ -255,5 +255,5 @@ def decode_attention(qkv: int, row_stride: int, past_key: int | None, past_value
     check(status, "moe_compile_decode_attention")
 
 
-def decode_attention_workspace_size(batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
-    return load().moe_compile_decode_attention_workspace_size(batch, num_heads, head_dim, max_seq)
+def decode_attention_workspace_size(batch: int, num_heads: int, kv_heads: int, head_dim: int, max_seq: int) -> int:
+    return load().moe_compile_decode_attention_workspace_size(batch, num_heads, kv_heads, head_dim, max_seq)

@@ -418,7 +418,7 @@ def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, ma
     seqlens = (lengths - 1).cuda()
     expected, expected_k, expected_v = decode_attention_reference(qkv.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu(),
                                                                   cos.cpu(), sin.cpu(), heads, 0.7 / head ** 0.5)
-    bytes_ = library.decode_attention_workspace_size(batch, heads, head, max_seq)
+    bytes_ = library.decode_attention_workspace_size(batch, heads, kv_heads, head, max_seq)
     workspace = torch.empty(max(bytes_, 1), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     kind = Dtype.F16 if dtype == torch.float16 else Dtype.BF16

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace moe {
 
@@ -94,6 +95,17 @@ __device__ __forceinline__ void wait_for_producer() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Whether launches start as their stream predecessor's programmatic dependents (the MoE's down launch at T = 1,
+// the decode attention's two): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call:
+// same-process comparisons).
+inline bool programmatic_launch() {
+  const char* env = getenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH");
+  if (env && atoi(env) == 0) return false;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
 }
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -2,13 +2,18 @@
 // launches where ONNX Runtime takes five (sequence lengths, rotary + append, flash decode, its reduction, a fill:
 // 12.7 us a layer at batch 1 on the H200, A2.7B shape; docs/BENCHMARKS.md).
 //
-//   attention  grid (KV heads, B, max_seq / kChunk): block (h, b, c) reads cache rows [c kChunk, (c+1) kChunk) of
-//              KV head h up to the row's length seqlens_k[b] + 1 (blocks past it return at once: the grid is fixed
-//              by max_seq, so that a CUDA graph replays it at every length). It rotates the G = N / KV query
-//              heads of its group, the block holding position seqlens_k[b] rotates the new key and writes key and
-//              value into the cache, then scores, softmax and P V over its rows, for the G heads at once (each
-//              cache row read once for all of them). One chunk: the output; more: (max, sum, P V) per chunk.
-//   combine    grid (N heads, B): the chunks' partial softmaxes merged (rows of one chunk return at once).
+//   attention  grid (KV heads, B, splits): a row's cache is cut into tiles of 8 KB of keys (tile_rows(D) rows) up
+//              to its length seqlens_k[b] + 1, and split s of (h, b) takes the s-th of `splits` near-equal runs of
+//              tiles; splits without a tile return at once. The split count depends on B, KV and max_seq only
+//              (enough blocks to fill the GPU at batch 1), so a CUDA graph replays the launch at every length. A
+//              block streams its tiles' keys and values into shared memory two at a time (cp.async), rotates the
+//              G = N / KV query heads of its group, and the block holding position seqlens_k[b] rotates the new key
+//              and writes key and value into the cache (and into its tile). Then, per tile, scores, an online
+//              softmax and P V for the G heads at once (each cache row read once for all of them). One split with
+//              tiles: the output; more: (P V, max, sum) per split.
+//   combine    grid (N heads, B): the splits' partial softmaxes merged (rows with one busy split return at once).
+// Both start as programmatic dependents of the launch before them (sm_90+, common.cuh: programmatic_launch) and
+// wait for it before reading: their start-up overlaps its end.
 //
 // Rotary as GroupQueryAttention's do_rotary = 1, rotary_interleaved = 0: the first 2 R/2 dims of a head rotate
 // in halves by cos/sin[position, R/2], position = seqlens_k[b]; q and the new k are rounded to the cache's type
@@ -19,17 +24,33 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"
 #include "fused_moe.h"
+#include "mma.cuh"
 
 namespace moe {
 namespace {
 
-constexpr int kChunk = 64;        // cache rows a block reads
 constexpr int kAttnThreads = 128;  // 4 warps
 constexpr int kAttnWarps = kAttnThreads / kWarp;
+constexpr int kTargetBlocks = 256;  // blocks a launch aims at: about two an SM on the H200's 132
+
+// Cache rows of a tile: 4096 elements of keys (and of values), 8 KB each in 16 bits; 64 rows below D = 64.
+__host__ __device__ constexpr int tile_rows(int D) { return D >= 64 ? 4096 / D : 64; }
+
+// Splits of one (row, KV head): enough blocks to fill the GPU at batch 1, never more than the tiles max_seq holds.
+int64_t attention_splits(int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t max_seq) {
+  const int64_t tiles = ceil_div(max_seq, tile_rows((int)head_dim));
+  return std::max<int64_t>(1, std::min(tiles, ceil_div(kTargetBlocks, batch * kv_heads)));
+}
+
+// Split s's tiles are [first_tile(s), first_tile(s + 1)): near-equal runs; with fewer tiles than splits, one each.
+__device__ __forceinline__ int first_tile(int split, int tiles, int splits) {
+  return (int)((int64_t)split * tiles / splits);
+}
 
 // E consecutive 16-bit elements of a row, as floats, in one load.
 template <typename T, int E>
@@ -64,115 +85,169 @@ struct AttentionArgs {
   const void* cos;           // [positions, rotary_half]
   const void* sin;
   int rotary_half;
-  int kv_heads, max_seq, chunks;
+  int kv_heads, max_seq, splits;
   float scale;
-  float* partial;  // [B, KV, chunks, G, D + 2]: P V, then max and sum of each chunk
+  float* partial;  // [B, KV, splits, G, D + 2]: P V, then max and sum of each split
   void* out;       // [B, N D]
 };
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
-  constexpr int E = D >= kWarp ? D / kWarp : 1;  // dims a lane holds in the score loop
+  constexpr int R = tile_rows(D), kPieces = R * D / 8;  // 16-byte pieces of a tile
+  constexpr int E = D >= kWarp ? D / kWarp : 1;          // dims a lane holds in the score loop
   constexpr int kRowLanes = D / E, kRowsAtOnce = kWarp / kRowLanes;
-  const int h = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z;
-  const int position = a.seqlens_k[b], length = min(position + 1, a.max_seq);  // no row past the buffer
-  const int start = chunk * kChunk, rows = min(kChunk, length - start);
+  constexpr int kDims = D < kAttnThreads ? 1 : D / kAttnThreads;  // P V: dims a thread sums
+  constexpr int kGroups = D < kAttnThreads ? kAttnThreads / D : 1;  // P V: thread groups splitting the rows
+  constexpr int kScoreRow = kGroups > 1 ? kAttnThreads : R;  // p_s also holds the groups' sums at the end
+  __shared__ alignas(16) T k_s[2][R][D];
+  __shared__ alignas(16) T v_s[2][R][D];
+  __shared__ alignas(16) T q_s[G][D];
+  __shared__ T new_k[D], new_v[D];
+  __shared__ float p_s[G][kScoreRow];
+  __shared__ float max_s[G], sum_s[G], alpha_s[G];
+
+  wait_for_producer();       // q, k and v come from the launch before
+  allow_dependent_launch();  // the combine launch may start; it waits for this one to end
+  const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = a.splits;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-  T* out = static_cast<T*>(a.out) + ((int64_t)b * a.kv_heads * G + (int64_t)h * G) * D;
-  if (rows <= 0) {
-    if (chunk == 0)  // an empty row (no token yet): zeros, not what the buffer held
+  const int position = a.seqlens_k[b], length = min(position + 1, a.max_seq);  // no row past the buffer
+  const int tiles = length > 0 ? (length + R - 1) / R : 0;
+  const int first = first_tile(split, tiles, splits), end = first_tile(split + 1, tiles, splits);
+  T* out = static_cast<T*>(a.out) + ((int64_t)b * a.kv_heads + h) * G * D;
+  if (first == end) {
+    if (tiles == 0 && split == 0)  // an empty row (no token yet): zeros, not what the buffer held
       for (int i = tid; i < G * D; i += kAttnThreads) out[i] = from_float<T>(0.f);
     return;
   }
-  __shared__ float q_s[G][D];
-  __shared__ float p_s[G][kChunk];
-  __shared__ float max_s[G], sum_s[G];
   const int64_t cache_head = ((int64_t)b * a.kv_heads + h) * a.max_seq;
+  T* k_cache = static_cast<T*>(a.k_cache) + cache_head * D;
+  T* v_cache = static_cast<T*>(a.v_cache) + cache_head * D;
+  auto load_tile = [&](int tile, int stage) {  // rows past the length zero-filled
+    for (int i = tid; i < kPieces; i += kAttnThreads) {
+      const int r = i / (D / 8), c = i % (D / 8) * 8, row = tile * R + r;
+      const int64_t at = (int64_t)(row < length ? row : 0) * D + c;
+      cp_async_16(&k_s[stage][r][c], k_cache + at, row < length);
+      cp_async_16(&v_s[stage][r][c], v_cache + at, row < length);
+    }
+    cp_async_commit();
+  };
+  load_tile(first, 0);
+
   const T* cos = static_cast<const T*>(a.cos) + (int64_t)position * a.rotary_half;
   const T* sin = static_cast<const T*>(a.sin) + (int64_t)position * a.rotary_half;
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride + (int64_t)h * G * D;
-  for (int i = tid; i < G * D; i += kAttnThreads)  // rotated, rounded as stored, then scaled
-    q_s[i / D][i % D] = to_float(from_float<T>(rotated(q + (i / D) * D, i % D, cos, sin, a.rotary_half))) * a.scale;
-  T* k_cache = static_cast<T*>(a.k_cache) + cache_head * D;
-  T* v_cache = static_cast<T*>(a.v_cache) + cache_head * D;
-  if (position >= start && position < start + rows) {  // this block's rows hold the new token: append it
+  for (int i = tid; i < G * D; i += kAttnThreads)  // rotated, rounded as stored
+    q_s[i / D][i % D] = from_float<T>(rotated(q + (i / D) * D, i % D, cos, sin, a.rotary_half));
+  const int new_tile = position / R;
+  const bool appends = position < a.max_seq && new_tile >= first && new_tile < end;
+  if (appends) {  // this block's tiles hold the new token: into the cache, and into its tile below
     const T* k = static_cast<const T*>(a.k) + b * a.kv_stride + (int64_t)h * D;
     const T* v = static_cast<const T*>(a.v) + b * a.kv_stride + (int64_t)h * D;
     for (int d = tid; d < D; d += kAttnThreads) {
-      k_cache[(int64_t)position * D + d] = from_float<T>(rotated(k, d, cos, sin, a.rotary_half));
-      v_cache[(int64_t)position * D + d] = v[d];
+      new_k[d] = from_float<T>(rotated(k, d, cos, sin, a.rotary_half));
+      new_v[d] = v[d];
+      k_cache[(int64_t)position * D + d] = new_k[d];
+      v_cache[(int64_t)position * D + d] = new_v[d];
     }
   }
-  __syncthreads();  // q_s, and the appended row, visible to the whole block
+  if (tid < G) {
+    max_s[tid] = -INFINITY;
+    sum_s[tid] = 0.f;
+  }
 
-  // Scores: kRowLanes lanes a row (a warp, or half of one for D = 16), E dims a lane, for the G heads.
-  for (int r0 = warp * kRowsAtOnce; r0 < rows; r0 += kAttnWarps * kRowsAtOnce) {
-    const int r = r0 + lane / kRowLanes, row_lane = lane % kRowLanes;
-    float key[E] = {};
-    if (r < rows) load_row<T, E>(k_cache + (int64_t)(start + r) * D + row_lane * E, key);
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) s += q_s[g][row_lane * E + e] * key[e];
-#pragma unroll
-      for (int offset = kRowLanes / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-      if (row_lane == 0 && r < rows) p_s[g][r] = s;
-    }
-  }
-  __syncthreads();
-  // Softmax over the chunk's rows: a warp a head.
-  for (int g = warp; g < G; g += kAttnWarps) {
-    float m = -INFINITY;
-    for (int r = lane; r < rows; r += kWarp) m = fmaxf(m, p_s[g][r]);
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    float sum = 0.f;
-    for (int r = lane; r < rows; r += kWarp) {
-      const float p = __expf(p_s[g][r] - m);
-      p_s[g][r] = p;
-      sum += p;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      max_s[g] = m;
-      sum_s[g] = sum;
-    }
-  }
-  __syncthreads();
-  // P V: a thread a dim (D < 128: the rows split among kAttnThreads / D groups), for the G heads.
-  constexpr int kDims = D < kAttnThreads ? 1 : D / kAttnThreads;  // dims a thread sums
-  constexpr int kGroups = D < kAttnThreads ? kAttnThreads / D : 1;
-  const int group = tid / (D / kDims), d0 = (tid % (D / kDims)) * kDims;
+  const int group = tid / (D / kDims), d0 = tid % (D / kDims) * kDims;
   float acc[G][kDims] = {};
-  for (int r = group; r < rows; r += kGroups) {
-    const T* row = v_cache + (int64_t)(start + r) * D + d0;
-#pragma unroll
-    for (int j = 0; j < kDims; ++j) {
-      const float value = to_float(row[j]);
-#pragma unroll
-      for (int g = 0; g < G; ++g) acc[g][j] += p_s[g][r] * value;
+  for (int tile = first; tile < end; ++tile) {
+    const int stage = (tile - first) & 1, start = tile * R, rows = min(R, length - start);
+    if (tile + 1 < end) {  // the next tile streams in while this one is worked on
+      load_tile(tile + 1, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-  }
-  if (kGroups > 1) {  // the groups' sums into q_s (free now)
-    __syncthreads();
-    for (int i = tid; i < G * D; i += kAttnThreads) q_s[i / D][i % D] = 0.f;
-    __syncthreads();
+    __syncthreads();  // the tile, q_s and the new row visible to the whole block
+    if (appends && tile == new_tile) {  // the cache row was read before (or while) it was written
+      for (int d = tid; d < D; d += kAttnThreads) {
+        k_s[stage][position - start][d] = new_k[d];
+        v_s[stage][position - start][d] = new_v[d];
+      }
+      __syncthreads();
+    }
+    // Scores: kRowLanes lanes a row (a warp, or half of one for D = 16), E dims a lane, for the G heads.
+    for (int r0 = warp * kRowsAtOnce; r0 < rows; r0 += kAttnWarps * kRowsAtOnce) {
+      const int r = r0 + lane / kRowLanes, row_lane = lane % kRowLanes;  // r < R; rows past `rows` are zeros
+      float key[E];
+      load_row<T, E>(&k_s[stage][r][row_lane * E], key);
 #pragma unroll
-    for (int g = 0; g < G; ++g) atomicAdd(&q_s[g][d0], acc[g][0]);
+      for (int g = 0; g < G; ++g) {
+        float query[E];
+        load_row<T, E>(&q_s[g][row_lane * E], query);
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) s += query[e] * key[e];
+#pragma unroll
+        for (int offset = kRowLanes / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        if (row_lane == 0 && r < rows) p_s[g][r] = s * a.scale;
+      }
+    }
+    __syncthreads();
+    // Online softmax: a warp a head; the running max and sum, and the factor the sums so far are rescaled by.
+    for (int g = warp; g < G; g += kAttnWarps) {
+      const float before = max_s[g];
+      float m = before;
+      for (int r = lane; r < rows; r += kWarp) m = fmaxf(m, p_s[g][r]);
+#pragma unroll
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+      float sum = 0.f;
+      for (int r = lane; r < rows; r += kWarp) {
+        const float p = __expf(p_s[g][r] - m);
+        p_s[g][r] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float alpha = __expf(before - m);  // 0 at the first tile (before = -inf)
+        alpha_s[g] = alpha;
+        sum_s[g] = sum_s[g] * alpha + sum;
+        max_s[g] = m;
+      }
+    }
+    __syncthreads();
+    // P V: a thread a dim (D < 128: the rows split among kGroups groups), for the G heads.
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int j = 0; j < kDims; ++j) acc[g][j] *= alpha_s[g];
+    for (int r = group; r < rows; r += kGroups) {
+#pragma unroll
+      for (int j = 0; j < kDims; ++j) {
+        const float value = to_float(v_s[stage][r][d0 + j]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g][j] += p_s[g][r] * value;
+      }
+    }
+    __syncthreads();  // p_s and this stage free for the next tile
+  }
+  if (kGroups > 1) {  // the groups' sums, added in a fixed order
+    float* sums = &p_s[0][0];  // [kGroups][G][D]
+#pragma unroll
+    for (int g = 0; g < G; ++g) sums[(group * G + g) * D + d0] = acc[g][0];
     __syncthreads();
     if (group != 0) return;
 #pragma unroll
-    for (int g = 0; g < G; ++g) acc[g][0] = q_s[g][d0];
+    for (int g = 0; g < G; ++g) {
+      acc[g][0] = 0.f;
+      for (int other = 0; other < kGroups; ++other) acc[g][0] += sums[(other * G + g) * D + d0];
+    }
   }
-  if (length <= kChunk) {  // one chunk: the output itself
+  if (min(tiles, splits) == 1) {  // the only split with tiles: the output itself
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int j = 0; j < kDims; ++j) out[g * D + d0 + j] = from_float<T>(acc[g][j] / sum_s[g]);
     return;
   }
-  float* partial = a.partial + ((((int64_t)b * a.kv_heads + h) * a.chunks + chunk) * G) * (D + 2);
+  float* partial = a.partial + ((((int64_t)b * a.kv_heads + h) * splits + split) * G) * (D + 2);
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
@@ -184,32 +259,60 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   }
 }
 
-// Merges the chunks' partial softmaxes of head n of row b: block (n, b), a thread a dim.
+// Merges the splits' partial softmaxes of head n of row b: block (n, b). The splits' maxima and sums are read
+// at once (a thread a split) and turned into weights, then a thread a dim adds the weighted partials.
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_kernel(AttentionArgs a) {
-  const int n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G;
+  __shared__ float max_s[kTargetBlocks], sum_s[kTargetBlocks];  // a split's; -inf and 0 for splits without tiles
+  __shared__ float weight_s[kTargetBlocks];                       // its share of the output: 0 without tiles
+  wait_for_producer();  // the partials, and the length, as the attention launch left them
+  const int n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G, splits = a.splits;
   const int length = min(a.seqlens_k[b] + 1, a.max_seq);
-  if (length <= kChunk) return;  // one chunk wrote the output
-  const int chunks = (length + kChunk - 1) / kChunk;
-  const float* partial = a.partial + (((int64_t)b * a.kv_heads + h) * a.chunks * G + g) * (D + 2);
-  const int64_t step = (int64_t)G * (D + 2);  // from one chunk to the next
+  const int tiles = length > 0 ? (length + tile_rows(D) - 1) / tile_rows(D) : 0;
+  if (min(tiles, splits) <= 1) return;  // one split wrote the output (or the row is empty)
+  const float* partial = a.partial + (((int64_t)b * a.kv_heads + h) * splits * G + g) * (D + 2);
+  const int64_t step = (int64_t)G * (D + 2);  // from one split to the next
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {  // an idle split's workspace is stale: not read
+    const bool busy = first_tile(s + 1, tiles, splits) > first_tile(s, tiles, splits);
+    max_s[s] = busy ? partial[s * step + D] : -INFINITY;
+    sum_s[s] = busy ? partial[s * step + D + 1] : 0.f;
+  }
+  __syncthreads();
   float m = -INFINITY;
-  for (int c = 0; c < chunks; ++c) m = fmaxf(m, partial[c * step + D]);
-  float sum = 0.f;
-  for (int c = 0; c < chunks; ++c) sum += partial[c * step + D + 1] * __expf(partial[c * step + D] - m);
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, max_s[s]);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) weight_s[s] = max_s[s] == -INFINITY ? 0.f : __expf(max_s[s] - m);
+  __syncthreads();
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) total += sum_s[s] * weight_s[s];
   T* out = static_cast<T*>(a.out) + ((int64_t)b * a.kv_heads * G + n) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
-    for (int c = 0; c < chunks; ++c) acc += partial[c * step + d] * __expf(partial[c * step + D] - m);
-    out[d] = from_float<T>(acc / sum);
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s)
+      if (weight_s[s] != 0.f) acc += partial[s * step + d] * weight_s[s];
+    out[d] = from_float<T>(acc / total);
   }
+}
+
+template <typename Kernel>
+cudaError_t launch_early(Kernel kernel, dim3 grid, int threads, cudaStream_t s, const AttentionArgs& a) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.stream = s;
+  cudaLaunchAttribute early;  // start while the launch before ends (sm_90+); the kernel waits for it
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &early;
+  config.numAttrs = programmatic_launch() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, a);
 }
 
 template <typename T, int D, int G>
 void launch_attention(const AttentionArgs& a, int batch, cudaStream_t s) {
-  decode_attention_kernel<T, D, G><<<dim3(a.kv_heads, batch, a.chunks), kAttnThreads, 0, s>>>(a);
-  if (a.chunks > 1)
-    combine_kernel<T, D, G><<<dim3(a.kv_heads * G, batch), D < kAttnThreads ? D : kAttnThreads, 0, s>>>(a);
+  launch_early(decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), kAttnThreads, s, a);
+  if (a.splits > 1)
+    launch_early(combine_kernel<T, D, G>, dim3(a.kv_heads * G, batch), D < kAttnThreads ? D : kAttnThreads, s, a);
 }
 
 template <typename T, int D>
@@ -246,10 +349,11 @@ extern "C" int moe_compile_decode_attention_supported(int64_t num_heads, int64_t
   return dims && (group == 1 || group == 2 || group == 4 || group == 8 || group == 16);
 }
 
-extern "C" size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t head_dim,
-                                                              int64_t max_seq) {
-  const int64_t chunks = (max_seq + moe::kChunk - 1) / moe::kChunk;
-  return chunks > 1 ? (size_t)(batch * num_heads * chunks * (head_dim + 2)) * sizeof(float) : 0;
+extern "C" size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t kv_heads,
+                                                              int64_t head_dim, int64_t max_seq) {
+  if (batch <= 0 || kv_heads <= 0 || head_dim <= 0 || max_seq <= 0) return 0;
+  const int64_t splits = moe::attention_splits(batch, kv_heads, head_dim, max_seq);
+  return splits > 1 ? (size_t)(batch * num_heads * splits * (head_dim + 2)) * sizeof(float) : 0;
 }
 
 extern "C" int moe_compile_decode_attention(const void* query, const void* key, const void* value, int64_t q_stride,
@@ -264,7 +368,7 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
       (dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16))
     return MOE_ERR_INVALID_ARGUMENT;
   if (batch == 0) return MOE_OK;
-  if (workspace_bytes < moe_compile_decode_attention_workspace_size(batch, num_heads, head_dim, max_seq))
+  if (workspace_bytes < moe_compile_decode_attention_workspace_size(batch, num_heads, kv_heads, head_dim, max_seq))
     return MOE_ERR_WORKSPACE_TOO_SMALL;
   if (!query || !key || !value || !present_key || !present_value || !seqlens_k || !out ||
       (rotary_half && (!cos_cache || !sin_cache)))
@@ -280,14 +384,10 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
     return MOE_ERR_CUDA;
   moe::AttentionArgs a{query, key, value, q_stride, kv_stride, present_key, present_value, seqlens_k, cos_cache,
                        sin_cache, (int)rotary_half, (int)kv_heads, (int)max_seq,
-                       (int)((max_seq + moe::kChunk - 1) / moe::kChunk), scale, static_cast<float*>(workspace), out};
+                       (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), scale, static_cast<float*>(workspace), out};
   const int group = (int)(num_heads / kv_heads);
   const bool launched = dtype == MOE_DTYPE_F16 ? moe::launch_dims<__half>(a, (int)batch, (int)head_dim, group, s)
                                                : moe::launch_dims<__nv_bfloat16>(a, (int)batch, (int)head_dim, group, s);
   if (!launched) return MOE_ERR_INVALID_ARGUMENT;
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
-}
-
-extern "C" int moe_compile_device_synchronize(void) {
-  return cudaDeviceSynchronize() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }

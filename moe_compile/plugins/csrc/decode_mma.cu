@@ -248,16 +248,6 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   }
 }
 
-// The down launch at T = 1 starts as the gate/up launch's programmatic dependent: on sm_90 and later, unless
-// MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call: same-process comparisons).
-inline bool programmatic_launch() {
-  const char* env = getenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH");
-  if (env && atoi(env) == 0) return false;
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
-}
-
 // ROUTE: gate_up and down route the token themselves (T = 1; logits and bias as moe_compile_forward takes them).
 template <typename T, int NT, typename WG, typename WD, int KSPLIT = 1, int SLICE = kMmaDownSlice, bool ROUTE = false,
           int GATE_UP_WARPS = kMmaGateUpWarps, int DOWN_WARPS = kMmaDownWarps>

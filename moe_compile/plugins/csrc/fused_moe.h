@@ -155,9 +155,9 @@ int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, 
 // max_seq, head_dim] at the position (past_* copied there first where they are other buffers; NULL or the same:
 // in place), then out [batch, num_heads head_dim] = softmax(scale q K^T) V over positions 0..seqlens_k[b].
 // 16-bit dtypes; head_dim 16, 32, 64, 128 or 256; num_heads / kv_heads 1, 2, 4, 8 or 16 (..._supported). Two
-// launches whose grids depend on max_seq only: a CUDA graph replays them at any length.
+// launches whose grids depend on batch, kv_heads, head_dim and max_seq only: a CUDA graph replays them at any length.
 int moe_compile_decode_attention_supported(int64_t num_heads, int64_t kv_heads, int64_t head_dim);
-size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t head_dim,
+size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                                    int64_t max_seq);
 int moe_compile_decode_attention(const void* query, const void* key, const void* value, int64_t q_stride,
                                  int64_t kv_stride, const void* past_key, const void* past_value, void* present_key,
@@ -166,8 +166,10 @@ int moe_compile_decode_attention(const void* query, const void* key, const void*
                                  int64_t kv_heads, int64_t head_dim, int64_t max_seq, float scale, int32_t dtype,
                                  void* out, void* workspace, size_t workspace_bytes, void* cuda_stream);
 
-// cudaDeviceSynchronize: around an ONNX Runtime kernel a custom op invokes (it runs on CUDA's default stream).
-int moe_compile_device_synchronize(void);
+// Orders the work queued next on `waiting` after the work queued so far on `producer` (NULL: CUDA's legacy default
+// stream, where the ONNX Runtime kernels a custom op invokes run: they get no compute stream), with an event and
+// no host wait.
+int moe_compile_stream_wait(void* waiting, void* producer);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

@@ -164,6 +164,18 @@ int router_logits_to_float(const TensorView& logits, int dtype, int64_t T, int64
   return rc;
 }
 
+// An ONNX Runtime kernel the op invokes runs on CUDA's legacy default stream (invoked kernels get no compute stream):
+// events order it after what the op queued on `stream`, and `stream` after it, with no host wait.
+OrtStatus* invoke_in_order(OrtKernelContext* ctx, const OrtOp* op, const OrtValue* const* inputs, int input_count,
+                           OrtValue* const* outputs, int output_count, void* stream, const char* what) {
+  if (moe_compile_stream_wait(nullptr, stream) != MOE_OK)
+    return fail(std::string(what) + ": " + moe_compile_status_string(MOE_ERR_CUDA));
+  ORT_TRY(g_api->InvokeOp(ctx, op, inputs, input_count, outputs, output_count));
+  if (moe_compile_stream_wait(stream, nullptr) != MOE_OK)
+    return fail(std::string(what) + ": " + moe_compile_status_string(MOE_ERR_CUDA));
+  return nullptr;
+}
+
 // out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
 // [T, 2I_s + I_s + H] elements.
 OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemoryInfo* memory, const TensorView& x,
@@ -181,7 +193,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   if (!status) status = wrap(memory, y, T, H, x.type, &tensors[3]);
   if (!status) {
     const OrtValue* in1[2] = {tensors[0], sfc1};
-    status = g_api->InvokeOp(ctx, kernel->gemm, in1, 2, &tensors[1], 1);
+    status = invoke_in_order(ctx, kernel->gemm, in1, 2, &tensors[1], 1, stream, "FusedMoE");
   }
   if (!status) {
     int rc = moe_compile_silu_mul(gate_up, dtype, act, T, shared_i, stream);
@@ -189,7 +201,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   }
   if (!status) {
     const OrtValue* in2[2] = {tensors[2], sfc2};
-    status = g_api->InvokeOp(ctx, kernel->gemm, in2, 2, &tensors[3], 1);
+    status = invoke_in_order(ctx, kernel->gemm, in2, 2, &tensors[3], 1, stream, "FusedMoE");
   }
   if (!status) {
     int rc = moe_compile_add_gated(out, y, gate_logits, dtype, T, H, stream);
@@ -437,7 +449,7 @@ OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, con
     if (!status) status = wrap(memory, y, M, N, a.type, &tensors[2]);
     if (!status) {
       const OrtValue* inputs[3] = {tensors[0], tensors[1], values[3]};
-      status = g_api->InvokeOp(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1);
+      status = invoke_in_order(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1, stream, "MatMulNBits");
     }
     for (OrtValue* t : tensors)
       if (t) g_api->ReleaseValue(t);
@@ -530,15 +542,13 @@ struct AttentionKernel {
   }
 };
 
-// Prefill: ONNX Runtime's kernel. Invoked ops get no compute stream (they run on CUDA's default stream), so the
-// device is synchronized on both sides: prefill is never captured into a CUDA graph.
+// Prefill: ONNX Runtime's kernel, invoked.
 OrtStatus* attention_by_onnxruntime(const AttentionKernel* kernel, OrtKernelContext* ctx,
                                     const OrtValue* const (&values)[kAttentionInputs], OrtValue* const (&outputs)[3]) {
   if (!kernel->gqa) return fail("GroupQueryAttention: ONNX Runtime's kernel for prefill could not be created");
-  if (moe_compile_device_synchronize() != MOE_OK) return fail("GroupQueryAttention: synchronizing before prefill failed");
-  ORT_TRY(g_api->InvokeOp(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3));
-  if (moe_compile_device_synchronize() != MOE_OK) return fail("GroupQueryAttention: ONNX Runtime's prefill failed");
-  return nullptr;
+  void* stream = nullptr;
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  return invoke_in_order(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3, stream, "GroupQueryAttention");
 }
 
 OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ctx) {
@@ -588,7 +598,7 @@ OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ct
   const void* key = packed ? row + N * D * element : k.data;
   const void* value = packed ? row + (N + KV) * D * element : v.data;
   const int64_t kv_stride = packed ? q.dims[2] : KV * D;
-  const size_t bytes = moe_compile_decode_attention_workspace_size(B, N, D, max_seq);
+  const size_t bytes = moe_compile_decode_attention_workspace_size(B, N, KV, D, max_seq);
   const OrtMemoryInfo* memory = nullptr;
   ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
   OrtAllocator* allocator = nullptr;
