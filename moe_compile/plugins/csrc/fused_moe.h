@@ -166,11 +166,6 @@ int moe_compile_decode_attention(const void* query, const void* key, const void*
                                  int64_t kv_heads, int64_t head_dim, int64_t max_seq, float scale, int32_t dtype,
                                  void* out, void* workspace, size_t workspace_bytes, void* cuda_stream);
 
-// Orders the work queued next on `waiting` after the work queued so far on `producer` (NULL: CUDA's legacy default
-// stream, where the ONNX Runtime kernels a custom op invokes run: they get no compute stream), with an event and
-// no host wait.
-int moe_compile_stream_wait(void* waiting, void* producer);
-
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);
 

@@ -404,22 +404,6 @@ extern "C" int moe_compile_streams_shared(const moe_shape* shape) {
   return p.T <= shared_stream_tokens(p) && p.T <= decode_max_tokens(p);
 }
 
-extern "C" int moe_compile_stream_wait(void* waiting, void* producer) {
-  cudaEvent_t done;  // destroyed at once: CUDA releases it when the wait has used it
-  cudaError_t err = cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
-  if (err == cudaSuccess) {
-    err = cudaEventRecord(done, producer ? static_cast<cudaStream_t>(producer) : cudaStreamLegacy);
-    if (err == cudaSuccess)
-      err = cudaStreamWaitEvent(waiting ? static_cast<cudaStream_t>(waiting) : cudaStreamLegacy, done, 0);
-    cudaEventDestroy(done);
-  }
-  if (err != cudaSuccess) {
-    snprintf(g_cuda_error, sizeof(g_cuda_error), "CUDA error: %s", cudaGetErrorString(err));
-    return MOE_ERR_CUDA;
-  }
-  return MOE_OK;
-}
-
 extern "C" const char* moe_compile_status_string(int status) {
   switch (status) {
     case MOE_OK: return "ok";

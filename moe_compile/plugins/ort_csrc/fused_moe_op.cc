@@ -164,18 +164,6 @@ int router_logits_to_float(const TensorView& logits, int dtype, int64_t T, int64
   return rc;
 }
 
-// An ONNX Runtime kernel the op invokes runs on CUDA's legacy default stream (invoked kernels get no compute stream):
-// events order it after what the op queued on `stream`, and `stream` after it, with no host wait.
-OrtStatus* invoke_in_order(OrtKernelContext* ctx, const OrtOp* op, const OrtValue* const* inputs, int input_count,
-                           OrtValue* const* outputs, int output_count, void* stream, const char* what) {
-  if (moe_compile_stream_wait(nullptr, stream) != MOE_OK)
-    return fail(std::string(what) + ": " + moe_compile_status_string(MOE_ERR_CUDA));
-  ORT_TRY(g_api->InvokeOp(ctx, op, inputs, input_count, outputs, output_count));
-  if (moe_compile_stream_wait(stream, nullptr) != MOE_OK)
-    return fail(std::string(what) + ": " + moe_compile_status_string(MOE_ERR_CUDA));
-  return nullptr;
-}
-
 // out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
 // [T, 2I_s + I_s + H] elements.
 OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemoryInfo* memory, const TensorView& x,
@@ -193,7 +181,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   if (!status) status = wrap(memory, y, T, H, x.type, &tensors[3]);
   if (!status) {
     const OrtValue* in1[2] = {tensors[0], sfc1};
-    status = invoke_in_order(ctx, kernel->gemm, in1, 2, &tensors[1], 1, stream, "FusedMoE");
+    status = g_api->InvokeOp(ctx, kernel->gemm, in1, 2, &tensors[1], 1);
   }
   if (!status) {
     int rc = moe_compile_silu_mul(gate_up, dtype, act, T, shared_i, stream);
@@ -201,7 +189,7 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
   }
   if (!status) {
     const OrtValue* in2[2] = {tensors[2], sfc2};
-    status = invoke_in_order(ctx, kernel->gemm, in2, 2, &tensors[3], 1, stream, "FusedMoE");
+    status = g_api->InvokeOp(ctx, kernel->gemm, in2, 2, &tensors[3], 1);
   }
   if (!status) {
     int rc = moe_compile_add_gated(out, y, gate_logits, dtype, T, H, stream);
@@ -449,7 +437,7 @@ OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, con
     if (!status) status = wrap(memory, y, M, N, a.type, &tensors[2]);
     if (!status) {
       const OrtValue* inputs[3] = {tensors[0], tensors[1], values[3]};
-      status = invoke_in_order(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1, stream, "MatMulNBits");
+      status = g_api->InvokeOp(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1);
     }
     for (OrtValue* t : tensors)
       if (t) g_api->ReleaseValue(t);
@@ -542,13 +530,12 @@ struct AttentionKernel {
   }
 };
 
-// Prefill: ONNX Runtime's kernel, invoked.
+// Prefill: ONNX Runtime's kernel, invoked. Invoked kernels run on the op's compute stream (InvokeOp hands them
+// the context's stream: onnxruntime/core/session/standalone_op_invoker.cc, since 1.14), as the Gemms above do.
 OrtStatus* attention_by_onnxruntime(const AttentionKernel* kernel, OrtKernelContext* ctx,
                                     const OrtValue* const (&values)[kAttentionInputs], OrtValue* const (&outputs)[3]) {
   if (!kernel->gqa) return fail("GroupQueryAttention: ONNX Runtime's kernel for prefill could not be created");
-  void* stream = nullptr;
-  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-  return invoke_in_order(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3, stream, "GroupQueryAttention");
+  return g_api->InvokeOp(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3);
 }
 
 OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ctx) {
