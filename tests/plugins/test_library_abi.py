@@ -83,3 +83,34 @@ def test_the_shared_expert_streams_with_the_routed_kernels_only_in_decode():
 def test_quantized_matmul_rejects_invalid_arguments(k, bits, block, dtype, reason):
     with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
         library.quantized_matmul(16, 16, 16, None, 16, 1, k, 2048, bits, block, dtype, 0)
+
+
+def test_decode_attention_workspace_holds_a_partial_softmax_a_split():
+    """A (row, KV head) gets ceil(256 / (batch x KV heads)) splits (enough blocks for the GPU at batch 1), never
+    more than max_seq's tiles of 8 KB of keys (4096 / head_dim rows; 64 below head_dim 64); each split keeps
+    (P V, max, sum) in fp32 for the query heads of its group; with one split there is no workspace at all."""
+    size = library.decode_attention_workspace_size  # (batch, heads, kv_heads, head_dim, max_seq)
+    assert size(1, 16, 16, 128, 2048) == 1 * 16 * 16 * (128 + 2) * 4  # A2.7B: 16 splits of 64 tiles
+    assert size(1, 16, 16, 128, 64) == 1 * 16 * 2 * (128 + 2) * 4  # 2 tiles of 32 rows: 2 splits
+    assert size(1, 16, 16, 128, 32) == 0  # one tile: the attention launch writes the output itself
+    assert size(16, 16, 16, 128, 2048) == 0  # 256 (row, KV head) pairs fill the GPU on their own
+    assert size(2, 32, 8, 128, 8192) == 2 * 32 * 16 * (128 + 2) * 4
+    assert size(1, 8, 1, 64, 4096) == 1 * 8 * 64 * (64 + 2) * 4  # 256 wanted, 64 tiles
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, dtype, reason", [
+    (16, 16, 96, Dtype.F16, "head size outside 16, 32, 64, 128, 256"),
+    (12, 4, 128, Dtype.F16, "3 query heads a KV head"),
+    (16, 16, 128, Dtype.F32, "float32 cache"),
+])
+def test_decode_attention_rejects_what_it_does_not_compute(heads, kv_heads, head_dim, dtype, reason):
+    with pytest.raises(KernelError, match="INVALID_ARGUMENT"):
+        library.decode_attention(1, (heads + 2 * kv_heads) * head_dim, None, None, 1, 1, 1, 1, 1, head_dim // 2, 1,
+                                 heads, kv_heads, head_dim, 2048, 1.0, dtype, 1, 1, 1 << 20, 0)
+
+
+def test_decode_attention_rejects_a_small_workspace_before_touching_the_gpu():
+    need = library.decode_attention_workspace_size(1, 16, 16, 128, 2048)
+    with pytest.raises(KernelError, match="WORKSPACE_TOO_SMALL"):
+        library.decode_attention(1, 48 * 128, None, None, 1, 1, 1, 1, 1, 64, 1, 16, 16, 128, 2048, 1.0, Dtype.F16, 1, 1,
+                                 need - 1, 0)
