@@ -673,6 +673,22 @@ def test_every_attention_node_of_an_fp16_ort_build_is_swapped(built, variant):
     assert all(n.domain == "moe_compile" and len(n.input) == 9 and len(n.output) == 3 for n in attention)
 
 
+def _run_in_place(session, case: dict) -> list[np.ndarray]:
+    """One GroupQueryAttention session run on CUDA with present_* bound to past_*'s buffers, as the runtime binds
+    the KV cache: out, then the caches as the run left them."""
+    binding = session.io_binding()
+    feeds = {n: ort.OrtValue.ortvalue_from_numpy(case[n], "cuda", 0)
+             for n in ("qkv", "past_key", "past_value", "seqlens_k")}
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_cpu_input("total_length", case["total_length"])
+    binding.bind_output("out", "cuda")
+    binding.bind_ortvalue_output("present_key", feeds["past_key"])
+    binding.bind_ortvalue_output("present_value", feeds["past_value"])
+    session.run_with_iobinding(binding)
+    return [binding.get_outputs()[0].numpy(), feeds["past_key"].numpy(), feeds["past_value"].numpy()]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
 @pytest.mark.parametrize("head, heads, kv_heads", [(16, 4, 2), (128, 16, 16), (64, 32, 4)])
 def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv_heads):
@@ -694,17 +710,7 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
     got = ours.run(None, {n: case[n] for n in names})
     for value, reference in zip(got, expected):
         np.testing.assert_allclose(value.astype(np.float32), reference.astype(np.float32), atol=2e-3, rtol=2e-3)
-    binding = ours.io_binding()  # in place: present_* are past_*'s buffers
-    feeds = {n: ort.OrtValue.ortvalue_from_numpy(case[n], "cuda", 0) for n in names if n != "total_length"}
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, value)
-    binding.bind_cpu_input("total_length", case["total_length"])
-    binding.bind_output("out", "cuda")
-    binding.bind_ortvalue_output("present_key", feeds["past_key"])
-    binding.bind_ortvalue_output("present_value", feeds["past_value"])
-    ours.run_with_iobinding(binding)
-    in_place = [binding.get_outputs()[0].numpy(), feeds["past_key"].numpy(), feeds["past_value"].numpy()]
-    for value, reference in zip(in_place, expected):
+    for value, reference in zip(_run_in_place(ours, case), expected):
         np.testing.assert_allclose(value.astype(np.float32), reference.astype(np.float32), atol=2e-3, rtol=2e-3)
 
     rng = np.random.default_rng(5)
@@ -715,18 +721,5 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
     expected = theirs.run(None, prefill)
     for value, reference in zip(ours.run(None, prefill), expected):
         np.testing.assert_array_equal(value, reference)
-
-    def in_place(session):  # prefill with present_* bound to past_*'s buffers, as the runtime binds the cache
-        binding = session.io_binding()
-        feeds = {n: ort.OrtValue.ortvalue_from_numpy(prefill[n], "cuda", 0) for n in names if n != "total_length"}
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_cpu_input("total_length", prefill["total_length"])
-        binding.bind_output("out", "cuda")
-        binding.bind_ortvalue_output("present_key", feeds["past_key"])
-        binding.bind_ortvalue_output("present_value", feeds["past_value"])
-        session.run_with_iobinding(binding)
-        return [binding.get_outputs()[0].numpy(), feeds["past_key"].numpy(), feeds["past_value"].numpy()]
-
-    for value, reference in zip(in_place(ours), in_place(theirs)):
+    for value, reference in zip(_run_in_place(ours, prefill), _run_in_place(theirs, prefill)):
         np.testing.assert_array_equal(value, reference)

@@ -294,8 +294,9 @@ __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_k
   }
 }
 
+// A launch's errors reach the caller through cudaGetLastError, as moe_compile_decode_attention checks.
 template <typename Kernel>
-cudaError_t launch_early(Kernel kernel, dim3 grid, int threads, cudaStream_t s, const AttentionArgs& a) {
+void launch_early(Kernel kernel, dim3 grid, int threads, cudaStream_t s, const AttentionArgs& a) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(threads);
@@ -305,7 +306,7 @@ cudaError_t launch_early(Kernel kernel, dim3 grid, int threads, cudaStream_t s, 
   early.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &early;
   config.numAttrs = programmatic_launch() ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, a);
+  cudaLaunchKernelEx(&config, kernel, a);
 }
 
 template <typename T, int D, int G>

@@ -617,8 +617,8 @@ OrtOp* create_gqa(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElemen
   OrtStatus* status = nullptr;
   for (int i = 0; i < 4 && !status; ++i) status = api->CreateOpAttr(int_names[i], &ints[i], 1, ORT_OP_ATTR_INT, &attrs[i]);
   if (!status) status = api->CreateOpAttr("scale", &kernel.scale, 1, ORT_OP_ATTR_FLOAT, &attrs[4]);
-  // onnxruntime 1.31's CUDA kernel declares all four, older ones T and M only (assumed, not yet run: a constraint
-  // the kernel does not declare is not looked at; if CreateOp fails, prefill says so in one line)
+  // onnxruntime 1.31's CUDA kernel declares all four (CreateOp takes them: H200, 2026-12-02), older ones T and M
+  // only (a constraint the kernel does not declare is not looked at; if CreateOp fails, prefill says so in one line)
   const char* names[4] = {"T", "T_CACHE", "T_KV_SCALE", "M"};
   const ONNXTensorElementDataType types[4] = {type, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
