@@ -86,6 +86,7 @@ struct AttentionArgs {
   const void* sin;
   int rotary_half;
   int kv_heads, max_seq, splits;
+  int group;  // G, for the combine launch (a kernel a head size, not a head size and group)
   float scale;
   float* partial;  // [B, KV, splits, G, D + 2]: P V, then max and sum of each split
   void* out;       // [B, N D]
@@ -261,12 +262,12 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
 
 // Merges the splits' partial softmaxes of head n of row b: block (n, b). The splits' maxima and sums are read
 // at once (a thread a split) and turned into weights, then a thread a dim adds the weighted partials.
-template <typename T, int D, int G>
+template <typename T, int D>
 __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_kernel(AttentionArgs a) {
   __shared__ float max_s[kTargetBlocks], sum_s[kTargetBlocks];  // a split's; -inf and 0 for splits without tiles
   __shared__ float weight_s[kTargetBlocks];                       // its share of the output: 0 without tiles
   wait_for_producer();  // the partials, and the length, as the attention launch left them
-  const int n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G, splits = a.splits;
+  const int G = a.group, n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G, splits = a.splits;
   const int length = min(a.seqlens_k[b] + 1, a.max_seq);
   const int tiles = length > 0 ? (length + tile_rows(D) - 1) / tile_rows(D) : 0;
   if (min(tiles, splits) <= 1) return;  // one split wrote the output (or the row is empty)
@@ -313,7 +314,7 @@ template <typename T, int D, int G>
 void launch_attention(const AttentionArgs& a, int batch, cudaStream_t s) {
   launch_early(decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), kAttnThreads, s, a);
   if (a.splits > 1)
-    launch_early(combine_kernel<T, D, G>, dim3(a.kv_heads * G, batch), D < kAttnThreads ? D : kAttnThreads, s, a);
+    launch_early(combine_kernel<T, D>, dim3(a.kv_heads * G, batch), D < kAttnThreads ? D : kAttnThreads, s, a);
 }
 
 template <typename T, int D>
@@ -385,10 +386,9 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
     return MOE_ERR_CUDA;
   moe::AttentionArgs a{query, key, value, q_stride, kv_stride, present_key, present_value, seqlens_k, cos_cache,
                        sin_cache, (int)rotary_half, (int)kv_heads, (int)max_seq,
-                       (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), scale, static_cast<float*>(workspace), out};
-  const int group = (int)(num_heads / kv_heads);
-  const bool launched = dtype == MOE_DTYPE_F16 ? moe::launch_dims<__half>(a, (int)batch, (int)head_dim, group, s)
-                                               : moe::launch_dims<__nv_bfloat16>(a, (int)batch, (int)head_dim, group, s);
+                       (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), (int)(num_heads / kv_heads), scale, static_cast<float*>(workspace), out};
+  const bool launched = dtype == MOE_DTYPE_F16 ? moe::launch_dims<__half>(a, (int)batch, (int)head_dim, a.group, s)
+                                               : moe::launch_dims<__nv_bfloat16>(a, (int)batch, (int)head_dim, a.group, s);
   if (!launched) return MOE_ERR_INVALID_ARGUMENT;
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }
