@@ -17,9 +17,10 @@
 #            (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0): what the programmatic dependent launch gives a step
 #   int4-ortmm the int4 build's bench again with ONNX Runtime's MatMulNBits for the projections
 #            (MOE_COMPILE_MATMUL_KERNELS=ort): what our quantized matmul gives a step
-#   NAME-attn (fp16-attn, int4-attn, int4-head-attn) build NAME's bench again with our decode attention
-#            (MOE_COMPILE_ATTENTION_KERNELS=moe_compile), twice, then with ONNX Runtime's once more: A B B A, so that
-#            the order the runs come in (the tenth run: up to ~10% between neighbours) falls on both alike
+#   NAME-attn (fp16-attn, int4-attn, int4-head-attn) build NAME's bench again with ONNX Runtime's attention
+#            (MOE_COMPILE_ATTENTION_KERNELS=ort) twice, then with ours (the default) once more: A B B A with NAME's
+#            own bench, so that the order the runs come in (the tenth run: up to ~10% between neighbours) falls on
+#            both alike
 #   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
@@ -86,11 +87,11 @@ EOF
     --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
   record_bench "$name"
   if has "$name-attn"; then
-    for attention in moe_compile moe_compile ort; do
+    for attention in ort ort moe_compile; do
       step "moe-compile bench $name with MOE_COMPILE_ATTENTION_KERNELS=$attention"
       within 30 env MOE_COMPILE_ATTENTION_KERNELS=$attention python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
         --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $attention = ort ] || echo -attn)"
+      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $attention = ort ] && echo -ortattn)"
     done
   fi
   [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"

@@ -30,7 +30,7 @@ def report() -> list[str]:
              _row("onnx", _version("onnx")),
              *ort_lines, *trt_lines,
              _row("GPU", f"{gpu[0]}, compute capability {gpu[1]}" if gpu else "none found"),
-             _row("MoE kernels", f"ort-cuda: {_moe_kernels()}")]
+             _row("CUDA kernels", f"ort-cuda: {_moe_kernels()}")]
     why_not = _backends(ort, trt, gpu)
     lines += ["", _row("backend", "(moe-compile run --backend)")]
     lines += [_row(name, "yes" if why is None else f"no: {why}") for name, why in why_not.items()]
@@ -121,14 +121,14 @@ def _ort_cuda(ort, gpu) -> str | None:
 
 
 def _moe_kernels() -> str:
-    """Which kernels run ort-cuda's MoE nodes and a quantized build's MatMulNBits (runtime/ort_kernels.py); never
-    builds anything."""
+    """Which kernels run ort-cuda's MoE nodes, a quantized build's MatMulNBits and the attention's decode step
+    (runtime/ort_kernels.py); never builds anything."""
     from .runtime.ort_kernels import library
 
     path, why = library(build=False)
     if path:
-        return f"moe_compile's kernels for MoE and quantized MatMul ({path.name})"
-    return f"onnxruntime's MoE and MatMulNBits ({why})"
+        return f"moe_compile's for MoE, quantized MatMul and decode attention ({path.name})"
+    return f"onnxruntime's ({why})"
 
 
 def _trt(trt, gpu, torch_gpu: str | None) -> str | None:

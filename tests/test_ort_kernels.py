@@ -487,11 +487,10 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
     assert per_layer and max(per_layer) <= 12, per_layer
 
 
-@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL"])
+@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION"])
 def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
-    """prepare() on an fp16 int4 build: both kinds of node swapped, or the MoE nodes
-    (MOE_COMPILE_MOE_KERNELS=ort) or the MatMulNBits ones (MOE_COMPILE_MATMUL_KERNELS=ort) kept on ONNX Runtime's;
-    the attention nodes stay on ONNX Runtime's unless asked for (MOE_COMPILE_ATTENTION_KERNELS=moe_compile)."""
+    """prepare() on an fp16 int4 build: every kind of node swapped (MoE, MatMulNBits, GroupQueryAttention), or one
+    kind kept on ONNX Runtime's by its switch (MOE_COMPILE_{MOE,MATMUL,ATTENTION}_KERNELS=ort), the others swapped."""
     out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
     library = tmp_path / "libmoe_compile_ort.so"
     library.write_bytes(b"")  # prepare only names the library; the session loads it
@@ -501,19 +500,22 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
     if keep:
         monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
     swap = ort_kernels.prepare(out / "model.onnx")
-    assert swap.attentions == 0 and not any(n.domain == "moe_compile" and n.op_type == "GroupQueryAttention"
-                                            for n in swap.model.graph.node)
-    monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "moe_compile")
-    with_attention = ort_kernels.prepare(out / "model.onnx")
-    layers = sum(n.op_type == "GroupQueryAttention" for n in with_attention.model.graph.node)
-    assert layers and with_attention.attentions == layers and (with_attention.swapped, with_attention.matmuls) == (
-        swap.swapped, swap.matmuls)
     ours = {(n.domain, n.op_type) for n in swap.model.graph.node if n.domain == "moe_compile"}
     theirs = {n.op_type for n in swap.model.graph.node if n.domain == "com.microsoft"}
-    assert (swap.swapped > 0, ("moe_compile", "FusedQMoE") in ours, "QMoE" in theirs) == (
-        (False, False, True) if keep == "MOE" else (True, True, False))
-    assert (swap.matmuls > 0, ("moe_compile", "MatMulNBits") in ours, "MatMulNBits" in theirs) == (
-        (False, False, True) if keep == "MATMUL" else (True, True, False))
+    layers = sum(n.op_type == "GroupQueryAttention" for n in swap.model.graph.node)
+    assert layers and swap.attentions == (0 if keep == "ATTENTION" else layers)
+    for kind, count, op, their_op in (("MOE", swap.swapped, "FusedQMoE", "QMoE"),
+                                      ("MATMUL", swap.matmuls, "MatMulNBits", "MatMulNBits"),
+                                      ("ATTENTION", swap.attentions, "GroupQueryAttention", "GroupQueryAttention")):
+        kept = keep == kind
+        assert (count > 0, ("moe_compile", op) in ours, their_op in theirs) == (not kept, not kept, kept), kind
+
+
+def test_every_switch_at_ort_loads_nothing(built, monkeypatch):
+    for which in ("MOE", "MATMUL", "ATTENTION"):
+        monkeypatch.setenv(f"MOE_COMPILE_{which}_KERNELS", "ort")
+    swap = ort_kernels.prepare(built("qwen2_moe", dtype="fp16", form="ort", quantize="int4") / "model.onnx")
+    assert swap.model is None and swap.library is None and "ATTENTION" in swap.reason
 
 
 def test_a_missing_library_is_one_reason_and_ort_kernels_run(built, tmp_path, monkeypatch):
@@ -581,13 +583,13 @@ def test_our_attention_and_ort_gqa_agree_on_a_build(built, monkeypatch, variant)
     steps, batches 1 and 2 of different lengths)."""
     out = built(variant, dtype="fp16", form="ort")
     prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
-    monkeypatch.delenv("MOE_COMPILE_ATTENTION_KERNELS", raising=False)
+    monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "ort")
     theirs = load(out, "ort-cuda")
     expected_logits = _prompt_logits(theirs, prompts[0])
     expected = [g.token_ids for g in theirs.generate(prompts, max_new_tokens=16)]
     expected_one = theirs.generate([prompts[1]], max_new_tokens=16)[0].token_ids
     del theirs
-    monkeypatch.setenv("MOE_COMPILE_ATTENTION_KERNELS", "moe_compile")
+    monkeypatch.delenv("MOE_COMPILE_ATTENTION_KERNELS")  # ours: the default
     ours = load(out, "ort-cuda")
     assert ort_kernels.prepare(out / "model.onnx").attentions > 0
     logits = _prompt_logits(ours, prompts[0])

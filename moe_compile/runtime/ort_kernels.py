@@ -31,17 +31,17 @@ rows ONNX Runtime's Gemm on the weight dequantized. H200, A2.7B (docs/BENCHMARKS
 take 10.5 us a layer, as ONNX Runtime's 9.9 + 1.4 for the bias Add; the int4 LM head ~70 us a step less than
 the fp16 one on cuBLAS (ONNX Runtime's `MatMulNBits` took longer than cuBLAS for it), with 1.0 GB less device memory.
 
-With MOE_COMPILE_ATTENTION_KERNELS=moe_compile, the ort form's com.microsoft:GroupQueryAttention nodes (shared KV
-buffer, half-split rotary) become `moe_compile:GroupQueryAttention` on the same inputs: a decode step (one new token
-a row) rotates, appends and attends in two launches of ours (plugins/csrc/decode_attention.cu), where ONNX Runtime's
-takes five; prefill runs ONNX Runtime's own kernel, invoked by the op. H200, A2.7B shape (docs/BENCHMARKS.md, tenth
-run): 7.1 us a layer at 128-256 tokens in the kernel benchmark against 12.7 for ONNX Runtime's five in a step's
-profile; GPU tests pass. Opt-in because the same-lease model benches do not yet show the gain apart from the order
-the runs came in, and prefill is slower through the invoked kernel (8 layers: 3.6-3.8 ms against 3.1).
+The ort form's com.microsoft:GroupQueryAttention nodes (shared KV buffer, half-split rotary) become
+`moe_compile:GroupQueryAttention` on the same inputs: a decode step (one new token a row) rotates, appends and attends
+in two launches of ours (plugins/csrc/decode_attention.cu), where ONNX Runtime's takes five; prefill runs ONNX
+Runtime's own kernel, invoked by the op. H200, A2.7B, 24 layers (docs/BENCHMARKS.md, eleventh run, A B B A in one
+lease): fp16 440.9 / 459.6 tok/s against 432.9 / 429.3 with ONNX Runtime's, int4 with the LM head 666.0 / 692.2
+against 609.4 / 621.6, prefill unchanged; 7.3 us a layer at 128 tokens in the kernel benchmark against 12.7 for
+ONNX Runtime's five in a step's profile.
 
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
-    MOE_COMPILE_ATTENTION_KERNELS=moe_compile  run GroupQueryAttention's decode on ours (opt-in)
+    MOE_COMPILE_ATTENTION_KERNELS=ort  keep ONNX Runtime's GroupQueryAttention
     MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
@@ -474,10 +474,10 @@ def library(build: bool = True) -> tuple[Path | None, str]:
 
 def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
-    moe, matmul = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort" for which in ("MOE", "MATMUL"))
-    attention = os.environ.get("MOE_COMPILE_ATTENTION_KERNELS", "") == "moe_compile"
+    moe, matmul, attention = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort"
+                              for which in ("MOE", "MATMUL", "ATTENTION"))
     if not moe and not matmul and not attention:
-        return Swap(None, None, 0, "MOE_COMPILE_MOE_KERNELS=ort and MOE_COMPILE_MATMUL_KERNELS=ort")
+        return Swap(None, None, 0, "MOE_COMPILE_{MOE,MATMUL,ATTENTION}_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
     ours = OURS_OPS + ((ATTENTION_OP,) if attention else ())
     if not any(n.op_type in ours and n.domain == "com.microsoft" for n in model.graph.node):
