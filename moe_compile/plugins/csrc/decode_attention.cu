@@ -266,7 +266,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_kernel(AttentionArgs a) {
   __shared__ float max_s[kTargetBlocks], sum_s[kTargetBlocks];  // a split's; -inf and 0 for splits without tiles
   __shared__ float weight_s[kTargetBlocks];                       // its share of the output: 0 without tiles
-  wait_for_producer();  // the partials, and the length, as the attention launch left them
+  allow_dependent_launch();  // the next launch (the o projection) may start: it waits for this one to end
+  wait_for_producer();        // the partials, and the length, as the attention launch left them
   const int G = a.group, n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G, splits = a.splits;
   const int length = min(a.seqlens_k[b] + 1, a.max_seq);
   const int tiles = length > 0 ? (length + tile_rows(D) - 1) / tile_rows(D) : 0;
@@ -295,26 +296,13 @@ __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_k
   }
 }
 
-// A launch's errors reach the caller through cudaGetLastError, as moe_compile_decode_attention checks.
-template <typename Kernel>
-void launch_early(Kernel kernel, dim3 grid, int threads, cudaStream_t s, const AttentionArgs& a) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.stream = s;
-  cudaLaunchAttribute early;  // start while the launch before ends (sm_90+); the kernel waits for it
-  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &early;
-  config.numAttrs = programmatic_launch() ? 1 : 0;
-  cudaLaunchKernelEx(&config, kernel, a);
-}
-
 template <typename T, int D, int G>
 void launch_attention(const AttentionArgs& a, int batch, cudaStream_t s) {
-  launch_early(decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), kAttnThreads, s, a);
+  launch_programmatic(true, decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), dim3(kAttnThreads), 0,
+                      s, a);
   if (a.splits > 1)
-    launch_early(combine_kernel<T, D>, dim3(a.kv_heads * G, batch), D < kAttnThreads ? D : kAttnThreads, s, a);
+    launch_programmatic(true, combine_kernel<T, D>, dim3(a.kv_heads * G, batch), dim3(D < kAttnThreads ? D : kAttnThreads),
+                        0, s, a);
 }
 
 template <typename T, int D>

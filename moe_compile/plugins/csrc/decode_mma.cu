@@ -262,18 +262,10 @@ void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const 
     mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE, GATE_UP_WARPS><<<grid, GATE_UP_WARPS * kWarp, smem, s>>>(
         p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid, logits, bias);
   } else {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(ceil_div(p.H, 16));
-    config.blockDim = dim3(DOWN_WARPS * kWarp);
-    config.dynamicSmemBytes = ROUTE ? sizeof(float) * 2 * p.E : 0;
-    config.stream = s;
-    cudaLaunchAttribute early;  // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
-    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    early.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &early;
-    config.numAttrs = ROUTE && programmatic_launch() ? 1 : 0;
-    cudaLaunchKernelEx(&config, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, p, w_down, ws, sh, routed,
-                       static_cast<T*>(out), logits, bias);
+    // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
+    launch_programmatic(ROUTE, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, dim3(ceil_div(p.H, 16)),
+                        dim3(DOWN_WARPS * kWarp), ROUTE ? sizeof(float) * 2 * p.E : 0, s, p, w_down, ws, sh, routed,
+                        static_cast<T*>(out), logits, bias);
   }
 }
 

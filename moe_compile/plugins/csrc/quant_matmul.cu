@@ -7,7 +7,9 @@
 // operand of mma.sync (codes dequantized in registers, quant_rows.cuh) over a slice of K; KSPLIT warps share a
 // row group and add their sums through shared memory in a fixed order; the tokens are the B operand, 8 an n-tile.
 // grid.y walks the tokens 8 NT at a time, so a prefill reads each weight once per 16 tokens (from L2 where the
-// matrix fits) instead of dequantizing it into a buffer.
+// matrix fits) instead of dequantizing it into a buffer. The launch starts as its predecessor's programmatic
+// dependent (sm_90+): a warp's first round of weights is in flight before it waits for x, so the loads of a
+// projection overlap the end of the launch before it (the attention's merge for the o projection).
 #include "common.cuh"
 #include "kernels.h"
 #include "quant_rows.cuh"
@@ -26,6 +28,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   // slices of K in multiples of 128: they start on a block, and on a 16-byte load of codes
   const int per_split = (int)ceil_div(ceil_div(K, 128), KSPLIT) * 128, k0 = split * per_split;
   const int len = max(0, min(per_split, K - k0));
+  allow_dependent_launch();  // our attention after q/k/v starts early too, and waits for this launch
   float acc[NT][4] = {};
   if (r0 < N && len > 0) {  // uniform over the warp: mma.sync needs all lanes
     const T* xs[NT];
@@ -36,8 +39,9 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     }
     const W lo = r0 + g < N ? w + ((size_t)(r0 + g) * K + k0) : W{};
     const W hi = r0 + g + 8 < N ? w + ((size_t)(r0 + g + 8) * K + k0) : W{};
-    mma_rows16<T, NT>(lo, hi, xs, len, acc);
+    mma_rows16<T, NT>(lo, hi, xs, len, acc, true);
   }
+  wait_for_producer();  // every block, those without rows too: this grid ends after the launch before
   if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;
   if (r0 >= N) return;
   // acc[nt] = {row g, row g, row g + 8, row g + 8} x {token 2t, 2t + 1} of n-tile nt
@@ -67,12 +71,13 @@ void launch_quant_matmul_split(const void* x, const void* codes, const void* sca
   const QuantRows<T, BITS, kRound> w{static_cast<const uint8_t*>(codes), static_cast<const T*>(scales), block};
   const T* b = static_cast<const T*>(bias);
   const dim3 grid((unsigned)ceil_div(N, 16 * (WARPS / KSPLIT)), (unsigned)ceil_div(M, M <= 8 ? 8 : 16));
+  const T* xt = static_cast<const T*>(x);
   if (M <= 8)
-    quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS><<<grid, WARPS * kWarp, 0, s>>>(
-        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
+    launch_programmatic(true, quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
+                        xt, M, K, N, w, b, static_cast<T*>(y));
   else
-    quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS><<<grid, WARPS * kWarp, 0, s>>>(
-        static_cast<const T*>(x), M, K, N, w, b, static_cast<T*>(y));
+    launch_programmatic(true, quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
+                        xt, M, K, N, w, b, static_cast<T*>(y));
 }
 
 constexpr int kManyRows = 32768;  // rows from which the LM head's setting wins (between 6144 and 151936 measured)
