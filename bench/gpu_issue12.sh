@@ -13,8 +13,8 @@
 #   int4     the same with --quantize int4 --block-size $BLOCK
 #   int4-head the same with --quantize int4 --quantize-lm-head (the LM head as MatMulNBits too)
 #   int4-ort the int4 build's bench again with ONNX Runtime's QMoE (MOE_COMPILE_MOE_KERNELS=ort): same-run comparison
-#   int4-serial the int4 build's bench again with the MoE's down launch not started early
-#            (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0): what the programmatic dependent launch gives a step
+#   int4-serial the int4 build's bench again with no launch started early (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0: the
+#            MoE's down, the attention's two, the quantized projections): what the programmatic launches give a step
 #   int4-ortmm the int4 build's bench again with ONNX Runtime's MatMulNBits for the projections
 #            (MOE_COMPILE_MATMUL_KERNELS=ort): what our quantized matmul gives a step
 #   NAME-attn (fp16-attn, int4-attn, int4-head-attn) build NAME's bench again with ONNX Runtime's attention

@@ -99,7 +99,7 @@ __device__ __forceinline__ void wait_for_producer() {
 }
 
 // Whether launches start as their stream predecessor's programmatic dependents (the MoE's down launch at T = 1,
-// the decode attention's two): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call:
+// the decode attention's two, the quantized matmul): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call:
 // same-process comparisons).
 inline bool programmatic_launch() {
   const char* env = getenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH");
