@@ -1,11 +1,12 @@
-// Small device helpers shared by the kernels: element types, 16-byte vectors, warp reductions.
+// Small helpers shared by the kernels: element types, 16-byte vectors, warp reductions, programmatic launches.
 #pragma once
-#include <utility>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include <utility>
 
 namespace moe {
 
@@ -99,8 +100,8 @@ __device__ __forceinline__ void wait_for_producer() {
 }
 
 // Whether launches start as their stream predecessor's programmatic dependents (the MoE's down launch at T = 1,
-// the decode attention's two, the quantized matmul): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0 (read per call:
-// same-process comparisons).
+// the decode attention's two, the quantized matmul): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0
+// (read per call: same-process comparisons).
 inline bool programmatic_launch() {
   const char* env = getenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH");
   if (env && atoi(env) == 0) return false;

@@ -301,8 +301,8 @@ void launch_attention(const AttentionArgs& a, int batch, cudaStream_t s) {
   launch_programmatic(true, decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), dim3(kAttnThreads), 0,
                       s, a);
   if (a.splits > 1)
-    launch_programmatic(true, combine_kernel<T, D>, dim3(a.kv_heads * G, batch), dim3(D < kAttnThreads ? D : kAttnThreads),
-                        0, s, a);
+    launch_programmatic(true, combine_kernel<T, D>, dim3(a.kv_heads * G, batch),
+                        dim3(D < kAttnThreads ? D : kAttnThreads), 0, s, a);
 }
 
 template <typename T, int D>
@@ -374,7 +374,8 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
     return MOE_ERR_CUDA;
   moe::AttentionArgs a{query, key, value, q_stride, kv_stride, present_key, present_value, seqlens_k, cos_cache,
                        sin_cache, (int)rotary_half, (int)kv_heads, (int)max_seq,
-                       (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), (int)(num_heads / kv_heads), scale, static_cast<float*>(workspace), out};
+                       (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), (int)(num_heads / kv_heads),
+                       scale, static_cast<float*>(workspace), out};
   const bool launched = dtype == MOE_DTYPE_F16 ? moe::launch_dims<__half>(a, (int)batch, (int)head_dim, a.group, s)
                                                : moe::launch_dims<__nv_bfloat16>(a, (int)batch, (int)head_dim, a.group, s);
   if (!launched) return MOE_ERR_INVALID_ARGUMENT;
