@@ -30,7 +30,7 @@ def report() -> list[str]:
              _row("onnx", _version("onnx")),
              *ort_lines, *trt_lines,
              _row("GPU", f"{gpu[0]}, compute capability {gpu[1]}" if gpu else "none found"),
-             _row("CUDA kernels", f"ort-cuda: {_moe_kernels()}")]
+             _row("CUDA kernels", f"ort-cuda: {_cuda_kernels()}")]
     why_not = _backends(ort, trt, gpu)
     lines += ["", _row("backend", "(moe-compile run --backend)")]
     lines += [_row(name, "yes" if why is None else f"no: {why}") for name, why in why_not.items()]
@@ -120,7 +120,7 @@ def _ort_cuda(ort, gpu) -> str | None:
     return None if gpu else "no CUDA GPU"
 
 
-def _moe_kernels() -> str:
+def _cuda_kernels() -> str:
     """Which kernels run ort-cuda's MoE nodes, a quantized build's MatMulNBits and the attention's decode step
     (runtime/ort_kernels.py); never builds anything."""
     from .runtime.ort_kernels import library
