@@ -31,7 +31,8 @@
 #   STEPS=ckpt,int4-head,int4-ortmm,profile KEEP=int4,int4-head LIMIT=400 bash bench/gpu_issue12.sh
 # (disk: the checkpoint, int4 and int4-head builds leave ~28 GB, too little for the fp16 build beside them.)
 # Builds are kept in $WORK (disk: 64 GB; the checkpoint is ~27 GB, the fp16 build ~29): KEEP lists the builds to keep,
-# the others are deleted right after their bench.
+# the others are deleted right after their bench. With the checkpoint in /dev/shm (CKPT) the disk holds the fp16 and
+# the int4 builds at once, so that their benches can alternate (A B B A).
 set -uo pipefail
 OUT=${OUT:-/tmp/issue12-out}
 WORK=${WORK:-/tmp/issue12}
@@ -49,7 +50,7 @@ LOG=issue12.log
 source "$(dirname "$0")/gpu_common.sh"
 python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__)'
 
-C=$WORK/ckpt
+C=${CKPT:-$WORK/ckpt}  # CKPT=/dev/shm/ckpt: the checkpoint in memory, where the disk cannot hold it beside the builds
 if has ckpt; then
   step "checkpoint: A2.7B config, $LAYERS layers, fp16 random, hub layout"
   if [ "$(python3 -c "import json; print(json.load(open('$C/config.json'))['num_hidden_layers'])" 2>/dev/null)" != "$LAYERS" ]; then
