@@ -1,9 +1,9 @@
 """Host memory of a build by stage: `moe-compile build ARGS` with each stage's end reporting the process's
 resident set (anonymous memory and file-backed pages: the checkpoint's mapped safetensors) and its peak so far
 (/proc/self/status VmRSS, RssAnon, RssFile, VmHWM), and the peak of the anonymous part (sampled: the kernel keeps
-none), on stderr as `[mem] after STAGE: ...`; the check stage's two halves (the torch program's reference logits, then
-ONNX Runtime's session) each with the anonymous peak within it. File-backed pages are the page cache's: the kernel drops them under
-pressure and reads them again, so the anonymous peak is what a build needs the machine to hold.
+none), on stderr as `[mem] after STAGE: ...`; the check stage's two halves (the torch program's reference logits,
+then ONNX Runtime's session) each with the anonymous peak within it. File-backed pages are the page cache's: the
+kernel drops them under pressure and reads them again, so the anonymous peak is what a build needs the machine to hold.
 
     python bench/build_memory.py CHECKPOINT -o OUT [build flags...]
 
