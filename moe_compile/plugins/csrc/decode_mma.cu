@@ -170,7 +170,9 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 // ROUTE (T = 1, dynamic shared memory 2E floats): the block routes the token itself, as the gate/up launch
 // does, instead of reading routing tables; then nothing but act depends on that launch, and the
 // kernel, launched as its programmatic dependent (launch_mma), loads its first weights while the gate/up
-// launch finishes and waits for it only before it reads act (mma_rows16's `wait`).
+// launch finishes and waits for it only before it reads act (mma_rows16's `wait`). The shared expert's items
+// stream while warp 0 routes (H200, A2.7B int4 with its shared expert at T = 1: 24.2 -> 22.9 us; int8 32.5 -> 30.6;
+// docs/BENCHMARKS.md, fourteenth run).
 template <typename T, int NT, typename W, int SLICE, int WARPS, bool ROUTE>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out,
@@ -179,20 +181,18 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   __shared__ float partial[WARPS][16][TMAX];
   __shared__ TokenRoute route;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-  for (int i = threadIdx.x; i < WARPS * 16 * TMAX; i += blockDim.x) (&partial[0][0][0])[i] = 0.f;
-  if constexpr (ROUTE) {
-    extern __shared__ float route_scratch[];  // sel [E], score [E]
-    if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);
-  }
-  __syncthreads();
+  for (int i = lane; i < 16 * TMAX; i += kWarp) (&partial[warp][0][0])[i] = 0.f;  // the warp's own: no barrier
+  __syncwarp();
 
   const int h0 = blockIdx.x * 16;
   const bool lo_ok = h0 + g < p.H, hi_ok = h0 + g + 8 < p.H;
   const int routed_slices = (int)ceil_div(p.I, SLICE);
+  // ROUTE: the routing is not known before the barrier below, so no table is read for the count
   const int routed_items = !routed ? 0 : (ROUTE ? p.K : *ws.num_tiles) * routed_slices;
-  const int items = routed_items + (sh.down ? (int)ceil_div(sh.I, SLICE) : 0);
+  const int shared_items = sh.down ? (int)ceil_div(sh.I, SLICE) : 0;
+  const int items = routed_items + shared_items;
   const T* act = static_cast<const T*>(ws.act);
-  for (int item = warp; item < items; item += WARPS) {
+  auto run_item = [&](int item) {  // items below routed_items: (routed tile, slice); the rest: shared slices
     float acc[NT][4] = {};
     const T* xs[NT];
     if (item < routed_items) {
@@ -236,6 +236,20 @@ __global__ void __launch_bounds__(WARPS* kWarp)
           partial[warp][g + 8][s] += gs * acc[nt][2 + c];
         }
     }
+  };
+  if constexpr (ROUTE) {
+    // Warp 0 routes the token while the others stream the shared expert's rows, which need no routing: a warp
+    // takes the shared items first, and warp 0 the last turn, so that routing delays only the routed items.
+    extern __shared__ float route_scratch[];  // sel [E], score [E]
+    const auto item_at = [&](int i) { return i < shared_items ? routed_items + i : i - shared_items; };
+    int i = (warp + WARPS - 1) % WARPS;
+    if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);
+    else
+      for (; i < shared_items; i += WARPS) run_item(item_at(i));
+    __syncthreads();
+    for (; i < items; i += WARPS) run_item(item_at(i));
+  } else {
+    for (int item = warp; item < items; item += WARPS) run_item(item);
   }
   if constexpr (ROUTE) wait_for_producer();  // every block: out is written, and this grid ends, after gate/up's
   __syncthreads();
