@@ -457,20 +457,38 @@ def test_every_qmoe_node_of_a_quantized_ort_build_is_swapped(built, scheme):
     assert ort_kernels.swap_matmul_nodes(model) == (0, "a float32 MatMul (ours take 16-bit activations)")
 
 
+def _bias_as_add(model: onnx.ModelProto) -> None:
+    """Each MatMulNBits' bias input as an Add after it, as builds before 2026-12-03 have it."""
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type == "MatMulNBits" and len(node.input) > 5 and node.input[5]:
+            bias, out = node.input[5], node.output[0]
+            del node.input[3:]
+            node.output[0] = f"{out}.unbiased"
+            nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_every_matmul_nbits_node_of_a_quantized_fp16_ort_build_is_swapped(built, scheme):
     """An fp16 quantized build: every MatMulNBits (attention projections, Qwen2-MoE's dense MLP layers) goes on our
-    kernels, and the q/k/v bias Adds go into them."""
+    kernels with the q/k/v bias, which the build gives as MatMulNBits' bias input (older builds: an Add after it)."""
     model = onnx.load(str(built("qwen2_moe", dtype="fp16", form="ort", quantize=scheme) / "model.onnx"),
                       load_external_data=False)
     ort_kernels.swap_moe_nodes(model)
-    before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
-    adds = sum(n.op_type == "Add" for n in model.graph.node)
-    assert before and ort_kernels.swap_matmul_nodes(model) == (before, "")
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(matmuls) == before and all(n.domain == "moe_compile" for n in matmuls)
-    with_bias = sum(len(n.input) == 4 for n in matmuls)
-    assert with_bias and sum(n.op_type == "Add" for n in model.graph.node) == adds - with_bias
+    older = onnx.ModelProto()
+    older.CopyFrom(model)
+    _bias_as_add(older)
+    for graph in (model, older):
+        before = sum(n.op_type == "MatMulNBits" for n in graph.graph.node)
+        assert before and ort_kernels.swap_matmul_nodes(graph) == (before, "")
+        matmuls = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        assert len(matmuls) == before and all(n.domain == "moe_compile" for n in matmuls)
+        products = {n.output[0] for n in matmuls}
+        assert sum(len(n.input) == 4 for n in matmuls) == sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+        assert not [n.name for n in graph.graph.node if n.op_type == "Add" and products & set(n.input)]
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])

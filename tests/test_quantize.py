@@ -128,6 +128,16 @@ def _ops(out) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
 
 
+def _biases(out) -> tuple[int, list[str]]:
+    """(MatMulNBits nodes with a bias input, Adds of a constant to a MatMulNBits output: a bias left as its own node)."""
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    products = {n.output[0] for n in graph.node if n.op_type == "MatMulNBits"}
+    with_bias = sum(1 for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 5 and n.input[5])
+    return with_bias, [n.name for n in graph.node if n.op_type == "Add" and products & set(n.input)
+                       and constants & set(n.input)]
+
+
 # --- the quantizer and its packing -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -333,6 +343,10 @@ def test_ort_form_int4(built, checkpoint, variant):
     record = manifest.quantization
     assert record["scheme"] == "int4" and record["block_size"] == 32 and not record["unquantized"], record
     assert ops["QMoE"] == record["ops"]["QMoE"] == len(manifest.layers)
+    with_bias, bias_adds = _biases(out)
+    assert not bias_adds, bias_adds  # a MatMul's bias Add goes into MatMulNBits' bias input
+    if variant == "qwen2_moe":  # its packed q/k/v has a bias, one a layer
+        assert with_bias == ops["GroupQueryAttention"], (with_bias, ops)
     for cls in ("router", "embedding"):  # kept in the build's dtype
         assert record["bytes"].get(cls, {"before": 0, "after": 0})["after"] == record["bytes"].get(cls, {"before": 0})["before"]
     total = {k: sum(row[k] for row in record["bytes"].values()) for k in ("before", "after")}

@@ -227,13 +227,19 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
             name = node.name
             codes, scales = _quantized_initializers(graph, name, rows, node.inputs[1].const_value.dtype, [], n, k,
                                                     quantization, qmoe=False)
+            add = _bias_add(node, n) if bias is None else None
+            if add is not None:
+                add, bias = add
             inputs = [node.inputs[0], codes, scales]
             if bias is not None:
                 inputs += [None, None, bias]
             attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block),
                      ir.AttrInt64("accuracy_level", level)]
-            _replace(graph, node, ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attrs, name=f"{name}_q{bits}",
-                                          metadata_props=dict(node.metadata_props)))
+            quantized = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attrs, name=f"{name}_q{bits}",
+                                metadata_props=dict(node.metadata_props))
+            _replace(graph, node, quantized)
+            if add is not None:
+                _replace(graph, add, quantized, inserted=True)
             counts["MatMulNBits"] += 1
     return counts
 
@@ -257,12 +263,28 @@ def _matmul_rows(node: ir.Node):
     return (weight.numpy, (k, n), bias, "") if attrs.get("transB", 0) else (columns, (n, k), bias, "")
 
 
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-    """Swap `old` for `new` and free the float weights nothing reads any more (streaming: one layer's
-    float and quantized weights at a time, not the whole model's twice)."""
-    graph.insert_before(old, new)
+def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
+    """(the Add, its bias) where an Add of a constant [N] vector is the only reader of a MatMul's output (the ort form adds q/k/v's
+    packed bias after the MatMul), which MatMulNBits' bias input takes in: one node a layer less on the CPU."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add" or uses[0].node.domain not in ("", "ai.onnx") \
+            or node.outputs[0].is_graph_output() or uses[0].node.outputs[0].is_graph_output():
+        return None
+    add = uses[0].node
+    bias = add.inputs[1 - uses[0].idx]
+    if not _constant(bias) or list(bias.const_value.shape) != [n] \
+            or bias.const_value.dtype != node.inputs[1].const_value.dtype:
+        return None
+    return add, bias
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node, inserted: bool = False) -> None:
+    """Swap `old` for `new` (already in the graph where `inserted`) and free the float weights nothing reads any
+    more (streaming: one layer's float and quantized weights at a time, not the whole model's twice)."""
     out = old.outputs[0]
-    new.outputs[0].name = f"{new.name}_out"
+    if not inserted:
+        graph.insert_before(old, new)
+        new.outputs[0].name = f"{new.name}_out"
     if out.type is not None:
         new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
     out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
