@@ -365,7 +365,8 @@ def why_not_ours_matmul(g: _Graph, node: onnx.NodeProto) -> str | None:
 
 def _bias_add(g: _Graph, node: onnx.NodeProto, n: int) -> tuple[onnx.NodeProto, str] | None:
     """(the Add, its bias) where the node's output only goes to an Add of a constant [N] vector of the scales' type
-    (the ort form adds q/k/v's packed bias after the MatMul): our op adds it in the same launch."""
+    (builds made before 2026-12-03 add q/k/v's packed bias after MatMulNBits; later ones give it as its bias
+    input): our op adds it in the same launch."""
     add = g.only_consumer(node.output[0], "Add")
     if add is None:
         return None
