@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import shutil
@@ -259,23 +260,37 @@ class CheckReference:
     """The torch program's logits on the check's sample inputs, taken before ONNX Runtime loads the build so that
     the torch side's weights can go first: a build's host peak then holds one copy of the weights, not both."""
 
-    feeds: list[dict]  # per sample: input name -> tensor (numpy's only once ONNX Runtime runs: bf16 has no numpy dtype)
+    input_names: list[str]
+    samples: list[functools.partial]  # each makes one sample's inputs (seeded: the same tensors at every call)
     expected: np.ndarray  # [positions, vocab] float32
 
 
 def check_reference(manifest: Manifest, program, captured) -> CheckReference:
     """The lowered torch program on the check's samples: for the ort form a right-padded prefill of rows of
-    different lengths, then a decode step."""
+    different lengths, then a decode step. A sample is made when it runs and dropped after, not held: the ort form's
+    caches are max_seq long, so each sample's are the size of the KV cache of its rows, all layers."""
+    shapes, dtype = captured.kv_shapes, captured.dtype
     if manifest.form == "ort":
         lengths = [4, 2, 3][: max(2, min(3, manifest.max_batch))]  # the graph serves max(max_batch, 2) rows
-        samples = [inplace_sample_inputs(captured.kv_shapes, captured.dtype, len(lengths), lengths, manifest.max_seq,
-                                         manifest.vocab_size, decode=decode) for decode in (False, True)]
+        samples = [functools.partial(inplace_sample_inputs, shapes, dtype, len(lengths), lengths, manifest.max_seq,
+                                     manifest.vocab_size, decode=decode) for decode in (False, True)]
     else:
-        samples = [sample_inputs(captured.kv_shapes, captured.dtype, 2, 4, 3, manifest.vocab_size)]
+        samples = [functools.partial(sample_inputs, shapes, dtype, 2, 4, 3, manifest.vocab_size)]
+    step = logits_only(program.module(check_guards=False))
     with torch.no_grad():
-        expected = [program.module(check_guards=False)(*args)[0].float().numpy() for args in samples]
-    return CheckReference([dict(zip(captured.input_names, args)) for args in samples],
-                          np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]))
+        expected = [step(*make())[0].float().numpy() for make in samples]
+    return CheckReference(captured.input_names, samples, np.concatenate([e.reshape(-1, e.shape[-1]) for e in expected]))
+
+
+def logits_only(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The step with only its logits (the first output) computed: each layer's present, a copy of its cache in the
+    ort form, then goes once its attention has run instead of every layer's living to the end of the step."""
+    output = module.graph.output_node()
+    outputs = output.args[0]
+    output.args = ((outputs[0], *[None] * (len(outputs) - 1)),)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
 
 
 def check_build(out: Path, manifest: Manifest, reference: CheckReference) -> None:
@@ -306,8 +321,9 @@ def check_build(out: Path, manifest: Manifest, reference: CheckReference) -> Non
         log.warning("check skipped: %s", exc)
         return
     expected = reference.expected
-    got = np.concatenate([backend.session.run(["logits"], {name: a.numpy() for name, a in feeds.items()})[0]
-                          .astype(np.float32).reshape(-1, expected.shape[-1]) for feeds in reference.feeds])
+    feeds = ({name: a.numpy() for name, a in zip(reference.input_names, make())} for make in reference.samples)
+    got = np.concatenate([backend.session.run(["logits"], sample)[0].astype(np.float32).reshape(-1, expected.shape[-1])
+                          for sample in feeds])
     # NaN compares false with every tolerance: non-finite logits must fail on their own.
     for what, logits in (("the torch program", expected), ("ONNX Runtime", got)):
         if not np.isfinite(logits).all():

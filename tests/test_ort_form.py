@@ -196,6 +196,33 @@ def test_check_loads_the_build_after_the_torch_weights_are_released(checkpoint, 
     assert len(loaded) > 1 and alive == [0], f"{alive} of the model and its {len(loaded) - 1} parameters alive"
 
 
+def test_check_reference_makes_each_sample_when_used_and_computes_only_the_logits(checkpoint):
+    """The ort form's check samples carry max_seq-long caches and its program returns every layer's present: held
+    all at once, they grew a build's peak with its layers (docs/QUANTIZATION.md). The reference keeps each sample as
+    a call that makes the same tensors again, and runs the program with the logits as its only output."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_compile.build import check_reference, logits_only
+    from moe_compile.capture import capture
+    from moe_compile.models.loading import load_model
+    from moe_compile.passes import PassManager, lowering_pipeline
+
+    model = load_model(checkpoint("qwen2_moe"), "fp32", False)
+    captured = capture(model, 2, 32, "ort")
+    program, _ = PassManager(lowering_pipeline("fused"), fallback="gather").run(captured.program)
+    manifest = SimpleNamespace(form="ort", max_batch=2, max_seq=32, vocab_size=model.config.vocab_size)
+    reference = check_reference(manifest, program, captured)
+    sample = reference.samples[0]()
+    assert all(torch.equal(a, b) for a, b in zip(sample, reference.samples[0]()))
+    with torch.no_grad():
+        full = program.module(check_guards=False)(*sample)
+        lean = logits_only(program.module(check_guards=False))(*sample)
+    assert torch.equal(lean[0], full[0]) and all(output is None for output in lean[1:])
+    assert np.array_equal(reference.expected[: len(full[0])], full[0].numpy())
+
+
 def test_folded_weights_are_computed_when_written_not_held():
     """The MoE gate/up interleave (Reshape, Transpose, Reshape over the experts' constant) folds into one lazy
     constant: the same values as numpy's, computed on each read, so the export holds no second copy of the experts."""
