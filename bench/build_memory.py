@@ -28,13 +28,15 @@ def status_gb() -> dict[str, float]:
 
 peak_anonymous = 0.0  # the kernel keeps no peak of RssAnon: a thread samples it
 part_peak = 0.0  # the same since the start of a marked call (the check's two halves)
+peaks = threading.Lock()  # a reset of part_peak between the sampler's read and write would be undone
 
 
 def sample_anonymous() -> None:
     global peak_anonymous, part_peak
     while True:
         now = status_gb()["RssAnon"]
-        peak_anonymous, part_peak = max(peak_anonymous, now), max(part_peak, now)
+        with peaks:
+            peak_anonymous, part_peak = max(peak_anonymous, now), max(part_peak, now)
         time.sleep(0.02)
 
 
@@ -58,7 +60,8 @@ def marked(function, name):
     """`function` with the memory printed after it, and the anonymous peak within it."""
     def run(*args, **kwargs):
         global part_peak
-        part_peak = status_gb()["RssAnon"]
+        with peaks:
+            part_peak = status_gb()["RssAnon"]
         result = function(*args, **kwargs)
         within = max(part_peak, status_gb()["RssAnon"])
         print(f"[mem] after {name}: {memory()}; anonymous peak within it {within:.2f} GB", file=sys.stderr, flush=True)
