@@ -227,9 +227,9 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
             name = node.name
             codes, scales = _quantized_initializers(graph, name, rows, node.inputs[1].const_value.dtype, [], n, k,
                                                     quantization, qmoe=False)
-            add = _bias_add(node, n) if bias is None else None
-            if add is not None:
-                add, bias = add
+            add = None
+            if bias is None and (found := _bias_add(node, n)):
+                add, bias = found
             inputs = [node.inputs[0], codes, scales]
             if bias is not None:
                 inputs += [None, None, bias]
@@ -238,8 +238,9 @@ def _quantize_ort(graph: ir.Graph, quantization: Quantization, unquantized: dict
             quantized = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attrs, name=f"{name}_q{bits}",
                                 metadata_props=dict(node.metadata_props))
             _replace(graph, node, quantized)
-            if add is not None:
-                _replace(graph, add, quantized, inserted=True)
+            if add is not None:  # it now adds the bias to the quantized product: its readers take that instead
+                add.outputs[0].replace_all_uses_with(quantized.outputs[0])
+                graph.remove(add, safe=True)
             counts["MatMulNBits"] += 1
     return counts
 
@@ -264,8 +265,8 @@ def _matmul_rows(node: ir.Node):
 
 
 def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
-    """(the Add, its bias) where an Add of a constant [N] vector is the only reader of a MatMul's output (the ort form adds q/k/v's
-    packed bias after the MatMul), which MatMulNBits' bias input takes in: one node a layer less on the CPU."""
+    """(the Add, its bias) where an Add of a constant [N] vector is the only reader of a MatMul's output (the ort
+    form adds q/k/v's packed bias after the MatMul), which MatMulNBits' bias input takes in: one node a layer less."""
     uses = list(node.outputs[0].uses())
     if len(uses) != 1 or uses[0].node.op_type != "Add" or uses[0].node.domain not in ("", "ai.onnx") \
             or node.outputs[0].is_graph_output() or uses[0].node.outputs[0].is_graph_output():
@@ -278,13 +279,12 @@ def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
     return add, bias
 
 
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node, inserted: bool = False) -> None:
-    """Swap `old` for `new` (already in the graph where `inserted`) and free the float weights nothing reads any
-    more (streaming: one layer's float and quantized weights at a time, not the whole model's twice)."""
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Swap `old` for `new` and free the float weights nothing reads any more (streaming: one layer's
+    float and quantized weights at a time, not the whole model's twice)."""
+    graph.insert_before(old, new)
     out = old.outputs[0]
-    if not inserted:
-        graph.insert_before(old, new)
-        new.outputs[0].name = f"{new.name}_out"
+    new.outputs[0].name = f"{new.name}_out"
     if out.type is not None:
         new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
     out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
