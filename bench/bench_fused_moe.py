@@ -385,6 +385,45 @@ def bench_projections(tokens, block=32):
             del copies
 
 
+def bench_router(tokens, copies=256):
+    """A2.7B's router with the shared-expert gate (2048 x 61, fp16), timed as CUDA-graph replays: cuBLAS (torch's
+    matmul, as ONNX Runtime's MatMul runs it) and the conversion of its output to float32 that the fused op then ran,
+    against our one launch (fused_moe.h: moe_compile_router_logits), serialised (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0:
+    a launch of ours would otherwise overlap the one before, its own kind here). Each call reads the next of `copies`
+    copies of the weight, so that L2 holds none of them, as a decode step finds a layer's router."""
+    import os
+
+    from moe_compile.plugins import library
+    from moe_compile.plugins.library import Dtype
+
+    h, e = SHAPES["qwen1.5-moe-a2.7b"].hidden, SHAPES["qwen1.5-moe-a2.7b"].num_experts
+    weights = [(torch.randn(h, e + 1, device="cuda") / h**0.5).half() for _ in range(copies)]
+    rows = [w.T.contiguous() for w in weights]
+    stream = lambda: torch.cuda.current_stream().cuda_stream
+    print("| A2.7B router + shared gate, fp16 |     T | cuBLAS + to fp32 µs | ours µs | max abs diff |")
+    saved = os.environ.get("MOE_COMPILE_PROGRAMMATIC_LAUNCH")
+    os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"] = "0"
+    try:
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda").half()
+            logits, gate = torch.empty(t, e, device="cuda"), torch.empty(t, device="cuda")
+            turn = iter(range(10**9))
+            theirs = lambda: (x @ weights[next(turn) % copies]).float()
+            ours = lambda: library.router_logits(x.data_ptr(), rows[next(turn) % copies].data_ptr(), Dtype.F16, t, h,
+                                                 e, logits.data_ptr(), gate.data_ptr(), stream())
+            expected = (x @ weights[0]).float()
+            library.router_logits(x.data_ptr(), rows[0].data_ptr(), Dtype.F16, t, h, e, logits.data_ptr(),
+                                  gate.data_ptr(), stream())
+            diff = (torch.cat([logits, gate[:, None]], 1) - expected).abs().max().item()
+            print(f"| router {h} x {e + 1} | {t:5d} | {graph_us(theirs, copies):7.1f} | {graph_us(ours, copies):7.1f} | "
+                  f"{diff:.1e} |", flush=True)
+    finally:
+        if saved is None:
+            del os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"]
+        else:
+            os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"] = saved
+
+
 def kernel_times(fn, calls=20) -> dict[str, float]:
     """Device µs a call of each kernel `fn` launches (torch profiler), by the kernel's name up to its template."""
     from torch.profiler import ProfilerActivity, profile
@@ -420,6 +459,7 @@ def main(argv=None):
     parser.add_argument("--shared", default="", help="token counts for the A2.7B shared-expert comparison, e.g. 1,8")
     parser.add_argument("--quantized", default="", help="token counts for A2.7B's experts as fp16/int8/int4, e.g. 1,8")
     parser.add_argument("--projections", default="", help="token counts for A2.7B's dense projections as fp16/int8/int4")
+    parser.add_argument("--router", default="", help="token counts for A2.7B's router: cuBLAS + conversion against ours")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
@@ -441,6 +481,8 @@ def main(argv=None):
         bench_quantized([int(t) for t in args.quantized.split(",")])
     if args.projections:
         bench_projections([int(t) for t in args.projections.split(",")])
+    if args.router:
+        bench_router([int(t) for t in args.router.split(",")])
     for pair in filter(None, args.breakdown.split(",")):
         name, t = pair.split(":")
         kernel_breakdown(name, int(t))

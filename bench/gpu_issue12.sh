@@ -21,6 +21,9 @@
 #            (MOE_COMPILE_ATTENTION_KERNELS=ort) twice, then with ours (the default) once more: A B B A with NAME's
 #            own bench, so that the order the runs come in (the tenth run: up to ~10% between neighbours) falls on
 #            both alike
+#   NAME-router (fp16-router, int4-head-router, ...) build NAME's bench again with the router's MatMul on ONNX
+#            Runtime (MOE_COMPILE_ROUTER_KERNELS=ort) twice, then folded into our MoE op (the default) once more:
+#            A B B A with NAME's own bench, as NAME-attn
 #   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
@@ -87,14 +90,17 @@ EOF
   within 30 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" --prompt-len "$PROMPTS" \
     --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
   record_bench "$name"
-  if has "$name-attn"; then
-    for attention in ort ort moe_compile; do
-      step "moe-compile bench $name with MOE_COMPILE_ATTENTION_KERNELS=$attention"
-      within 30 env MOE_COMPILE_ATTENTION_KERNELS=$attention python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
+  local which
+  for which in ATTENTION ROUTER; do  # NAME-attn, NAME-router: A B B A against the switch at ort
+    local suffix=$([ $which = ATTENTION ] && echo attn || echo router)
+    has "$name-$suffix" || continue
+    for kernels in ort ort moe_compile; do
+      step "moe-compile bench $name with MOE_COMPILE_${which}_KERNELS=$kernels"
+      within 30 env MOE_COMPILE_${which}_KERNELS=$kernels python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
         --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $attention = ort ] && echo -ortattn)"
+      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $kernels = ort ] && echo -ort$suffix)"
     done
-  fi
+  done
   [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"
 }
 

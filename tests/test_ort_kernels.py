@@ -82,6 +82,16 @@ def test_fused_moe_contract_is_com_microsoft_moe(normalize):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def _in_dtype(model: onnx.ModelProto, dtype) -> onnx.ModelProto:
+    """`model` with its float initializers, inputs and outputs in `dtype`, in place."""
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(dtype), init.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return model
+
+
 def _quantized(model: onnx.ModelProto, scheme: str, dtype=np.float32, level: int = 0) -> onnx.ModelProto:
     """`model` in `dtype`, quantized by our quantizer (quantize/onnx_rewrite.py: MoE -> QMoE, the MatMul/Gemm
     nodes scoped to a quantized class -> MatMulNBits), every quantized op at accuracy_level `level` (0: float
@@ -91,12 +101,7 @@ def _quantized(model: onnx.ModelProto, scheme: str, dtype=np.float32, level: int
     from moe_compile.quantize import Quantization
     from moe_compile.quantize.onnx_rewrite import quantize_model
 
-    if dtype != np.float32:
-        for init in model.graph.initializer:
-            if init.data_type == TensorProto.FLOAT:
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(dtype), init.name))
-        for value in [*model.graph.input, *model.graph.output]:
-            value.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    _in_dtype(model, dtype)
     model_ir = ir.serde.deserialize_model(model)
     quantize_model(model_ir, Quantization(scheme, 32), "ort")
     for node in model_ir.graph:
@@ -321,19 +326,21 @@ def _shared_expert_model(experts=6, hidden=16, inter=8, shared=24, k=2) -> tuple
 
 
 def _quantized_shared_expert_model(scheme: str, dtype=np.float32, experts=6, hidden=64, inter=32, shared=64,
-                                   level: int = 0) -> onnx.ModelProto:
+                                   level: int = 0, router: bool = False) -> onnx.ModelProto:
     """_shared_expert_model quantized as a Qwen2-MoE build is (its projections scoped to the shared expert, so
-    they become MatMulNBits; QMoE with the router Softmax), with the router's logits L as the graph's input."""
+    they become MatMulNBits; QMoE with the router Softmax), with the router's logits L as the graph's input, or
+    (`router`) its MatMul kept, unquantized as a build keeps it."""
     model, _ = _shared_expert_model(experts, hidden, inter, shared)
-    router = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "router")
-    model.graph.node.remove(router)
-    del model.graph.input[:]
-    model.graph.input.extend([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]),
-                              helper.make_tensor_value_info("L", TensorProto.FLOAT, ["T", experts + 1])])
+    if not router:
+        model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "router"))
+        del model.graph.input[:]
+        model.graph.input.extend([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]),
+                                  helper.make_tensor_value_info("L", TensorProto.FLOAT, ["T", experts + 1])])
     for i, node in enumerate(model.graph.node):
         node.name = f"{node.op_type}_{i}"  # as the exporter names them: the quantized initializers are named after them
         if node.op_type in ("MatMul", "Gemm"):
-            helper.set_metadata_props(node, {"pkg.torch.onnx.name_scopes": "['model.layers.0.mlp.shared_expert', 'x']"})
+            scope = "gate" if node.input[1] == "router" else "shared_expert"
+            helper.set_metadata_props(node, {"pkg.torch.onnx.name_scopes": f"['model.layers.0.mlp.{scope}', 'x']"})
     return _quantized(model, scheme, dtype, level)
 
 
@@ -382,6 +389,79 @@ def test_the_shared_expert_moves_into_the_fused_op():
     shared = shared_expert_reference(torch.from_numpy(x), torch.from_numpy(w["shared_gate_up"].T),
                                      torch.from_numpy(w["shared_down"]), logits[:, 6])
     np.testing.assert_allclose((routed + shared).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int4"])
+def test_the_router_matmul_moves_into_the_fused_op(quantized):
+    """fold_router_matmuls: the MatMul(x, [router | shared gate]) that only the fused op reads goes into it as the
+    weight's rows (a Transpose of the initializer, which the session folds) with router_rows=1; those rows are the
+    router's, row E the shared gate's."""
+    model = _quantized_shared_expert_model("int4", router=True) if quantized else _shared_expert_model()[0]
+    router = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "router"))
+    ort_kernels.swap_moe_nodes(model)
+    assert ort_kernels.fold_router_matmuls(model) == 1
+    op = "FusedQMoE" if quantized else "FusedMoE"
+    assert [n.op_type for n in model.graph.node if n.op_type != "Transpose"] == [op]
+    fused = next(n for n in model.graph.node if n.op_type == op)
+    transpose = next(n for n in model.graph.node if n.output[0] == fused.input[1])
+    assert transpose.op_type == "Transpose" and transpose.input[0] == "router"
+    assert list(helper.get_attribute_value(transpose.attribute[0])) == [1, 0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.attribute}
+    assert attrs["router_rows"] == 1 and attrs["shared_gate"] == 1
+    folded = helper.make_graph([transpose], "rows", [], [helper.make_tensor_value_info(transpose.output[0],
+                                                                                       TensorProto.FLOAT, None)],
+                               [numpy_helper.from_array(router, "router")])
+    rows = ort.InferenceSession(_model(folded).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(rows, router.T)  # [E + 1, H]: the kernel's rows, the gate's last
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("scheme", ["fp16", "int4", "int8"])
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+def test_the_folded_router_on_cuda_matches_the_router_matmul(scheme, tokens):
+    """The fused op with its router MatMul folded in (our kernel computes the logits and the shared gate's from the
+    rows) against the same op fed by ONNX Runtime's MatMul, fp16 on CUDA, with the shared expert: at 1 token (the
+    gate/up launch starts as the router launch's programmatic dependent), 9 and 40."""
+    path, why = ort_kernels.library()
+    assert path is not None, why
+    if scheme == "fp16":
+        model = _in_dtype(_shared_expert_model(experts=8, hidden=256, inter=128, shared=256)[0], np.float16)
+    else:
+        model = _quantized_shared_expert_model(scheme, np.float16, experts=8, hidden=256, inter=128, shared=256,
+                                               router=True)
+    assert ort_kernels.swap_moe_nodes(model) == (1, "")
+    unfolded = onnx.ModelProto()
+    unfolded.CopyFrom(model)
+    assert ort_kernels.fold_router_matmuls(model) == 1
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(path))
+    x = np.random.default_rng(tokens).standard_normal((tokens, 256)).astype(np.float16)
+    got, expected = (ort.InferenceSession(m.SerializeToString(), options, providers=["CUDAExecutionProvider"]).run(
+        None, {"x": x})[0].astype(np.float64) for m in (model, unfolded))
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - expected) <= 1e-2 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("change", ["logits read elsewhere", "another input", "computed weight", "wrong width"])
+def test_a_router_of_another_shape_stays_a_matmul(change):
+    model, w = _shared_expert_model()
+    ort_kernels.swap_moe_nodes(model)
+    router = next(n for n in model.graph.node if n.op_type == "MatMul")
+    if change == "logits read elsewhere":
+        model.graph.output.append(helper.make_tensor_value_info("L", TensorProto.FLOAT, ["T", 7]))
+    elif change == "another input":
+        model.graph.node.insert(0, helper.make_node("Neg", ["x"], ["x_neg"]))
+        router.input[0] = "x_neg"
+    elif change == "computed weight":
+        model.graph.node.insert(0, helper.make_node("Identity", ["router"], ["router_copy"]))
+        router.input[1] = "router_copy"
+    else:
+        init = next(i for i in model.graph.initializer if i.name == "router")
+        init.CopyFrom(numpy_helper.from_array(np.concatenate([w["router"], w["router"][:, :1]], 1), "router"))
+    assert ort_kernels.fold_router_matmuls(model) == 0
+    assert any(n.op_type == "MatMul" and n.output[0] == "L" for n in model.graph.node)
+    fused = next(n for n in model.graph.node if n.op_type == "FusedMoE")
+    assert fused.input[1] == "L" and "router_rows" not in {a.name for a in fused.attribute}
 
 
 @pytest.mark.parametrize("change", ["two consumers", "gated output read elsewhere", "gelu", "no gate"])
@@ -505,15 +585,16 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
     assert per_layer and max(per_layer) <= 12, per_layer
 
 
-@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION"])
+@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION", "ROUTER"])
 def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
-    """prepare() on an fp16 int4 build: every kind of node swapped (MoE, MatMulNBits, GroupQueryAttention), or one
-    kind kept on ONNX Runtime's by its switch (MOE_COMPILE_{MOE,MATMUL,ATTENTION}_KERNELS=ort), the others swapped."""
+    """prepare() on an fp16 int4 build: every kind of node swapped (MoE with its router MatMul, MatMulNBits,
+    GroupQueryAttention), or one kind kept on ONNX Runtime's by its switch (MOE_COMPILE_{MOE,MATMUL,ATTENTION,
+    ROUTER}_KERNELS=ort), the others swapped."""
     out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
     library = tmp_path / "libmoe_compile_ort.so"
     library.write_bytes(b"")  # prepare only names the library; the session loads it
     monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
-    for which in ("MOE", "MATMUL", "ATTENTION"):
+    for which in ("MOE", "MATMUL", "ATTENTION", "ROUTER"):
         monkeypatch.delenv(f"MOE_COMPILE_{which}_KERNELS", raising=False)
     if keep:
         monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
@@ -527,6 +608,11 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
                                       ("ATTENTION", swap.attentions, "GroupQueryAttention", "GroupQueryAttention")):
         kept = keep == kind
         assert (count > 0, ("moe_compile", op) in ours, their_op in theirs) == (not kept, not kept, kept), kind
+    fused = [n for n in swap.model.graph.node if n.op_type == "FusedQMoE"]
+    routers = [n for n in swap.model.graph.node if n.op_type == "MatMul" and {n.output[0]} & {f.input[1] for f in fused}]
+    folded = keep not in ("MOE", "ROUTER")
+    assert swap.routers == (len(fused) if folded else 0) and len(routers) == (0 if folded else len(fused))
+    assert all(("router_rows" in {a.name for a in f.attribute}) == folded for f in fused)
 
 
 def test_every_switch_at_ort_loads_nothing(built, monkeypatch):

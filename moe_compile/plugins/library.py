@@ -149,6 +149,8 @@ def load() -> ctypes.CDLL:
     i64 = ctypes.c_int64
     lib.moe_compile_to_float.argtypes = [vp, ctypes.c_int32, vp, i64, i64, i64, vp]
     lib.moe_compile_to_float.restype = ctypes.c_int
+    lib.moe_compile_router_logits.argtypes = [vp, vp, ctypes.c_int32, i64, i64, i64, ctypes.c_int32, vp, vp, vp]
+    lib.moe_compile_router_logits.restype = ctypes.c_int
     lib.moe_compile_streams_shared.argtypes = [p(_Shape)]
     lib.moe_compile_streams_shared.restype = ctypes.c_int
     lib.moe_compile_silu_mul.argtypes = [vp, ctypes.c_int32, vp, i64, i64, vp]
@@ -219,6 +221,15 @@ def to_float(src: int, dtype: Dtype, dst: int, rows: int, cols: int, stream: int
     """dst [rows, cols] float32 from src rows of src_row_stride (default cols) elements of dtype."""
     stride = cols if src_row_stride is None else src_row_stride
     check(load().moe_compile_to_float(src, int(dtype), dst, rows, cols, stride, stream), "moe_compile_to_float")
+
+
+def router_logits(x: int, rows: int, dtype: Dtype, tokens: int, hidden: int, experts: int, logits: int,
+                  gate: int | None, stream: int) -> None:
+    """logits [tokens, experts] float32 = x [tokens, hidden] rows^T, each rounded to dtype; with gate (rows has
+    experts + 1), the last row's logit into gate [tokens] (fused_moe.h)."""
+    status = load().moe_compile_router_logits(x, rows, int(dtype), tokens, hidden, experts, int(gate is not None),
+                                              logits, gate, stream)
+    check(status, "moe_compile_router_logits")
 
 
 def streams_shared(shape: _Shape) -> bool:

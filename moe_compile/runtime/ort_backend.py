@@ -210,5 +210,6 @@ class OrtCudaBackend(OrtBackend):
         kept = f" (kept on onnxruntime's: {swap.reason})" if swap.reason else ""
         matmuls = f", {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
         attentions = f", {swap.attentions} attention nodes" if swap.attentions else ""
-        log.info("%d MoE nodes%s%s on moe_compile's CUDA kernels%s", swap.swapped, matmuls, attentions, kept)
+        routers = f" ({swap.routers} with their router MatMul)" if swap.routers else ""
+        log.info("%d MoE nodes%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions, kept)
         return swap.model.SerializeToString()

@@ -44,6 +44,7 @@ ONNX Runtime's five in a step's profile.
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
     MOE_COMPILE_ATTENTION_KERNELS=ort  keep ONNX Runtime's GroupQueryAttention
+    MOE_COMPILE_ROUTER_KERNELS=ort  keep the router's MatMul on ONNX Runtime (cuBLAS) beside our MoE op
     MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
@@ -79,6 +80,7 @@ class Swap:
     reason: str
     matmuls: int = 0  # MatMulNBits nodes
     attentions: int = 0  # GroupQueryAttention nodes
+    routers: int = 0  # router MatMuls folded into our MoE ops
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -347,6 +349,35 @@ def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
+def fold_router_matmuls(model: onnx.ModelProto) -> int:
+    """Give each swapped MoE op its router MatMul, in place: where a FusedMoE/FusedQMoE node's logits come from
+    MatMul(its own x, W [H, E (+1)]) that nothing else reads, the node takes W's rows (a Transpose of the initializer,
+    folded when the session starts) with router_rows=1 and computes the logits in one launch of ours
+    (plugins/csrc/router.cu), where ONNX Runtime ran cuBLAS's GEMV and the op a conversion to float32. Returns the
+    MatMuls folded."""
+    g = _Graph(model.graph)
+    removed, transposes = set(), []
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type not in (OP, QUANTIZED_OP):
+            continue
+        router = g.made_by(node.input[1], "MatMul")
+        attrs = _attributes(node)
+        experts = g.dims(node.input[2])
+        weight = g.dims(router.input[1]) if router is not None else None
+        if router is None or router.input[0] != node.input[0] or weight is None or experts is None \
+                or weight[1] != experts[0] + attrs.get("shared_gate", 0) or len(g.consumers[node.input[1]]) != 1 \
+                or node.input[1] in g.outputs:
+            continue
+        rows = f"{router.input[1]}.rows"
+        transposes.append(onnx.helper.make_node("Transpose", [router.input[1]], [rows], perm=[1, 0],
+                                                name=f"{node.name}_router_rows"))
+        removed.add(router.output[0])
+        node.input[1] = rows
+        node.attribute.append(onnx.helper.make_attribute("router_rows", 1))
+    _rewrite_nodes(model, len(transposes), removed, first=transposes)
+    return len(transposes)
+
+
 def why_not_ours_matmul(g: _Graph, node: onnx.NodeProto) -> str | None:
     """None if our kernels compute this com.microsoft:MatMulNBits node exactly, else the reason."""
     attrs = _attributes(node)
@@ -489,9 +520,10 @@ def prepare(onnx_path: Path) -> Swap:
     if path is None:
         return Swap(None, None, 0, why)
     swapped, kept = swap_moe_nodes(model) if moe else (0, "MOE_COMPILE_MOE_KERNELS=ort")
+    routers = fold_router_matmuls(model) if swapped and os.environ.get("MOE_COMPILE_ROUTER_KERNELS", "") != "ort" else 0
     matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
     attentions, kept_attentions = swap_attention_nodes(model) if attention else (0, "")
     reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions) if r)
     if not swapped and not matmuls and not attentions:
         return Swap(None, None, 0, reason)
-    return Swap(model, path, swapped, reason, matmuls, attentions)
+    return Swap(model, path, swapped, reason, matmuls, attentions, routers)

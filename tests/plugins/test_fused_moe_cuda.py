@@ -435,3 +435,33 @@ def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, ma
         torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(present_k.cpu().float(), expected_k.float(), atol=tolerance, rtol=0)
         assert torch.equal(present_v.cpu(), expected_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens,hidden,experts,gate", [(1, 2048, 60, True), (1, 2048, 60, False), (9, 4096, 8, False),
+                                                      (128, 2048, 60, True), (3, 24, 5, True), (2, 7168, 256, False)])
+def test_router_logits_are_the_router_matmul_rounded_to_its_dtype(tokens, hidden, experts, gate, dtype):
+    """The router's logits from its weight rows (what the ort-cuda swap's folded router MatMul runs): the product in
+    float64, rounded to the dtype as the MatMul's output is, within the rounding of one step of it (the sums' order
+    differs); the gate row's logit apart; rows past several rounds of loads (H = 7168) and past a partial one (H = 24);
+    NaN-poisoned outputs all written; two runs the same bits."""
+    torch.manual_seed(tokens * hidden + experts)
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    rows = (torch.randn(experts + gate, hidden, device="cuda") / hidden**0.5).to(dtype)
+
+    def run():
+        logits = torch.full((tokens, experts), float("nan"), device="cuda")
+        gate_logits = torch.full((tokens,), float("nan"), device="cuda") if gate else None
+        library.router_logits(x.data_ptr(), rows.data_ptr(), DTYPE_ENUM[dtype], tokens, hidden, experts,
+                              logits.data_ptr(), None if gate_logits is None else gate_logits.data_ptr(),
+                              torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return logits if gate_logits is None else torch.cat([logits, gate_logits[:, None]], dim=1)
+
+    first, second = run(), run()
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} logits not written"
+    assert torch.equal(first, second), "two runs differ"
+    assert torch.equal(first, first.to(dtype).float()), "logits not rounded to the dtype"
+    expected = x.double() @ rows.double().T
+    step = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    assert ((first.double() - expected).abs() <= step * expected.abs() + 1e-5).all()

@@ -90,7 +90,10 @@ __device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, 
 // ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
 // (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
 // less a step; it lets the down launch start early (allow_dependent_launch). No block writes the routing tables:
-// the down kernel at T = 1 routes the token too.
+// the down kernel at T = 1 routes the token too. ROUTE launches start as the launch before's programmatic dependents
+// (the router's logits, router.cu): a routed block waits for it before it routes, a shared block once its first
+// weights are in flight; the routed blocks let the down launch start only after their wait, since down's routing
+// warp reads the logits at once.
 template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
@@ -106,12 +109,13 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   T* dst = nullptr;  // act row of the tile's first token, column j0 + g
   size_t dst_stride = 0;
   int n = 0;  // tokens of the tile
-  if constexpr (ROUTE) allow_dependent_launch();
   if ((int)blockIdx.x < routed_grid) {
     int e, row0;
     if constexpr (ROUTE) {
       extern __shared__ float route_scratch[];  // sel [E], score [E]
       __shared__ TokenRoute route;
+      wait_for_producer();       // the logits (and x) are the launch before's output
+      allow_dependent_launch();  // so the down launch, which routes from the same logits, starts after that one
       if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);  // no tables: nothing reads them
       __syncthreads();
       e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
@@ -136,6 +140,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       dst_stride = p.I;
     }
   } else {
+    if constexpr (ROUTE) allow_dependent_launch();  // the routed blocks hold the down launch back until the logits are in
     const int j = ((int)blockIdx.x - routed_grid) * p.I + j0;
     active = active && j < sh.I;  // I_s % 8 == 0 as well
     n = p.T;
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       }
       const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
       mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
-                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc);
+                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc, ROUTE);
       dst = static_cast<T*>(sh.act) + j + g;
       dst_stride = sh.I;
     }
@@ -273,8 +278,11 @@ void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const 
     const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
     const dim3 grid(routed_grid + shared_grid, ceil_div(p.I, GATE_UP_WARPS / KSPLIT * 8));
     const size_t smem = ROUTE ? sizeof(float) * 2 * p.E : 0;
-    mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE, GATE_UP_WARPS><<<grid, GATE_UP_WARPS * kWarp, smem, s>>>(
-        p, static_cast<const T*>(x), w_gate_up, ws, sh, routed_grid, logits, bias);
+    // ROUTE: start while the launch before runs (the router's, which lets it): the shared expert's first weights
+    // are in flight before the wait
+    launch_programmatic(ROUTE, mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE, GATE_UP_WARPS>, grid,
+                        dim3(GATE_UP_WARPS * kWarp), smem, s, p, static_cast<const T*>(x), w_gate_up, ws, sh,
+                        routed_grid, logits, bias);
   } else {
     // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
     launch_programmatic(ROUTE, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, dim3(ceil_div(p.H, 16)),

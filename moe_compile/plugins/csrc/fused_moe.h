@@ -87,6 +87,14 @@ int moe_compile_route(const moe_shape* shape, const moe_routing* routing,
 int moe_compile_to_float(const void* src, int32_t dtype, float* dst, int64_t rows, int64_t cols,
                          int64_t src_row_stride, void* cuda_stream);
 
+// logits[t, e] = sum_h x[t, h] rows[e, h] for e < experts, accumulated in float32 and rounded to `dtype` (as a MatMul
+// in that dtype gives it), as float32: x [tokens, hidden] and rows [experts + gate_row, hidden] of moe_dtype `dtype`
+// (hidden a multiple of 8, both 16-byte aligned), logits [tokens, experts]. gate_row = 1: the rows' last one is
+// Qwen2-MoE's shared-expert gate, whose logit goes to gate[t]. Starts as its stream predecessor's programmatic
+// dependent on sm_90+ (common.cuh).
+int moe_compile_router_logits(const void* x, const void* rows, int32_t dtype, int64_t tokens, int64_t hidden,
+                              int64_t experts, int32_t gate_row, float* logits, float* gate, void* cuda_stream);
+
 // 1 when moe_compile_forward streams a shared expert inside the routed GEMV kernels at this shape (batch-1
 // decode and a few tokens), 0 when it runs it apart: a caller with faster GEMMs (cuBLAS through ONNX
 // Runtime) then computes it itself, with moe_compile_silu_mul and moe_compile_add_gated.

@@ -5,12 +5,14 @@
 //
 //   FusedMoE(input [..., H], router_logits [..., E (+1)], fc1 [E, 2I, H] (g0, u0, g1, u1, ...), fc2 [E, H, I],
 //            shared_fc1 [2I_s, H] (gate rows, then up rows), shared_fc2 [H, I_s])   the last two optional
-//     k, normalize_routing_weights, shared_gate  ->  output [..., H]
+//     k, normalize_routing_weights, shared_gate, router_rows  ->  output [..., H]
 //
 // The routed part is com.microsoft:MoE's with activation_type=swiglu, swiglu_fusion=1, alpha 1,
 // beta 0, no biases. With shared_fc1/shared_fc2 every token also runs the shared expert, weighted
 // by sigmoid(router_logits[..., E]) when shared_gate = 1 (Qwen2-MoE's shared_expert_gate, packed as
-// one more router column), else by 1. The ort form's graph for CUDA (runtime/ort_kernels.py) swaps
+// one more router column), else by 1. With router_rows = 1 (both ops), input 1 is the router's weight rows
+// [E (+1), H] instead, and the op computes the logits from the input itself (fused_moe.h: moe_compile_router_logits):
+// the router MatMul that the swap folds in. The ort form's graph for CUDA (runtime/ort_kernels.py) swaps
 // MoE nodes, and the shared expert around them, for this one. No allocation outside ORT: the
 // workspace comes from the kernel context's allocator, so CUDA-graph capture sees the same
 // addresses ORT's own kernels get.
@@ -25,7 +27,7 @@
 //             fc2 codes uint8 [E, H, I*bits/8], fc2 scales [E, H, I/block],
 //             shared_fc1 codes uint8 [2I_s, H/block, block*bits/8], shared_fc1 scales [2I_s, H/block],
 //             shared_fc2 codes uint8 [H, I_s/block, block*bits/8], shared_fc2 scales [H, I_s/block])  the last four optional
-//     k, normalize_routing_weights, expert_weight_bits, block_size, shared_gate  ->  output [..., H]
+//     k, normalize_routing_weights, expert_weight_bits, block_size, shared_gate, router_rows  ->  output [..., H]
 //
 // com.microsoft:QMoE's routed part (weights_prepacked = 0, symmetric blocks, no zero points, SwiGLU as
 // above) on our kernels, and the shared expert beside it as com.microsoft:MatMulNBits holds it (the same bits
@@ -100,6 +102,7 @@ struct Kernel {
   int64_t top_k = 0;
   int64_t normalize = 0;
   int64_t shared_gate = 0;
+  int64_t router_rows = 0;  // input 1 is the router's weight rows [E (+1), H], not its logits
   int64_t bits = 0;   // FusedQMoE: expert_weight_bits
   int64_t block = 0;  // FusedQMoE: block_size
   OrtOp* gemm = nullptr;  // ONNX Runtime's Gemm(A, B, transB=1) on this provider; null: our kernels only
@@ -144,24 +147,33 @@ OrtStatus* output_and_stream(OrtKernelContext* ctx, const TensorView& x, void** 
   return g_api->KernelContext_GetGPUComputeStream(ctx, stream);
 }
 
-// Router logits [T, E (+1)] as float32 at base (the kernels route in fp32) and, with a shared gate, its column
-// at base + logits_bytes, which shared->gate_logits then points to. One token (decode): one launch converts the
-// row, and the gate is its last column, at base + E floats (inside the logits' padding or at base + logits_bytes).
-int router_logits_to_float(const TensorView& logits, int dtype, int64_t T, int64_t E, bool gate_column, char* base,
-                           size_t logits_bytes, moe_shared_expert* shared, void* stream) {
-  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+// Router logits [T, E] as float32 at base (the kernels route in fp32) and, with a shared gate, its column [T] at
+// base + logits_bytes (one token: right after the logits, inside their padding or the gate's piece), which
+// shared->gate_logits then points to. router_rows: `router` is the router's weight rows [E (+1), H], and one launch
+// of ours computes the logits from x (the router MatMul the ort-cuda swap folded in); else `router` holds the logits
+// [T, E (+1)] in the model's dtype, converted to float32 (one launch; two for the gate column of several tokens).
+int router_logits(const TensorView& router, bool router_rows, const TensorView& x, int dtype, int64_t E,
+                  bool gate_column, char* base, size_t logits_bytes, moe_shared_expert* shared, void* stream) {
+  const int64_t T = x.leading();
+  float* logits = reinterpret_cast<float*>(base);
+  float* gate = !gate_column ? nullptr : T == 1 ? logits + E : reinterpret_cast<float*>(base + logits_bytes);
+  shared->gate_logits = gate;
+  if (router_rows)
+    return moe_compile_router_logits(x.data, router.data, dtype, T, x.dims.back(), E, gate_column ? 1 : 0, logits,
+                                     gate, stream);
   const int64_t columns = E + gate_column;
-  if (T == 1 && gate_column) {
-    shared->gate_logits = reinterpret_cast<float*>(base) + E;
-    return moe_compile_to_float(logits.data, dtype, reinterpret_cast<float*>(base), 1, columns, columns, stream);
-  }
-  int rc = moe_compile_to_float(logits.data, dtype, reinterpret_cast<float*>(base), T, E, columns, stream);
-  if (rc == MOE_OK && gate_column) {
-    shared->gate_logits = reinterpret_cast<float*>(base + logits_bytes);
-    rc = moe_compile_to_float(static_cast<char*>(logits.data) + E * element, dtype,
-                              const_cast<float*>(shared->gate_logits), T, 1, columns, stream);
-  }
+  if (T == 1) return moe_compile_to_float(router.data, dtype, logits, 1, columns, columns, stream);
+  int rc = moe_compile_to_float(router.data, dtype, logits, T, E, columns, stream);
+  const size_t element = dtype == MOE_DTYPE_F32 ? 4 : 2;
+  if (rc == MOE_OK && gate_column)
+    rc = moe_compile_to_float(static_cast<char*>(router.data) + E * element, dtype, gate, T, 1, columns, stream);
   return rc;
+}
+
+// Whether input 1 fits: the logits [..., E (+1)] of the T tokens, or (router_rows) the router's rows [E (+1), H].
+bool router_fits(const TensorView& router, bool router_rows, const TensorView& x, int64_t E, int64_t gate_column) {
+  if (router_rows) return router.dims.size() == 2 && router.dims[0] == E + gate_column && router.dims[1] == x.dims.back();
+  return !router.dims.empty() && router.dims.back() == E + gate_column && router.leading() == x.leading();
 }
 
 // out += g * down(silu(gate x) * up x) with ONNX Runtime's Gemm for the two matmuls; scratch holds
@@ -222,9 +234,10 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
   const int64_t T = x.leading(), H = x.dims.back(), E = fc1.dims[0], I = fc1.dims[1] / 2;
   const int64_t gate_column = kernel->shared_gate ? 1 : 0;
   if (fc1.dims[2] != H || fc1.dims[1] != 2 * I || fc2.dims[0] != E || fc2.dims[1] != H || fc2.dims[2] != I ||
-      logits.dims.back() != E + gate_column || logits.leading() != T)
-    return fail("FusedMoE: shapes disagree: input " + dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " +
-                dims_text(fc1) + ", fc2 " + dims_text(fc2) + (gate_column ? " (shared_gate: E + 1 logits)" : ""));
+      !router_fits(logits, kernel->router_rows, x, E, gate_column))
+    return fail("FusedMoE: shapes disagree: input " + dims_text(x) + (kernel->router_rows ? ", router rows " : ", router_logits ") +
+                dims_text(logits) + ", fc1 " + dims_text(fc1) + ", fc2 " + dims_text(fc2) +
+                (gate_column ? " (shared_gate: E + 1 columns)" : ""));
   int64_t shared_i = 0;
   if (has_shared) {
     shared_i = sfc2.dims.size() == 2 ? sfc2.dims[1] : -1;
@@ -261,7 +274,7 @@ OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
       g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + aligned(kernel_bytes) + scratch_bytes, &workspace);
   if (!status) {
     char* base = static_cast<char*>(workspace);
-    int rc = router_logits_to_float(logits, dtype, T, E, gate_column, base, logits_bytes, &shared, stream);
+    int rc = router_logits(logits, kernel->router_rows, x, dtype, E, gate_column, base, logits_bytes, &shared, stream);
     if (rc == MOE_OK)
       rc = moe_compile_forward(&shape, &routing, in_kernels, x.data, reinterpret_cast<float*>(base), nullptr, fc1.data,
                                fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes, stream);
@@ -314,12 +327,13 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   const bool fits = fc1.dims[1] == 2 * I && fc1.dims[2] * 8 == H * bits && fc2.dims[0] == E && fc2.dims[1] == H &&
                     fc2.dims[2] * 8 == I * bits && fc1_scales.dims[0] == E && fc1_scales.dims[1] == 2 * I &&
                     fc1_scales.dims[2] * block == H && fc2_scales.dims[0] == E && fc2_scales.dims[1] == H &&
-                    fc2_scales.dims[2] * block == I && logits.dims.back() == E + gate_column && logits.leading() == T;
+                    fc2_scales.dims[2] * block == I && router_fits(logits, kernel->router_rows, x, E, gate_column);
   if (!fits)
     return fail("FusedQMoE: shapes disagree (bits " + std::to_string(bits) + ", block " + std::to_string(block) + "): input " +
-                dims_text(x) + ", router_logits " + dims_text(logits) + ", fc1 " + dims_text(fc1) + " / " +
+                dims_text(x) + (kernel->router_rows ? ", router rows " : ", router_logits ") + dims_text(logits) +
+                ", fc1 " + dims_text(fc1) + " / " +
                 dims_text(fc1_scales) + ", fc2 " + dims_text(fc2) + " / " + dims_text(fc2_scales) +
-                (gate_column ? " (shared_gate: E + 1 logits)" : ""));
+                (gate_column ? " (shared_gate: E + 1 columns)" : ""));
   int64_t shared_i = 0;
   if (has_shared) {  // MatMulNBits' [N, K/block, block*bits/8] codes and [N, K/block] scales
     shared_i = sfc2_scales.dims.size() == 2 ? sfc2_scales.dims[1] * block : -1;
@@ -358,7 +372,7 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + kernel_bytes, &workspace);
   if (!status) {
     char* base = static_cast<char*>(workspace);
-    int rc = router_logits_to_float(logits, dtype, T, E, gate_column, base, logits_bytes, &shared, stream);
+    int rc = router_logits(logits, kernel->router_rows, x, dtype, E, gate_column, base, logits_bytes, &shared, stream);
     if (rc == MOE_OK)
       rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, reinterpret_cast<float*>(base), nullptr,
                                          fc1.data, fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes,
@@ -671,6 +685,7 @@ OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Kernel*
   };
   optional("normalize_routing_weights", &kernel->normalize);
   optional("shared_gate", &kernel->shared_gate);
+  optional("router_rows", &kernel->router_rows);
   if (quantized) {
     ORT_TRY(api->KernelInfoGetAttribute_int64(info, "expert_weight_bits", &kernel->bits));
     ORT_TRY(api->KernelInfoGetAttribute_int64(info, "block_size", &kernel->block));
