@@ -21,9 +21,9 @@
 #            (MOE_COMPILE_ATTENTION_KERNELS=ort) twice, then with ours (the default) once more: A B B A with NAME's
 #            own bench, so that the order the runs come in (the tenth run: up to ~10% between neighbours) falls on
 #            both alike
-#   NAME-router (fp16-router, int4-head-router, ...) build NAME's bench again with the router's MatMul on ONNX
-#            Runtime (MOE_COMPILE_ROUTER_KERNELS=ort) twice, then folded into our MoE op (the default) once more:
-#            A B B A with NAME's own bench, as NAME-attn
+#   NAME-ab  (fp16-ab, int4-head-ab, ...) build NAME's bench again under the settings in $AB (default: the router
+#            MatMul and the skip-norms on ONNX Runtime, MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort)
+#            twice, then without them once more: A B B A with NAME's own bench, as NAME-attn
 #   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
@@ -48,6 +48,7 @@ PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
 KEEP=${KEEP:-fp16,int8,int4}
 PROFILE=${PROFILE:-int4}
+AB=${AB:-MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort}
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (LAYERS=1)
 LOG=issue12.log
 source "$(dirname "$0")/gpu_common.sh"
@@ -90,17 +91,23 @@ EOF
   within 30 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" --prompt-len "$PROMPTS" \
     --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
   record_bench "$name"
-  local which
-  for which in ATTENTION ROUTER; do  # NAME-attn, NAME-router: A B B A against the switch at ort
-    local suffix=$([ $which = ATTENTION ] && echo attn || echo router)
-    has "$name-$suffix" || continue
-    for kernels in ort ort moe_compile; do
-      step "moe-compile bench $name with MOE_COMPILE_${which}_KERNELS=$kernels"
-      within 30 env MOE_COMPILE_${which}_KERNELS=$kernels python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
+  if has "$name-attn"; then
+    for attention in ort ort moe_compile; do
+      step "moe-compile bench $name with MOE_COMPILE_ATTENTION_KERNELS=$attention"
+      within 30 env MOE_COMPILE_ATTENTION_KERNELS=$attention python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
         --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $kernels = ort ] && echo -ort$suffix)"
+      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $attention = ort ] && echo -ortattn)"
     done
-  done
+  fi
+  if has "$name-ab"; then
+    local settings
+    for settings in "$AB" "$AB" ""; do
+      step "moe-compile bench $name with: ${settings:-the defaults}"
+      within 30 env $settings python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" \
+        --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
+      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ -n "$settings" ] && echo -A)"
+    done
+  fi
   [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"
 }
 
