@@ -116,8 +116,12 @@ extern "C" int moe_compile_skip_rms_norm(const void* input, const void* skip, co
   const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
   const int R = (int)rows, H = (int)hidden;
   switch (dtype) {
-    case MOE_DTYPE_F32: moe::launch_skip_rms_norm<float>(input, skip, bias, gamma, R, H, epsilon, out, sum_out, s); break;
-    case MOE_DTYPE_F16: moe::launch_skip_rms_norm<__half>(input, skip, bias, gamma, R, H, epsilon, out, sum_out, s); break;
+    case MOE_DTYPE_F32:
+      moe::launch_skip_rms_norm<float>(input, skip, bias, gamma, R, H, epsilon, out, sum_out, s);
+      break;
+    case MOE_DTYPE_F16:
+      moe::launch_skip_rms_norm<__half>(input, skip, bias, gamma, R, H, epsilon, out, sum_out, s);
+      break;
     case MOE_DTYPE_BF16:
       moe::launch_skip_rms_norm<__nv_bfloat16>(input, skip, bias, gamma, R, H, epsilon, out, sum_out, s);
       break;

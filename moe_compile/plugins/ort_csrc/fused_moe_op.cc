@@ -52,7 +52,8 @@
 // kernel, invoked through the C API.
 //
 //   SkipSimplifiedLayerNormalization(input [..., H], skip [..., H] (input's shape), gamma [H], bias [H])   bias optional
-//     epsilon  ->  output [..., H], mean, inv_std_var (never computed: a node that asks for them fails), input_skip_bias_sum
+//     epsilon  ->  output [..., H], mean, inv_std_var (never computed: a node that asks for them fails),
+//                  input_skip_bias_sum [..., H]   the last three optional
 //
 // com.microsoft:SkipSimplifiedLayerNormalization for 16-bit types, output positions as ONNX Runtime's: one launch of
 // ours (fused_moe.h: moe_compile_skip_rms_norm) that lets the next launch start at once, where ONNX Runtime's norm
