@@ -585,16 +585,16 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
     assert per_layer and max(per_layer) <= 12, per_layer
 
 
-@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION", "ROUTER"])
+@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM"])
 def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
     """prepare() on an fp16 int4 build: every kind of node swapped (MoE with its router MatMul, MatMulNBits,
-    GroupQueryAttention), or one kind kept on ONNX Runtime's by its switch (MOE_COMPILE_{MOE,MATMUL,ATTENTION,
-    ROUTER}_KERNELS=ort), the others swapped."""
+    GroupQueryAttention, SkipSimplifiedLayerNormalization), or one kind kept on ONNX Runtime's by its switch
+    (MOE_COMPILE_{MOE,MATMUL,ATTENTION,ROUTER,NORM}_KERNELS=ort), the others swapped."""
     out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
     library = tmp_path / "libmoe_compile_ort.so"
     library.write_bytes(b"")  # prepare only names the library; the session loads it
     monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
-    for which in ("MOE", "MATMUL", "ATTENTION", "ROUTER"):
+    for which in ("MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM"):
         monkeypatch.delenv(f"MOE_COMPILE_{which}_KERNELS", raising=False)
     if keep:
         monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
@@ -605,7 +605,9 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
     assert layers and swap.attentions == (0 if keep == "ATTENTION" else layers)
     for kind, count, op, their_op in (("MOE", swap.swapped, "FusedQMoE", "QMoE"),
                                       ("MATMUL", swap.matmuls, "MatMulNBits", "MatMulNBits"),
-                                      ("ATTENTION", swap.attentions, "GroupQueryAttention", "GroupQueryAttention")):
+                                      ("ATTENTION", swap.attentions, "GroupQueryAttention", "GroupQueryAttention"),
+                                      ("NORM", swap.norms, "SkipSimplifiedLayerNormalization",
+                                       "SkipSimplifiedLayerNormalization")):
         kept = keep == kind
         assert (count > 0, ("moe_compile", op) in ours, their_op in theirs) == (not kept, not kept, kept), kind
     fused = [n for n in swap.model.graph.node if n.op_type == "FusedQMoE"]
@@ -613,9 +615,14 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
     folded = keep not in ("MOE", "ROUTER")
     assert swap.routers == (len(fused) if folded else 0) and len(routers) == (0 if folded else len(fused))
     assert all(("router_rows" in {a.name for a in f.attribute}) == folded for f in fused)
+    norms = [n for n in swap.model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert swap.norms == (0 if keep == "NORM" else len(norms)) == (0 if keep == "NORM" else 2 * layers)
 
 
 def test_every_switch_at_ort_loads_nothing(built, monkeypatch):
+    """Norms alone are not swapped either (MOE_COMPILE_NORM_KERNELS unset): without our other ops they keep no chain
+    of ours, and the build runs as it is."""
+    monkeypatch.delenv("MOE_COMPILE_NORM_KERNELS", raising=False)
     for which in ("MOE", "MATMUL", "ATTENTION"):
         monkeypatch.setenv(f"MOE_COMPILE_{which}_KERNELS", "ort")
     swap = ort_kernels.prepare(built("qwen2_moe", dtype="fp16", form="ort", quantize="int4") / "model.onnx")
@@ -641,10 +648,12 @@ def test_the_library_builds_and_registers(tmp_path):
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
     for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE"),
-                      (_projection_model("int4"), "MatMulNBits"), (_gqa_model()[0], "GroupQueryAttention")):
+                      (_projection_model("int4"), "MatMulNBits"), (_gqa_model()[0], "GroupQueryAttention"),
+                      (_norm_model(), "SkipSimplifiedLayerNormalization")):
         ort_kernels.swap_moe_nodes(model)
         ort_kernels.swap_matmul_nodes(model)
         ort_kernels.swap_attention_nodes(model)
+        ort_kernels.swap_norm_nodes(model)
         if not HAS_CUDA:  # the ops have CUDA kernels only: the CPU provider must say so, not run something else
             with pytest.raises(Exception, match=op):
                 ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -829,3 +838,92 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
         np.testing.assert_array_equal(value, reference)
     for value, reference in zip(_run_in_place(ours, prefill), _run_in_place(theirs, prefill)):
         np.testing.assert_array_equal(value, reference)
+
+
+def _norm_model(dtype=np.float16, hidden=64, bias=True, outputs=("y", "", "", "sum"), epsilon=1e-5) -> onnx.ModelProto:
+    """One com.microsoft:SkipSimplifiedLayerNormalization node as the ort form writes it (gamma an initializer, the
+    sum read by the next layer, mean and inv_std_var read by nothing), with a bias where asked."""
+    rng = np.random.default_rng(hidden)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    weights = {"gamma": 1 + 0.1 * rng.standard_normal(hidden), "bias": 0.1 * rng.standard_normal(hidden)}
+    node = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"] + (["bias"] if bias else []),
+                            list(outputs), domain="com.microsoft", name="norm", epsilon=epsilon)
+    graph = helper.make_graph(
+        [node], "norm", [helper.make_tensor_value_info(name, elem, ["T", hidden]) for name in ("x", "skip")],
+        [helper.make_tensor_value_info(name, elem, ["T", hidden]) for i, name in enumerate(outputs) if i in (0, 3)],
+        [numpy_helper.from_array(w.astype(dtype), name) for name, w in weights.items() if bias or name == "gamma"])
+    return _model(graph)
+
+
+@pytest.mark.parametrize("outputs", [("y", "", "", "sum"), ("y", "mean", "inv_std_var", "sum"), ("y",)],
+                         ids=["empty", "unread", "absent"])
+def test_a_skip_norm_swaps_with_its_inputs_outputs_and_epsilon(outputs):
+    """The same inputs, epsilon and outputs 0 and 3; mean and inv_std_var, which the ort form names but nothing reads,
+    left empty (our op computes neither)."""
+    model = _norm_model(outputs=outputs)
+    assert ort_kernels.swap_norm_nodes(model) == (1, "")
+    node = model.graph.node[0]
+    assert (node.domain, node.op_type, node.name) == ("moe_compile", "SkipSimplifiedLayerNormalization", "norm")
+    assert list(node.input) == ["x", "skip", "gamma", "bias"]
+    assert list(node.output) == ["y", "", "", "sum"][:len(outputs)]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {"epsilon": pytest.approx(1e-5)}
+    assert any(o.domain == "moe_compile" for o in model.opset_import)
+
+
+@pytest.mark.parametrize("change, reason", [({"dtype": np.float32}, "float32 norm"),
+                                            ({"outputs": ("y", "", "inv_std_var", "sum")}, "mean or inv_std_var"),
+                                            ({"hidden": 12}, "over 12 elements")])
+def test_norm_nodes_our_kernel_does_not_compute_stay_with_the_reason(change, reason):
+    model = _norm_model(**change)
+    model.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                              for name in change.get("outputs", ())[1:3] if name)  # read
+    swapped, kept = ort_kernels.swap_norm_nodes(model)
+    assert swapped == 0 and reason in kept
+    assert model.graph.node[0].domain == "com.microsoft"
+
+
+def _with_float32_io(model: onnx.ModelProto, dtype) -> onnx.ModelProto:
+    """The one-node norm model read and written as float32 through Casts (numpy has no bfloat16), in place."""
+    elem = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
+    norm = onnx.NodeProto()
+    norm.CopyFrom(model.graph.node[0])
+    inputs = [helper.make_node("Cast", [name], [f"{name}.{dtype}"], to=elem) for name in ("x", "skip")]
+    norm.input[0], norm.input[1] = inputs[0].output[0], inputs[1].output[0]
+    outputs = [name for name in norm.output if name]
+    for i, name in enumerate(norm.output):
+        if name:
+            norm.output[i] = f"{name}.{dtype}"
+    del model.graph.node[:]
+    outputs = [helper.make_node("Cast", [f"{name}.{dtype}"], [name], to=TensorProto.FLOAT) for name in outputs]
+    model.graph.node.extend(inputs + [norm] + outputs)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return model
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 9, 128])
+def test_skip_norm_on_cuda_matches_onnxruntimes(dtype, rows):
+    """moe_compile:SkipSimplifiedLayerNormalization in an ONNX Runtime CUDA session against the node it replaces on
+    ONNX Runtime's own CUDA kernel: the output and the sum within one step of the 16-bit type's rounding."""
+    model = _norm_model(dtype=np.float16, hidden=2048)
+    if dtype == "bfloat16":
+        for init in model.graph.initializer:
+            values = numpy_helper.to_array(init).astype(np.float32)
+            init.CopyFrom(helper.make_tensor(init.name, TensorProto.BFLOAT16, values.shape, values.ravel()))
+    _with_float32_io(model, dtype)
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    assert ort_kernels.swap_norm_nodes(swapped) == (1, "")
+    path, why = ort_kernels.library()
+    assert path is not None, why
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(path))
+    ours = ort.InferenceSession(swapped.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    rng = np.random.default_rng(rows)
+    feeds = {name: rng.standard_normal((rows, 2048)).astype(np.float32) for name in ("x", "skip")}
+    step = 2**-10 if dtype == "float16" else 2**-7
+    for got, expected in zip(ours.run(None, feeds), theirs.run(None, feeds)):
+        np.testing.assert_allclose(got, expected, rtol=step, atol=step)

@@ -151,6 +151,8 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_to_float.restype = ctypes.c_int
     lib.moe_compile_router_logits.argtypes = [vp, vp, ctypes.c_int32, i64, i64, i64, ctypes.c_int32, vp, vp, vp]
     lib.moe_compile_router_logits.restype = ctypes.c_int
+    lib.moe_compile_skip_rms_norm.argtypes = [vp, vp, vp, vp, ctypes.c_int32, i64, i64, ctypes.c_float, vp, vp, vp]
+    lib.moe_compile_skip_rms_norm.restype = ctypes.c_int
     lib.moe_compile_streams_shared.argtypes = [p(_Shape)]
     lib.moe_compile_streams_shared.restype = ctypes.c_int
     lib.moe_compile_silu_mul.argtypes = [vp, ctypes.c_int32, vp, i64, i64, vp]
@@ -230,6 +232,15 @@ def router_logits(x: int, rows: int, dtype: Dtype, tokens: int, hidden: int, exp
     status = load().moe_compile_router_logits(x, rows, int(dtype), tokens, hidden, experts, int(gate is not None),
                                               logits, gate, stream)
     check(status, "moe_compile_router_logits")
+
+
+def skip_rms_norm(input: int, skip: int, bias: int | None, gamma: int, dtype: Dtype, rows: int, hidden: int,
+                  epsilon: float, out: int, sum_out: int | None, stream: int) -> None:
+    """out [rows, hidden] = RMS norm of sum = input + skip (+ bias), times gamma; sum into sum_out where given: as
+    com.microsoft:SkipSimplifiedLayerNormalization rounds them on CUDA (fused_moe.h)."""
+    status = load().moe_compile_skip_rms_norm(input, skip, bias, gamma, int(dtype), rows, hidden, epsilon, out, sum_out,
+                                              stream)
+    check(status, "moe_compile_skip_rms_norm")
 
 
 def streams_shared(shape: _Shape) -> bool:

@@ -211,5 +211,7 @@ class OrtCudaBackend(OrtBackend):
         matmuls = f", {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
         attentions = f", {swap.attentions} attention nodes" if swap.attentions else ""
         routers = f" ({swap.routers} with their router MatMul)" if swap.routers else ""
-        log.info("%d MoE nodes%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions, kept)
+        norms = f", {swap.norms} norms" if swap.norms else ""
+        log.info("%d MoE nodes%s%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions,
+                 norms, kept)
         return swap.model.SerializeToString()

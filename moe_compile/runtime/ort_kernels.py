@@ -41,10 +41,17 @@ lease): fp16 440.9 / 459.6 tok/s against 432.9 / 429.3 with ONNX Runtime's, int4
 against 609.4 / 621.6, prefill unchanged; 7.3 us a layer at 128 tokens in the kernel benchmark against 12.7 for
 ONNX Runtime's five in a step's profile.
 
+The com.microsoft:SkipSimplifiedLayerNormalization nodes (two a layer) become
+`moe_compile:SkipSimplifiedLayerNormalization` on the same inputs and outputs, beside our other ops only (the launch
+chain it keeps is theirs): one launch of ours (plugins/csrc/norm.cu), rounded as ONNX Runtime's, that lets the next
+launch start at once, so that the quantized q/k/v matmul after it has its weights in flight while the norm runs;
+ONNX Runtime's norm kept it waiting.
+
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
     MOE_COMPILE_ATTENTION_KERNELS=ort  keep ONNX Runtime's GroupQueryAttention
     MOE_COMPILE_ROUTER_KERNELS=ort  keep the router's MatMul on ONNX Runtime (cuBLAS) beside our MoE op
+    MOE_COMPILE_NORM_KERNELS=ort    keep ONNX Runtime's SkipSimplifiedLayerNormalization
     MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
@@ -63,6 +70,8 @@ OP = "FusedMoE"
 QUANTIZED_OP = "FusedQMoE"
 MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points or group index) in our domain
 ATTENTION_OP = "GroupQueryAttention"  # com.microsoft:GroupQueryAttention's first nine inputs, in our domain
+NORM_OP = "SkipSimplifiedLayerNormalization"  # com.microsoft's, outputs 0 and 3 only, in our domain
+NORM_WIDEST = 32768  # elements a row, 16-bit (plugins/csrc/norm.cu)
 NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
 OURS_OPS = ("MoE", "QMoE", "MatMulNBits")
 ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
@@ -81,6 +90,7 @@ class Swap:
     matmuls: int = 0  # MatMulNBits nodes
     attentions: int = 0  # GroupQueryAttention nodes
     routers: int = 0  # router MatMuls folded into our MoE ops
+    norms: int = 0  # SkipSimplifiedLayerNormalization nodes
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -490,6 +500,43 @@ def swap_attention_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
+def why_not_ours_norm(g: _Graph, node: onnx.NodeProto) -> str | None:
+    """None if our kernel computes this com.microsoft:SkipSimplifiedLayerNormalization node exactly, else the reason."""
+    if any(name in g.consumers or name in g.outputs for name in list(node.output)[1:3] if name):
+        return "a norm whose mean or inv_std_var is read"
+    gamma = g.initializers.get(node.input[2])
+    if gamma is None or len(gamma.dims) != 1:
+        return "a norm whose gamma is no initializer [H]"
+    if gamma.data_type not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return "a float32 norm (ours takes 16-bit)"
+    hidden = gamma.dims[0]
+    if hidden % 8 or hidden > NORM_WIDEST:
+        return f"a norm over {hidden} elements; ours takes multiples of 8 up to {NORM_WIDEST}"
+    return None
+
+
+def swap_norm_nodes(model: onnx.ModelProto) -> tuple[int, str]:
+    """Replace, in place, every com.microsoft:SkipSimplifiedLayerNormalization node our kernel computes by
+    moe_compile:SkipSimplifiedLayerNormalization (the same inputs, outputs and epsilon; outputs 1 and 2, mean and
+    inv_std_var, which the ort form names but nothing reads, left empty). Returns (nodes swapped, the reasons of the
+    ones kept, '' if none)."""
+    swapped, kept = 0, set()
+    g = _Graph(model.graph)
+    for node in model.graph.node:
+        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
+            continue
+        reason = why_not_ours_norm(g, node)
+        if reason:
+            kept.add(reason)
+            continue
+        outputs = [name if i not in (1, 2) else "" for i, name in enumerate(node.output)]
+        node.CopyFrom(onnx.helper.make_node(NORM_OP, list(node.input), outputs, name=node.name,
+                                            domain=DOMAIN, epsilon=float(_attributes(node).get("epsilon", 1e-12))))
+        swapped += 1
+    _rewrite_nodes(model, swapped, set())
+    return swapped, "; ".join(sorted(kept))
+
+
 def library(build: bool = True) -> tuple[Path | None, str]:
     """The custom-op library, built first (`build`) where nvcc and onnxruntime's header are at hand; else (None, why)."""
     prebuilt = os.environ.get("MOE_COMPILE_ORT_OPS_LIB")
@@ -508,8 +555,8 @@ def library(build: bool = True) -> tuple[Path | None, str]:
 
 def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
-    moe, matmul, attention = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort"
-                              for which in ("MOE", "MATMUL", "ATTENTION"))
+    moe, matmul, attention, norm = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort"
+                                    for which in ("MOE", "MATMUL", "ATTENTION", "NORM"))
     if not moe and not matmul and not attention:
         return Swap(None, None, 0, "MOE_COMPILE_{MOE,MATMUL,ATTENTION}_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
@@ -523,7 +570,8 @@ def prepare(onnx_path: Path) -> Swap:
     routers = fold_router_matmuls(model) if swapped and os.environ.get("MOE_COMPILE_ROUTER_KERNELS", "") != "ort" else 0
     matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
     attentions, kept_attentions = swap_attention_nodes(model) if attention else (0, "")
-    reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions) if r)
-    if not swapped and not matmuls and not attentions:
+    norms, kept_norms = swap_norm_nodes(model) if norm else (0, "")
+    reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions, kept_norms) if r)
+    if not swapped and not matmuls and not attentions:  # norms alone keep no chain of ours: the build as it is
         return Swap(None, None, 0, reason)
-    return Swap(model, path, swapped, reason, matmuls, attentions, routers)
+    return Swap(model, path, swapped, reason, matmuls, attentions, routers, norms)

@@ -465,3 +465,41 @@ def test_router_logits_are_the_router_matmul_rounded_to_its_dtype(tokens, hidden
     expected = x.double() @ rows.double().T
     step = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
     assert ((first.double() - expected).abs() <= step * expected.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rows", [1, 9, 128])
+@pytest.mark.parametrize("hidden", [2048, 24, 4096])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("with_sum", [False, True], ids=["no-sum", "sum"])
+def test_skip_rms_norm_is_onnxruntimes_rounded_to_its_dtype(dtype, rows, hidden, with_bias, with_sum):
+    """com.microsoft:SkipSimplifiedLayerNormalization's contract (what the ort-cuda swap's norm runs): the sum
+    input (+ bias) + skip rounded to the dtype after each addition, bitwise; the norm against float64 on that sum
+    within one step of the dtype's rounding; rows of one partial warp's loads (H = 24) and of more than 256 threads;
+    NaN-poisoned outputs all written; two runs the same bits."""
+    torch.manual_seed(rows * hidden + with_bias)
+    x, skip = (torch.randn(rows, hidden, device="cuda").to(dtype) for _ in range(2))
+    gamma = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    bias = (0.1 * torch.randn(hidden, device="cuda")).to(dtype) if with_bias else None
+    epsilon = 1e-6
+
+    def run():
+        out = torch.full_like(x, float("nan"))
+        total = torch.full_like(x, float("nan")) if with_sum else None
+        library.skip_rms_norm(x.data_ptr(), skip.data_ptr(), None if bias is None else bias.data_ptr(),
+                              gamma.data_ptr(), DTYPE_ENUM[dtype], rows, hidden, epsilon, out.data_ptr(),
+                              None if total is None else total.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return out, total
+
+    (first, first_sum), (second, second_sum) = run(), run()
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} outputs not written"
+    assert torch.equal(first, second), "two runs differ"
+    expected_sum = x if bias is None else (x.float() + bias.float()).to(dtype)
+    expected_sum = (expected_sum.float() + skip.float()).to(dtype)
+    if with_sum:
+        assert torch.equal(first_sum, expected_sum) and torch.equal(second_sum, first_sum)
+    s = expected_sum.double()
+    expected = s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + epsilon) * gamma.double()
+    step = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    assert ((first.double() - expected).abs() <= step * expected.abs() + 1e-6).all()

@@ -95,6 +95,15 @@ int moe_compile_to_float(const void* src, int32_t dtype, float* dst, int64_t row
 int moe_compile_router_logits(const void* x, const void* rows, int32_t dtype, int64_t tokens, int64_t hidden,
                               int64_t experts, int32_t gate_row, float* logits, float* gate, void* cuda_stream);
 
+// com.microsoft:SkipSimplifiedLayerNormalization (norm.cu) over rows [rows, hidden] of moe_dtype `dtype`: sum = input +
+// skip (+ bias [hidden], added first), each addition rounded to the dtype; out = sum * rsqrt(mean(sum^2) + epsilon) *
+// gamma [hidden], the mean and the product in float32, rounded once, as ONNX Runtime's CUDA kernel computes them;
+// sum_out = sum where not NULL. hidden a multiple of 8, at most 4096 16-byte loads (32768 16-bit elements); every
+// pointer 16-byte aligned. Starts as its stream predecessor's programmatic dependent on sm_90+ (common.cuh) and lets
+// the next launch start at once: gamma and bias are read before the wait, input and skip after.
+int moe_compile_skip_rms_norm(const void* input, const void* skip, const void* bias, const void* gamma, int32_t dtype,
+                              int64_t rows, int64_t hidden, float epsilon, void* out, void* sum_out, void* cuda_stream);
+
 // 1 when moe_compile_forward streams a shared expert inside the routed GEMV kernels at this shape (batch-1
 // decode and a few tokens), 0 when it runs it apart: a caller with faster GEMMs (cuBLAS through ONNX
 // Runtime) then computes it itself, with moe_compile_silu_mul and moe_compile_add_gated.

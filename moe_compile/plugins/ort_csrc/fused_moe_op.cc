@@ -50,6 +50,15 @@
 // no softcap, window, sinks or position ids): one new token a row (decode) on our kernels (fused_moe.h:
 // moe_compile_decode_attention, two launches where ONNX Runtime's takes five); more (prefill) on ONNX Runtime's own
 // kernel, invoked through the C API.
+//
+//   SkipSimplifiedLayerNormalization(input [..., H], skip [..., H] (input's shape), gamma [H], bias [H])   bias optional
+//     epsilon  ->  output [..., H], mean, inv_std_var (never computed: a node that asks for them fails),
+//                  input_skip_bias_sum [..., H]   the last three optional
+//
+// com.microsoft:SkipSimplifiedLayerNormalization for 16-bit types, output positions as ONNX Runtime's: one launch of
+// ours (fused_moe.h: moe_compile_skip_rms_norm) that lets the next launch start at once, where ONNX Runtime's norm
+// kept the quantized q/k/v matmul after it from loading its weights early. input_skip_bias_sum is written only where
+// the node has it.
 #include <math.h>
 #include <stdio.h>
 
@@ -673,6 +682,81 @@ OrtStatus* ORT_API_CALL compute_attention_kernel(void* kernel, OrtKernelContext*
 
 void ORT_API_CALL destroy_attention_kernel(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
 
+struct NormKernel {
+  float epsilon = 0.f;
+  bool has_sum = false;  // the node has output 3, input_skip_bias_sum
+};
+
+// SkipSimplifiedLayerNormalization: input, skip, gamma[, bias].
+OrtStatus* compute_norm(const NormKernel* kernel, OrtKernelContext* ctx) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* values[4] = {};
+  TensorView x, skip, gamma, bias;
+  TensorView* views[4] = {&x, &skip, &gamma, &bias};
+  for (size_t i = 0; i < 4 && i < count; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+    else if (i < 3) return fail("SkipSimplifiedLayerNormalization: input " + std::to_string(i) + " is missing");
+  }
+  const int dtype = moe_dtype_of(x.type);
+  if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || skip.type != x.type || gamma.type != x.type ||
+      (values[3] && bias.type != x.type))
+    return fail("SkipSimplifiedLayerNormalization: input, skip, gamma and bias must share float16 or bfloat16");
+  const int64_t H = x.dims.empty() ? 0 : x.dims.back();
+  const auto row_of_h = [H](const TensorView& t) { return t.dims.size() == 1 && t.dims[0] == H; };
+  if (x.dims.empty() || skip.dims != x.dims || !row_of_h(gamma) || (values[3] && !row_of_h(bias)))
+    return fail("SkipSimplifiedLayerNormalization: expected input [..., H], skip of its shape, gamma and bias [H]: "
+                "input " + dims_text(x) + ", skip " + dims_text(skip) + ", gamma " + dims_text(gamma) +
+                (values[3] ? ", bias " + dims_text(bias) : ""));
+  void *out = nullptr, *sum = nullptr, *stream = nullptr;
+  ORT_TRY(output_and_stream(ctx, x, &out, &stream));
+  if (kernel->has_sum) {
+    OrtValue* sum_value = nullptr;
+    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 3, x.dims.data(), x.dims.size(), &sum_value));
+    ORT_TRY(g_api->GetTensorMutableData(sum_value, &sum));
+  }
+  const int rc = moe_compile_skip_rms_norm(x.data, skip.data, values[3] ? bias.data : nullptr, gamma.data, dtype,
+                                           x.leading(), H, kernel->epsilon, out, sum, stream);
+  if (rc == MOE_ERR_CUDA) return fail("SkipSimplifiedLayerNormalization: the kernel's launch failed");
+  if (rc != MOE_OK) return fail("SkipSimplifiedLayerNormalization: H a multiple of 8 up to 32768, 16-byte aligned: " +
+                                dims_text(x));
+  return nullptr;
+}
+
+// Whether the node has output `index` (ONNX Runtime lists an absent optional output as an empty name).
+bool has_output(const OrtApi* api, const OrtKernelInfo* info, size_t index) {
+  size_t count = 0, size = 0;
+  if (OrtStatus* failed = api->KernelInfo_GetOutputCount(info, &count)) api->ReleaseStatus(failed);
+  if (index >= count) return false;
+  if (OrtStatus* failed = api->KernelInfo_GetOutputName(info, index, nullptr, &size)) {
+    api->ReleaseStatus(failed);
+    return false;
+  }
+  return size > 1;  // the name's bytes with its terminating zero
+}
+
+OrtStatus* ORT_API_CALL create_norm_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                           void** out) {
+  if (has_output(api, info, 1) || has_output(api, info, 2))
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "moe_compile:SkipSimplifiedLayerNormalization: outputs mean and "
+                                                   "inv_std_var are not computed (output and input_skip_bias_sum are)");
+  auto* kernel = new NormKernel();
+  if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon)) {
+    delete kernel;
+    return status;
+  }
+  kernel->has_sum = has_output(api, info, 3);
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_norm_kernel(void* kernel, OrtKernelContext* ctx) {
+  return compute_norm(static_cast<const NormKernel*>(kernel), ctx);
+}
+
+void ORT_API_CALL destroy_norm_kernel(void* kernel) { delete static_cast<NormKernel*>(kernel); }
+
 // Reads the attributes every op has (k, optional normalize_routing_weights) and `optional` ones that
 // default to 0; a missing required one fails the session's creation.
 OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Kernel* kernel, bool quantized) {
@@ -795,6 +879,29 @@ OrtCustomOp make_attention_op() {
   return op;
 }
 
+// SkipSimplifiedLayerNormalization: every input and outputs 0 and 3 kType (16-bit only), mean and inv_std_var float as
+// ONNX Runtime's schema has them; bias optional, outputs past the first optional.
+template <ONNXTensorElementDataType kType>
+OrtCustomOp make_norm_op() {
+  OrtCustomOp op = make_op<kType>();
+  op.GetName = [](const OrtCustomOp*) { return "SkipSimplifiedLayerNormalization"; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t i) {
+    return i == 1 || i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : kType;
+  };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.CreateKernelV2 = create_norm_kernel;
+  op.KernelComputeV2 = compute_norm_kernel;
+  op.KernelDestroy = destroy_norm_kernel;
+  return op;
+}
+
 OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
@@ -803,7 +910,9 @@ OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op
                        make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
                        make_matmul_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
-                       make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
+                       make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
+                       make_norm_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
+                       make_norm_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
 
 }  // namespace
 
