@@ -47,6 +47,13 @@ chain it keeps is theirs): one launch of ours (plugins/csrc/norm.cu), rounded as
 launch start at once, so that the quantized q/k/v matmul after it has its weights in flight while the norm runs;
 ONNX Runtime's norm kept it waiting.
 
+The router's MatMul (fp16/bf16 weight [H, E (+1)] feeding our MoE op's logits) folds into the op: input 1 becomes
+the router's rows (a Transpose of the initializer, folded when the session starts) and one launch of ours
+(plugins/csrc/router.cu) computes the fp32 logits where cuBLAS's GEMV and a cast ran; the quantized gate/up launch
+at T = 1 starts as its programmatic dependent. H200, A2.7B (docs/BENCHMARKS.md, fifteenth run): the router 5.0 ->
+3.3 us at T = 1; with the norms above, int4 + LM head +8.5% a step (740.9 / 742.9 tok/s against 699.4 / 665.9, A B B
+A), fp16 unchanged within the noise.
+
     MOE_COMPILE_MOE_KERNELS=ort     keep ONNX Runtime's MoE (comparisons, debugging)
     MOE_COMPILE_MATMUL_KERNELS=ort  keep ONNX Runtime's MatMulNBits
     MOE_COMPILE_ATTENTION_KERNELS=ort  keep ONNX Runtime's GroupQueryAttention
