@@ -392,6 +392,7 @@ def bench_router(tokens, copies=256):
     a launch of ours would otherwise overlap the one before, its own kind here). Each call reads the next of `copies`
     copies of the weight, so that L2 holds none of them, as a decode step finds a layer's router."""
     import os
+    from unittest import mock
 
     from moe_compile.plugins import library
     from moe_compile.plugins.library import Dtype
@@ -401,9 +402,7 @@ def bench_router(tokens, copies=256):
     rows = [w.T.contiguous() for w in weights]
     stream = lambda: torch.cuda.current_stream().cuda_stream
     print("| A2.7B router + shared gate, fp16 |     T | cuBLAS + to fp32 µs | ours µs | max abs diff |")
-    saved = os.environ.get("MOE_COMPILE_PROGRAMMATIC_LAUNCH")
-    os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"MOE_COMPILE_PROGRAMMATIC_LAUNCH": "0"}):
         for t in tokens:
             x = torch.randn(t, h, device="cuda").half()
             logits, gate = torch.empty(t, e, device="cuda"), torch.empty(t, device="cuda")
@@ -417,11 +416,6 @@ def bench_router(tokens, copies=256):
             diff = (torch.cat([logits, gate[:, None]], 1) - expected).abs().max().item()
             print(f"| router {h} x {e + 1} | {t:5d} | {graph_us(theirs, copies):7.1f} | {graph_us(ours, copies):7.1f} | "
                   f"{diff:.1e} |", flush=True)
-    finally:
-        if saved is None:
-            del os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"]
-        else:
-            os.environ["MOE_COMPILE_PROGRAMMATIC_LAUNCH"] = saved
 
 
 def kernel_times(fn, calls=20) -> dict[str, float]:

@@ -77,18 +77,27 @@ def bench_llamacpp(peers: Path, threads: int) -> dict[str, dict]:
     return results
 
 
+def cpu() -> str:
+    """The CPU's name and the vector extensions that decide the verdicts (ONNX Runtime's int8 kernels: VNNI)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({' '.join(f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx_vnni') if f in flags) or 'no AVX2'})"
+
+
 def verdicts(ours: dict[str, dict], theirs: dict[str, dict]) -> list[str]:
     lines = []
     for width, peer in TARGETS:
         for name in (f"{width}-head", width):
             if name in ours:
                 ratio = ours[name]["decode_tok_s"] / theirs[peer]["decode_tok_s"]
-                lines.append(f"{name} decode / llama.cpp {peer}: {ratio:.2f}x ({'holds' if ratio >= 1 else 'missed'})")
+                lines.append(f"{name} decode / llama.cpp {peer}: {ratio:.3f}x ({'holds' if ratio >= 1 else 'missed'})")
     if "fp32" in ours:
         for name, r in ours.items():
             if name != "fp32":
                 ratio = r["prefill_ms"] / ours["fp32"]["prefill_ms"]
-                lines.append(f"{name} prefill / our fp32: {ratio:.2f}x ({'holds' if ratio <= 1 else 'missed'})")
+                lines.append(f"{name} prefill / our fp32: {ratio:.3f}x ({'holds' if ratio <= 1 else 'missed'})")
     return lines
 
 
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
         parser.error(f"{missing[0]} is missing: run bash ../shared/peers/run_all.sh (WORK={args.peers}) first")
     args.work.mkdir(parents=True, exist_ok=True)
     outs = {name: build(name, args.work) for name in names}
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.threads} llama.cpp threads", flush=True)
+    print(f"{cpu()}, {os.cpu_count()} CPUs; {args.threads} llama.cpp threads", flush=True)
     with open(args.work / "results.jsonl", "a") as log:
         for p in range(1, args.passes + 1):
             order = names if p % 2 else names[::-1]

@@ -88,32 +88,28 @@ print(json.dumps({"name": name, "files": {p.name: p.stat().st_size for p in out.
 EOF
   tail -1 "$OUT/builds.json"
   step "moe-compile bench $name --backend $BACKEND (CUDA graphs on): batch $BATCHES x prompt $PROMPTS, $NEW new tokens"
-  within 30 python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" --prompt-len "$PROMPTS" \
-    --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"; echo "rc=$?"; tail -2 "$WORK/bench.err"
-  record_bench "$name"
-  if has "$name-attn"; then
-    for attention in ort ort moe_compile; do
-      step "moe-compile bench $name with MOE_COMPILE_ATTENTION_KERNELS=$attention"
-      within 30 env MOE_COMPILE_ATTENTION_KERNELS=$attention python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" \
-        --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ $attention = ort ] && echo -ortattn)"
-    done
-  fi
-  if has "$name-ab"; then
-    local settings
-    for settings in "$AB" "$AB" ""; do
-      step "moe-compile bench $name with: ${settings:-the defaults}"
-      within 30 env $settings python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" \
-        --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-      echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$name$([ -n "$settings" ] && echo -A)"
-    done
-  fi
+  bench_as "$name" "$dir"
+  if has "$name-attn"; then ab "$name" "$dir" -ortattn MOE_COMPILE_ATTENTION_KERNELS=ort; fi
+  if has "$name-ab"; then ab "$name" "$dir" -A $AB; fi
   [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"
 }
 
 record_bench() {  # NAME: $WORK/bench.json as one line of $OUT/bench.json, and its table
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["name"]=sys.argv[2]; print(json.dumps(r))' "$WORK/bench.json" "$1" \
     >> "$OUT/bench.json" && python3 -c 'import json,sys; from moe_compile.runtime.benchmark import table; print("\n".join(table(json.loads(open(sys.argv[1]).read().splitlines()[-1]))))' "$OUT/bench.json"
+}
+
+bench_as() {  # LABEL DIR [VAR=VALUE...]: one bench of the build in DIR under those settings, recorded as LABEL
+  local label=$1 dir=$2; shift 2
+  within 30 env "$@" python3 -m moe_compile.cli bench "$dir" --backend "$BACKEND" --batch "$BATCHES" \
+    --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
+  echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$label"
+}
+
+ab() {  # NAME DIR SUFFIX VAR=VALUE...: NAME's bench under the settings twice (as NAME-SUFFIX), then the defaults once
+  local name=$1 dir=$2 suffix=$3; shift 3
+  for _ in 1 2; do step "moe-compile bench $name with $*"; bench_as "$name$suffix" "$dir" "$@"; done
+  step "moe-compile bench $name with the defaults"; bench_as "$name" "$dir"
 }
 
 has fp16 && build_bench fp16
@@ -124,9 +120,7 @@ has int4-head && build_bench int4-head --quantize int4 --block-size "$BLOCK" --q
 bench_again() {  # NAME ENV=VALUE: the int4 build's bench again under one environment setting
   [ -f "$WORK/build-int4/manifest.json" ] || return 1
   step "moe-compile bench int4 --backend $BACKEND with $2"
-  within 30 env "$2" python3 -m moe_compile.cli bench "$WORK/build-int4" --backend "$BACKEND" \
-    --batch "$BATCHES" --prompt-len "$PROMPTS" --new-tokens "$NEW" --json > "$WORK/bench.json" 2> "$WORK/bench.err"
-  echo "rc=$?"; tail -2 "$WORK/bench.err"; record_bench "$1"
+  bench_as "$1" "$WORK/build-int4" "$2"
 }
 has int4-ort && bench_again int4-ort MOE_COMPILE_MOE_KERNELS=ort
 has int4-serial && bench_again int4-serial MOE_COMPILE_PROGRAMMATIC_LAUNCH=0

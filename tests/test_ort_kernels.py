@@ -92,6 +92,15 @@ def _in_dtype(model: onnx.ModelProto, dtype) -> onnx.ModelProto:
     return model
 
 
+def _our_cuda_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An ONNX Runtime CUDA session of `model` with our custom-op library registered."""
+    path, why = ort_kernels.library()
+    assert path is not None, why
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(path))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+
+
 def _quantized(model: onnx.ModelProto, scheme: str, dtype=np.float32, level: int = 0) -> onnx.ModelProto:
     """`model` in `dtype`, quantized by our quantizer (quantize/onnx_rewrite.py: MoE -> QMoE, the MatMul/Gemm
     nodes scoped to a quantized class -> MatMulNBits), every quantized op at accuracy_level `level` (0: float
@@ -173,17 +182,13 @@ def test_fused_qmoe_on_cuda_matches_the_dequantized_reference(scheme, tokens, sh
     """The custom op on ONNX Runtime's CUDA provider, fp16, at 1 and 9 tokens (our decode kernels read the codes)
     and 40 (the experts dequantized first), without and with a quantized shared expert, against the float64
     reference on the same codes. (ONNX Runtime's own CUDA QMoE refuses shapes this small, so it is no reference.)"""
-    path, why = ort_kernels.library()
-    assert path is not None, why
     if shared:
         model = _quantized_shared_expert_model(scheme, np.float16, experts=8, hidden=256, inter=128, shared=256)
     else:
         model = _qmoe_model(scheme, normalize=0, dtype=np.float16, experts=8, hidden=256, inter=128)
     assert ort_kernels.swap_moe_nodes(model) == (1, "")
     assert [n.op_type for n in model.graph.node] == ["FusedQMoE"]
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(path))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    session = _our_cuda_session(model)
     rng = np.random.default_rng(tokens)
     x = rng.standard_normal((tokens, 256)).astype(np.float16)
     logits = (rng.standard_normal((tokens, 8 + shared)) * 2).astype(np.float16)
@@ -276,16 +281,12 @@ def test_matmul_nbits_nodes_our_kernels_do_not_read_stay_with_the_reason(change,
 def test_matmul_nbits_on_cuda_matches_onnxruntime_and_the_reference(scheme, tokens, bias):
     """The custom op on ONNX Runtime's CUDA provider, fp16, against the float64 reference on the same codes and
     against ONNX Runtime's own CUDA MatMulNBits (and bias Add) on the unswapped model."""
-    path, why = ort_kernels.library()
-    assert path is not None, why
     model = _projection_model(scheme, bias=bias, n=2056, k=2048)
     x = np.random.default_rng(tokens).standard_normal((tokens, 2048)).astype(np.float16)
     theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"]).run(
         None, {"x": x})[0].astype(np.float64)
     assert ort_kernels.swap_matmul_nodes(model) == (1, "")
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(path))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    session = _our_cuda_session(model)
     got = session.run(None, {"x": x})[0].astype(np.float64)
     expected = _projection_reference(model, x)
     assert np.isfinite(got).all()
@@ -422,8 +423,6 @@ def test_the_folded_router_on_cuda_matches_the_router_matmul(scheme, tokens):
     """The fused op with its router MatMul folded in (our kernel computes the logits and the shared gate's from the
     rows) against the same op fed by ONNX Runtime's MatMul, fp16 on CUDA, with the shared expert: at 1 token (the
     gate/up launch starts as the router launch's programmatic dependent), 9 and 40."""
-    path, why = ort_kernels.library()
-    assert path is not None, why
     if scheme == "fp16":
         model = _in_dtype(_shared_expert_model(experts=8, hidden=256, inter=128, shared=256)[0], np.float16)
     else:
@@ -433,11 +432,8 @@ def test_the_folded_router_on_cuda_matches_the_router_matmul(scheme, tokens):
     unfolded = onnx.ModelProto()
     unfolded.CopyFrom(model)
     assert ort_kernels.fold_router_matmuls(model) == 1
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(path))
     x = np.random.default_rng(tokens).standard_normal((tokens, 256)).astype(np.float16)
-    got, expected = (ort.InferenceSession(m.SerializeToString(), options, providers=["CUDAExecutionProvider"]).run(
-        None, {"x": x})[0].astype(np.float64) for m in (model, unfolded))
+    got, expected = (_our_cuda_session(m).run(None, {"x": x})[0].astype(np.float64) for m in (model, unfolded))
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - expected) <= 1e-2 * np.linalg.norm(expected)
 
@@ -815,11 +811,7 @@ def test_attention_on_cuda_matches_the_reference_and_onnxruntime(head, heads, kv
     swapped = onnx.ModelProto()
     swapped.CopyFrom(model)
     assert ort_kernels.swap_attention_nodes(swapped) == (1, "")
-    path, why = ort_kernels.library()
-    assert path is not None, why
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(path))
-    ours = ort.InferenceSession(swapped.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    ours = _our_cuda_session(swapped)
     names = ("qkv", "past_key", "past_value", "seqlens_k", "total_length")
     expected = _gqa_reference(case)
     got = ours.run(None, {n: case[n] for n in names})
@@ -916,11 +908,7 @@ def test_skip_norm_on_cuda_matches_onnxruntimes(dtype, rows):
     swapped = onnx.ModelProto()
     swapped.CopyFrom(model)
     assert ort_kernels.swap_norm_nodes(swapped) == (1, "")
-    path, why = ort_kernels.library()
-    assert path is not None, why
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(path))
-    ours = ort.InferenceSession(swapped.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    ours = _our_cuda_session(swapped)
     theirs = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     rng = np.random.default_rng(rows)
     feeds = {name: rng.standard_normal((rows, 2048)).astype(np.float32) for name in ("x", "skip")}

@@ -302,6 +302,18 @@ def _rewrite_nodes(model: onnx.ModelProto, swapped: int, removed: set[str], firs
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
 
 
+def _ours(model: onnx.ModelProto, op_type: str, why, kept: set[str]):
+    """The com.microsoft:`op_type` nodes of `model` that our kernels compute (`why(node)` is None), in graph order;
+    the reasons of the others go into `kept`."""
+    for node in model.graph.node:
+        if node.op_type == op_type and node.domain == "com.microsoft":
+            reason = why(node)
+            if reason:
+                kept.add(reason)
+            else:
+                yield node
+
+
 def swap_moe_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     """Replace, in place, every MoE node our kernels compute by moe_compile:FusedMoE, with the shared
     expert around it where there is one (_shared_expert), and every QMoE node by moe_compile:FusedQMoE
@@ -432,13 +444,7 @@ def swap_matmul_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     swapped, kept = 0, set()
     g = _Graph(model.graph)
     folded: set[str] = set()  # the bias Adds, by output
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
-            continue
-        reason = why_not_ours_matmul(g, node)
-        if reason:
-            kept.add(reason)
-            continue
+    for node in _ours(model, "MatMulNBits", lambda node: why_not_ours_matmul(g, node), kept):
         attrs = _attributes(node)
         bias, outputs = (node.input[5] if len(node.input) > 5 and node.input[5] else None), list(node.output)
         add = _bias_add(g, node, attrs["N"]) if bias is None else None
@@ -490,13 +496,7 @@ def swap_attention_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     moe_compile:GroupQueryAttention (the same inputs and outputs). Returns (nodes swapped, the reasons of the ones
     kept, '' if none)."""
     swapped, kept = 0, set()
-    for node in model.graph.node:
-        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
-            continue
-        reason = why_not_ours_attention(model, node)
-        if reason:
-            kept.add(reason)
-            continue
+    for node in _ours(model, "GroupQueryAttention", lambda node: why_not_ours_attention(model, node), kept):
         attrs = _attributes(node)
         node.CopyFrom(onnx.helper.make_node(
             ATTENTION_OP, list(node.input[:9]), list(node.output[:3]), name=node.name, domain=DOMAIN,
@@ -529,13 +529,7 @@ def swap_norm_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     ones kept, '' if none)."""
     swapped, kept = 0, set()
     g = _Graph(model.graph)
-    for node in model.graph.node:
-        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
-            continue
-        reason = why_not_ours_norm(g, node)
-        if reason:
-            kept.add(reason)
-            continue
+    for node in _ours(model, "SkipSimplifiedLayerNormalization", lambda node: why_not_ours_norm(g, node), kept):
         outputs = [name if i not in (1, 2) else "" for i, name in enumerate(node.output)]
         node.CopyFrom(onnx.helper.make_node(NORM_OP, list(node.input), outputs, name=node.name,
                                             domain=DOMAIN, epsilon=float(_attributes(node).get("epsilon", 1e-12))))

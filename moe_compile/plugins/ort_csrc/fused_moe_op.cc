@@ -107,6 +107,20 @@ OrtStatus* view(const OrtValue* value, TensorView* out) {
   return g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
 }
 
+// The op's inputs 0 .. n - 1 as views (values[i] stays null where an optional input is absent); fails naming `op`
+// when one of the first `required` is absent.
+OrtStatus* get_inputs(OrtKernelContext* ctx, const char* op, size_t n, size_t required, const OrtValue** values,
+                      TensorView* const* views) {
+  size_t count = 0;
+  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
+  for (size_t i = 0; i < n && i < count; ++i) {
+    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
+    if (values[i]) ORT_TRY(view(values[i], views[i]));
+    else if (i < required) return fail(std::string(op) + ": input " + std::to_string(i) + " is missing");
+  }
+  return nullptr;
+}
+
 struct Kernel {
   int64_t top_k = 0;
   int64_t normalize = 0;
@@ -222,16 +236,10 @@ OrtStatus* shared_by_gemm(Kernel* kernel, OrtKernelContext* ctx, const OrtMemory
 }
 
 OrtStatus* compute(Kernel* kernel, OrtKernelContext* ctx) {
-  size_t count = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
   const OrtValue* values[kInputs] = {};
   TensorView x, logits, fc1, fc2, sfc1, sfc2;
   TensorView* views[kInputs] = {&x, &logits, &fc1, &fc2, &sfc1, &sfc2};
-  for (size_t i = 0; i < kInputs && i < count; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 4) return fail("FusedMoE: input " + std::to_string(i) + " is missing");
-  }
+  ORT_TRY(get_inputs(ctx, "FusedMoE", kInputs, 4, values, views));
   const bool has_shared = values[4] && values[5];
   if (!has_shared && (values[4] || values[5])) return fail("FusedMoE: shared_fc1 and shared_fc2 come together");
   const int dtype = moe_dtype_of(x.type);
@@ -306,19 +314,13 @@ constexpr size_t kQuantizedInputs = 10;  // x, router_logits, fc1 codes/scales, 
 // FusedQMoE: x, router_logits, fc1 codes, fc1 scales, fc2 codes, fc2 scales[, shared fc1 codes, scales, fc2 codes,
 // scales].
 OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
-  size_t count = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
   const OrtValue* values[kQuantizedInputs] = {};
   TensorView x, logits, fc1, fc1_scales, fc2, fc2_scales, sfc1, sfc1_scales, sfc2, sfc2_scales;
   TensorView* views[kQuantizedInputs] = {&x, &logits, &fc1, &fc1_scales, &fc2, &fc2_scales,
                                          &sfc1, &sfc1_scales, &sfc2, &sfc2_scales};
+  ORT_TRY(get_inputs(ctx, "FusedQMoE", kQuantizedInputs, 6, values, views));
   int given = 0;  // of the shared expert's four
-  for (size_t i = 0; i < kQuantizedInputs && i < count; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 6) return fail("FusedQMoE: input " + std::to_string(i) + " is missing");
-    given += i >= 6 && values[i];
-  }
+  for (size_t i = 6; i < kQuantizedInputs; ++i) given += values[i] != nullptr;
   if (given != 0 && given != 4) return fail("FusedQMoE: the shared expert's four inputs come together");
   const bool has_shared = given == 4;
   const int dtype = moe_dtype_of(x.type);
@@ -474,16 +476,10 @@ OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, con
 
 // MatMulNBits: A, codes, scales[, bias].
 OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
-  size_t count = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
   const OrtValue* values[4] = {};
   TensorView a, codes, scales, bias;
   TensorView* views[4] = {&a, &codes, &scales, &bias};
-  for (size_t i = 0; i < 4 && i < count; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 3) return fail("MatMulNBits: input " + std::to_string(i) + " is missing");
-  }
+  ORT_TRY(get_inputs(ctx, "MatMulNBits", 4, 3, values, views));
   const int64_t K = kernel->k, N = kernel->n, bits = kernel->bits, block = kernel->block;
   const int dtype = moe_dtype_of(a.type);
   if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || scales.type != a.type || (values[3] && bias.type != a.type) ||
@@ -562,15 +558,10 @@ OrtStatus* attention_by_onnxruntime(const AttentionKernel* kernel, OrtKernelCont
 }
 
 OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ctx) {
-  size_t count = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
   const OrtValue* values[kAttentionInputs] = {};
   TensorView q, k, v, past_k, past_v, seqlens, total, cos, sin;
   TensorView* views[kAttentionInputs] = {&q, &k, &v, &past_k, &past_v, &seqlens, &total, &cos, &sin};
-  for (size_t i = 0; i < kAttentionInputs && i < count; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (values[i]) ORT_TRY(view(values[i], views[i]));
-  }
+  ORT_TRY(get_inputs(ctx, "GroupQueryAttention", kAttentionInputs, 0, values, views));  // which are needed: below
   const bool packed = !values[1];
   if (!values[0] || !values[3] || !values[4] || !values[5] || (packed && values[2]) || (!packed && !values[2]) ||
       (kernel->do_rotary && (!values[7] || !values[8])))
@@ -689,16 +680,10 @@ struct NormKernel {
 
 // SkipSimplifiedLayerNormalization: input, skip, gamma[, bias].
 OrtStatus* compute_norm(const NormKernel* kernel, OrtKernelContext* ctx) {
-  size_t count = 0;
-  ORT_TRY(g_api->KernelContext_GetInputCount(ctx, &count));
   const OrtValue* values[4] = {};
   TensorView x, skip, gamma, bias;
   TensorView* views[4] = {&x, &skip, &gamma, &bias};
-  for (size_t i = 0; i < 4 && i < count; ++i) {
-    ORT_TRY(g_api->KernelContext_GetInput(ctx, i, &values[i]));
-    if (values[i]) ORT_TRY(view(values[i], views[i]));
-    else if (i < 3) return fail("SkipSimplifiedLayerNormalization: input " + std::to_string(i) + " is missing");
-  }
+  ORT_TRY(get_inputs(ctx, "SkipSimplifiedLayerNormalization", 4, 3, values, views));
   const int dtype = moe_dtype_of(x.type);
   if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || skip.type != x.type || gamma.type != x.type ||
       (values[3] && bias.type != x.type))
