@@ -25,6 +25,8 @@
 #            MatMul and the skip-norms on ONNX Runtime, MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort)
 #            twice, then without them once more: A B B A with NAME's own bench, as NAME-attn
 #   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
+# MEMORY lists builds made through bench/build_memory.py (the same build, with each stage's host memory and the
+# anonymous peak in its log and builds.json): the quantizer's memory at 24 layers, which the CPU machine cannot hold.
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
 # Expects onnxruntime-gpu in /tmp/devsite (../shared/tools/device-wheels: five calls first; pydantic as cp312
@@ -67,9 +69,11 @@ build_bench() {  # NAME [build flags...]: build (time, peak RSS, file sizes), th
   local name=$1 dir=$WORK/build-$1; shift
   step "build $name: --form ort --dtype fp16 $* ($LAYERS layers)"
   if [ ! -f "$dir/manifest.json" ]; then
-    within 60 /usr/bin/time -v python3 -m moe_compile.cli build "$C" -o "$dir" --form ort --dtype fp16 --backend onnx "$@" \
+    local builder=(-m moe_compile.cli build)
+    [[ ",${MEMORY:-}," == *",$name,"* ]] && builder=(bench/build_memory.py)
+    within 60 /usr/bin/time -v python3 "${builder[@]}" "$C" -o "$dir" --form ort --dtype fp16 --backend onnx "$@" \
       > "$WORK/build-$name.log" 2>&1
-    grep -E '^error|^built|Maximum resident' "$WORK/build-$name.log"
+    grep -E '^error|^built|Maximum resident|^\[mem\]' "$WORK/build-$name.log"
   fi
   [ -f "$dir/manifest.json" ] || return 1
   python3 - "$dir" "$name" "$WORK/build-$name.log" >> "$OUT/builds.json" <<'EOF'
@@ -79,9 +83,11 @@ out, name, log = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 m = json.loads((out / "manifest.json").read_text())
 rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()) if log.exists() else []
 built = re.findall(r"built .* in ([\d.]+) s", log.read_text()) if log.exists() else []
+anonymous = re.findall(r"anonymous peak ([\d.]+) GB", log.read_text()) if log.exists() else []  # MEMORY builds
 q = m.get("quantization") or {}
 print(json.dumps({"name": name, "files": {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()},
                   "peak_rss_gb": int(rss[0]) / 2**20 if rss else None, "build_s": float(built[0]) if built else None,
+                  "anonymous_peak_gb": max(map(float, anonymous)) if anonymous else None,
                   "weights_before": sum(r["before"] for r in q.get("bytes", {}).values()) or None,
                   "weights_after": sum(r["after"] for r in q.get("bytes", {}).values()) or None,
                   "ops": q.get("ops"), "unquantized": q.get("unquantized")}))

@@ -165,7 +165,8 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_decode_attention_workspace_size.argtypes = [i64, i64, i64, i64, i64]
     lib.moe_compile_decode_attention_workspace_size.restype = ctypes.c_size_t
     lib.moe_compile_decode_attention.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64,
-                                                 i64, i64, ctypes.c_float, ctypes.c_int32, vp, vp, ctypes.c_size_t, vp]
+                                                 i64, i64, ctypes.c_float, ctypes.c_int32, vp, vp, ctypes.c_size_t, vp,
+                                                 vp]
     lib.moe_compile_decode_attention.restype = ctypes.c_int
     lib.moe_compile_status_string.argtypes = [ctypes.c_int]
     lib.moe_compile_status_string.restype = ctypes.c_char_p
@@ -267,13 +268,15 @@ def quantized_matmul(x: int, codes: int, scales: int, bias: int | None, y: int, 
 def decode_attention(qkv: int, row_stride: int, past_key: int | None, past_value: int | None, present_key: int,
                      present_value: int, seqlens_k: int, cos: int | None, sin: int | None, rotary_half: int,
                      batch: int, num_heads: int, kv_heads: int, head_dim: int, max_seq: int, scale: float,
-                     dtype: Dtype, out: int, workspace: int | None, workspace_bytes: int, stream: int) -> None:
-    """GroupQueryAttention's decode step on packed QKV rows (fused_moe.h: moe_compile_decode_attention)."""
+                     dtype: Dtype, out: int, workspace: int | None, workspace_bytes: int, stream: int,
+                     counters: int | None = None) -> None:
+    """GroupQueryAttention's decode step on packed QKV rows (fused_moe.h: moe_compile_decode_attention). counters:
+    batch x kv_heads int32 zeros (the splits merged in the one launch), or None (a second launch merges)."""
     key, value = qkv + num_heads * head_dim * 2, qkv + (num_heads + kv_heads) * head_dim * 2
     status = load().moe_compile_decode_attention(
         qkv, key, value, row_stride, row_stride, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
         rotary_half, batch, num_heads, kv_heads, head_dim, max_seq, scale, int(dtype), out, workspace, workspace_bytes,
-        stream)
+        counters, stream)
     check(status, "moe_compile_decode_attention")
 
 

@@ -402,9 +402,11 @@ def test_quantized_matmul_matches_its_dequantized_weight(rows, n, k, bits, block
 @pytest.mark.parametrize("head, heads, kv_heads", [(128, 16, 16), (64, 32, 4), (16, 4, 2), (32, 16, 1), (256, 8, 8),
                                                    (128, 32, 8)])
 @pytest.mark.parametrize("max_seq", [48, 200, 4096])
-def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, max_seq):
+@pytest.mark.parametrize("merge", ["one_launch", "two_launches"])
+def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, max_seq, merge):
     """GroupQueryAttention's decode step (rotary on the first half of the dims, the token appended in place, one or
-    many 64-row chunks) against the float64 reference; past and present one buffer, then two (the past copied)."""
+    many 64-row chunks) against the float64 reference; past and present one buffer, then two (the past copied); the
+    splits merged by the last one to finish (counters, which it leaves zero for the next call) or by a second launch."""
     from moe_compile.plugins.reference import decode_attention_reference
 
     torch.manual_seed(head + heads + max_seq)
@@ -422,6 +424,7 @@ def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, ma
     workspace = torch.empty(max(bytes_, 1), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     kind = Dtype.F16 if dtype == torch.float16 else Dtype.BF16
+    counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")
     for shared in (True, False):
         past_k, past_v = k_cache.clone(), v_cache.clone()
         present_k, present_v = (past_k, past_v) if shared else (torch.empty_like(past_k), torch.empty_like(past_v))
@@ -429,8 +432,10 @@ def test_decode_attention_matches_the_reference(dtype, head, heads, kv_heads, ma
         library.decode_attention(qkv.data_ptr(), qkv.shape[1], past_k.data_ptr(), past_v.data_ptr(),
                                  present_k.data_ptr(), present_v.data_ptr(), seqlens.data_ptr(), cos.data_ptr(),
                                  sin.data_ptr(), rotary_half, batch, heads, kv_heads, head, max_seq, 0.7 / head ** 0.5,
-                                 kind, out.data_ptr(), workspace.data_ptr(), bytes_, stream)
+                                 kind, out.data_ptr(), workspace.data_ptr(), bytes_, stream,
+                                 counters.data_ptr() if merge == "one_launch" else None)
         torch.cuda.synchronize()
+        assert not counters.any(), "a merge counter left set: the next call would merge early"
         tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
         torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(present_k.cpu().float(), expected_k.float(), atol=tolerance, rtol=0)

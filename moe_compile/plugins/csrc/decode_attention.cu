@@ -10,8 +10,10 @@
 //              G = N / KV query heads of its group, and the block holding position seqlens_k[b] rotates the new key
 //              and writes key and value into the cache (and into its tile). Then, per tile, scores, an online
 //              softmax and P V for the G heads at once (each cache row read once for all of them). One split with
-//              tiles: the output; more: (P V, max, sum) per split.
-//   combine    grid (N heads, B): the splits' partial softmaxes merged (rows with one busy split return at once).
+//              tiles: the output; more: (P V, max, sum) per split, and with counters the last split of (h, b) to
+//              finish (an atomic count, which it sets back to zero) merges them into the output: one launch a layer.
+//   combine    without counters, grid (N heads, B): the splits' partial softmaxes merged (rows with one busy split
+//              return at once).
 // Both start as programmatic dependents of the launch before them (sm_90+, common.cuh: programmatic_launch) and
 // wait for it before reading: their start-up overlaps its end.
 //
@@ -90,7 +92,40 @@ struct AttentionArgs {
   float scale;
   float* partial;  // [B, KV, splits, G, D + 2]: P V, then max and sum of each split
   void* out;       // [B, N D]
+  int32_t* counters;  // [B, KV] zeros, left zero: the splits that have finished; null: the combine launch merges
 };
+
+// Head g (of its group) of (h, b): the busy splits' partial softmaxes merged into out, by the block's threads.
+// Each split's weight is exp(its max - the overall max); the sum of the weighted sums divides. Partials are read
+// through L2 (__ldcg): other blocks wrote them.
+template <typename T, int D>
+__device__ void merge_splits(const AttentionArgs& a, int b, int h, int g, int tiles, float* max_s, float* sum_s,
+                             float* weight_s) {
+  const int G = a.group, splits = a.splits;
+  const float* partial = a.partial + (((int64_t)b * a.kv_heads + h) * splits * G + g) * (D + 2);
+  const int64_t step = (int64_t)G * (D + 2);  // from one split to the next
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {  // an idle split's workspace is stale: not read
+    const bool busy = first_tile(s + 1, tiles, splits) > first_tile(s, tiles, splits);
+    max_s[s] = busy ? __ldcg(partial + s * step + D) : -INFINITY;
+    sum_s[s] = busy ? __ldcg(partial + s * step + D + 1) : 0.f;
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, max_s[s]);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) weight_s[s] = max_s[s] == -INFINITY ? 0.f : __expf(max_s[s] - m);
+  __syncthreads();
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) total += sum_s[s] * weight_s[s];
+  T* out = static_cast<T*>(a.out) + (((int64_t)b * a.kv_heads + h) * G + g) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s)
+      if (weight_s[s] != 0.f) acc += __ldcg(partial + s * step + d) * weight_s[s];
+    out[d] = from_float<T>(acc / total);
+  }
+  __syncthreads();  // max_s, sum_s and weight_s free for the next head
+}
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(AttentionArgs a) {
@@ -229,12 +264,12 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
     }
     __syncthreads();  // p_s and this stage free for the next tile
   }
+  const bool writes = group == 0;  // kGroups > 1: group 0's threads hold the sums (the others stay for the barriers)
   if (kGroups > 1) {  // the groups' sums, added in a fixed order
     float* sums = &p_s[0][0];  // [kGroups][G][D]
 #pragma unroll
     for (int g = 0; g < G; ++g) sums[(group * G + g) * D + d0] = acc[g][0];
     __syncthreads();
-    if (group != 0) return;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       acc[g][0] = 0.f;
@@ -242,65 +277,63 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
     }
   }
   if (min(tiles, splits) == 1) {  // the only split with tiles: the output itself
+    if (writes)
 #pragma unroll
-    for (int g = 0; g < G; ++g)
+      for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int j = 0; j < kDims; ++j) out[g * D + d0 + j] = from_float<T>(acc[g][j] / sum_s[g]);
+        for (int j = 0; j < kDims; ++j) out[g * D + d0 + j] = from_float<T>(acc[g][j] / sum_s[g]);
     return;
   }
   float* partial = a.partial + ((((int64_t)b * a.kv_heads + h) * splits + split) * G) * (D + 2);
+  if (writes)
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g) {
 #pragma unroll
-    for (int j = 0; j < kDims; ++j) partial[g * (D + 2) + d0 + j] = acc[g][j];
-    if (tid == 0) {
-      partial[g * (D + 2) + D] = max_s[g];
-      partial[g * (D + 2) + D + 1] = sum_s[g];
+      for (int j = 0; j < kDims; ++j) partial[g * (D + 2) + d0 + j] = acc[g][j];
+      if (tid == 0) {
+        partial[g * (D + 2) + D] = max_s[g];
+        partial[g * (D + 2) + D + 1] = sum_s[g];
+      }
     }
+  if (!a.counters) return;  // the combine launch merges
+  // The last busy split to finish merges: every thread's writes are made visible device-wide before thread 0
+  // counts this split (the CUDA samples' threadFenceReduction), and the merge reads after the count.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* count = a.counters + (int64_t)b * a.kv_heads + h;
+    last = atomicAdd(count, 1) == min(tiles, splits) - 1;
+    if (last) *count = 0;  // every busy split has counted: zero for the next call
   }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  static_assert(sizeof(k_s) >= 3 * kTargetBlocks * sizeof(float), "the merge's scratch fits in the key tiles");
+  float* merge_s = reinterpret_cast<float*>(&k_s[0][0][0]);  // a split's max, sum and weight: the tiles are done
+#pragma unroll 1
+  for (int g = 0; g < G; ++g)
+    merge_splits<T, D>(a, b, h, g, tiles, merge_s, merge_s + kTargetBlocks, merge_s + 2 * kTargetBlocks);
 }
 
-// Merges the splits' partial softmaxes of head n of row b: block (n, b). The splits' maxima and sums are read
-// at once (a thread a split) and turned into weights, then a thread a dim adds the weighted partials.
+// Without counters: merges the splits' partial softmaxes of head n of row b, block (n, b).
 template <typename T, int D>
 __global__ void __launch_bounds__(D < kAttnThreads ? D : kAttnThreads) combine_kernel(AttentionArgs a) {
-  __shared__ float max_s[kTargetBlocks], sum_s[kTargetBlocks];  // a split's; -inf and 0 for splits without tiles
-  __shared__ float weight_s[kTargetBlocks];                       // its share of the output: 0 without tiles
+  __shared__ float merge_s[3][kTargetBlocks];  // a split's max, sum and weight
   allow_dependent_launch();  // the next launch (the o projection) may start: it waits for this one to end
   wait_for_producer();        // the partials, and the length, as the attention launch left them
-  const int G = a.group, n = blockIdx.x, b = blockIdx.y, h = n / G, g = n % G, splits = a.splits;
+  const int n = blockIdx.x, b = blockIdx.y;
   const int length = min(a.seqlens_k[b] + 1, a.max_seq);
   const int tiles = length > 0 ? (length + tile_rows(D) - 1) / tile_rows(D) : 0;
-  if (min(tiles, splits) <= 1) return;  // one split wrote the output (or the row is empty)
-  const float* partial = a.partial + (((int64_t)b * a.kv_heads + h) * splits * G + g) * (D + 2);
-  const int64_t step = (int64_t)G * (D + 2);  // from one split to the next
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {  // an idle split's workspace is stale: not read
-    const bool busy = first_tile(s + 1, tiles, splits) > first_tile(s, tiles, splits);
-    max_s[s] = busy ? partial[s * step + D] : -INFINITY;
-    sum_s[s] = busy ? partial[s * step + D + 1] : 0.f;
-  }
-  __syncthreads();
-  float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, max_s[s]);
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) weight_s[s] = max_s[s] == -INFINITY ? 0.f : __expf(max_s[s] - m);
-  __syncthreads();
-  float total = 0.f;
-  for (int s = 0; s < splits; ++s) total += sum_s[s] * weight_s[s];
-  T* out = static_cast<T*>(a.out) + ((int64_t)b * a.kv_heads * G + n) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s)
-      if (weight_s[s] != 0.f) acc += partial[s * step + d] * weight_s[s];
-    out[d] = from_float<T>(acc / total);
-  }
+  if (min(tiles, a.splits) <= 1) return;  // one split wrote the output (or the row is empty)
+  merge_splits<T, D>(a, b, n / a.group, n % a.group, tiles, merge_s[0], merge_s[1], merge_s[2]);
 }
 
 template <typename T, int D, int G>
 void launch_attention(const AttentionArgs& a, int batch, cudaStream_t s) {
   launch_programmatic(true, decode_attention_kernel<T, D, G>, dim3(a.kv_heads, batch, a.splits), dim3(kAttnThreads), 0,
                       s, a);
-  if (a.splits > 1)
+  if (a.splits > 1 && !a.counters)
     launch_programmatic(true, combine_kernel<T, D>, dim3(a.kv_heads * G, batch),
                         dim3(D < kAttnThreads ? D : kAttnThreads), 0, s, a);
 }
@@ -352,7 +385,7 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
                                             const void* cos_cache, const void* sin_cache, int64_t rotary_half,
                                             int64_t batch, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                             int64_t max_seq, float scale, int32_t dtype, void* out, void* workspace,
-                                            size_t workspace_bytes, void* cuda_stream) {
+                                            size_t workspace_bytes, int32_t* counters, void* cuda_stream) {
   if (batch < 0 || max_seq <= 0 || max_seq > INT32_MAX / 2 || rotary_half < 0 || 2 * rotary_half > head_dim ||
       !moe_compile_decode_attention_supported(num_heads, kv_heads, head_dim) ||
       (dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16))
@@ -375,9 +408,30 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
   moe::AttentionArgs a{query, key, value, q_stride, kv_stride, present_key, present_value, seqlens_k, cos_cache,
                        sin_cache, (int)rotary_half, (int)kv_heads, (int)max_seq,
                        (int)moe::attention_splits(batch, kv_heads, head_dim, max_seq), (int)(num_heads / kv_heads),
-                       scale, static_cast<float*>(workspace), out};
+                       scale, static_cast<float*>(workspace), out, counters};
   const bool launched = dtype == MOE_DTYPE_F16 ? moe::launch_dims<__half>(a, (int)batch, (int)head_dim, a.group, s)
                                                : moe::launch_dims<__nv_bfloat16>(a, (int)batch, (int)head_dim, a.group, s);
   if (!launched) return MOE_ERR_INVALID_ARGUMENT;
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
+}
+
+extern "C" int moe_compile_attention_counters(int64_t count, void* cuda_stream, int32_t** out) {
+  if (!out || count <= 0) return MOE_ERR_INVALID_ARGUMENT;
+  *out = nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &capture) != cudaSuccess) return MOE_ERR_CUDA;
+  if (capture != cudaStreamCaptureStatusNone) return MOE_OK;  // allocating would break the capture: *out stays NULL
+  if (cudaMalloc(out, (size_t)count * sizeof(int32_t)) != cudaSuccess) return MOE_ERR_CUDA;
+  // on the caller's stream (ONNX Runtime's do not wait for the legacy default stream): zeros before the first use
+  if (cudaMemsetAsync(*out, 0, (size_t)count * sizeof(int32_t), s) != cudaSuccess) {
+    cudaFree(*out);
+    *out = nullptr;
+    return MOE_ERR_CUDA;
+  }
+  return MOE_OK;
+}
+
+extern "C" void moe_compile_free_attention_counters(int32_t* counters) {
+  if (counters) cudaFree(counters);
 }

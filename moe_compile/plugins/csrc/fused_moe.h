@@ -171,8 +171,12 @@ int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, 
 // cos/sin_cache[position, rotary_half]. The new k and v are written into present_key/value [batch, kv_heads,
 // max_seq, head_dim] at the position (past_* copied there first where they are other buffers; NULL or the same:
 // in place), then out [batch, num_heads head_dim] = softmax(scale q K^T) V over positions 0..seqlens_k[b].
-// 16-bit dtypes; head_dim 16, 32, 64, 128 or 256; num_heads / kv_heads 1, 2, 4, 8 or 16 (..._supported). Two
-// launches whose grids depend on batch, kv_heads, head_dim and max_seq only: a CUDA graph replays them at any length.
+// 16-bit dtypes; head_dim 16, 32, 64, 128 or 256; num_heads / kv_heads 1, 2, 4, 8 or 16 (..._supported). Launches
+// whose grids depend on batch, kv_heads, head_dim and max_seq only: a CUDA graph replays them at any length. The
+// cache is cut into splits whose partial softmaxes are merged: with counters (batch x kv_heads int32 that hold zeros,
+// from moe_compile_attention_counters) by the last split of each (row, head) to finish, which sets its counter back
+// to zero, in one launch; with NULL by a second launch. Calls that may run at once (other streams) need their own
+// counters.
 int moe_compile_decode_attention_supported(int64_t num_heads, int64_t kv_heads, int64_t head_dim);
 size_t moe_compile_decode_attention_workspace_size(int64_t batch, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                                    int64_t max_seq);
@@ -181,7 +185,12 @@ int moe_compile_decode_attention(const void* query, const void* key, const void*
                                  void* present_value, const int32_t* seqlens_k, const void* cos_cache,
                                  const void* sin_cache, int64_t rotary_half, int64_t batch, int64_t num_heads,
                                  int64_t kv_heads, int64_t head_dim, int64_t max_seq, float scale, int32_t dtype,
-                                 void* out, void* workspace, size_t workspace_bytes, void* cuda_stream);
+                                 void* out, void* workspace, size_t workspace_bytes, int32_t* counters,
+                                 void* cuda_stream);
+// `count` int32 zeros on the current device for moe_compile_decode_attention, set on `cuda_stream`; *counters stays
+// NULL while that stream captures a CUDA graph (an allocation would end the capture): calls then take two launches.
+int moe_compile_attention_counters(int64_t count, void* cuda_stream, int32_t** counters);
+void moe_compile_free_attention_counters(int32_t* counters);
 
 // Text of a status code; for MOE_ERR_CUDA, the CUDA error of the failing launch.
 const char* moe_compile_status_string(int status);

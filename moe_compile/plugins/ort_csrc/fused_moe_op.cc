@@ -48,8 +48,8 @@
 //
 // com.microsoft:GroupQueryAttention with the KV cache a shared buffer and half-split rotary (rotary_interleaved 0,
 // no softcap, window, sinks or position ids): one new token a row (decode) on our kernels (fused_moe.h:
-// moe_compile_decode_attention, two launches where ONNX Runtime's takes five); more (prefill) on ONNX Runtime's own
-// kernel, invoked through the C API.
+// moe_compile_decode_attention, one launch where ONNX Runtime's takes five: the splits merged by the last to finish,
+// on counters the kernel keeps a stream); more (prefill) on ONNX Runtime's own kernel, invoked through the C API.
 //
 //   SkipSimplifiedLayerNormalization(input [..., H], skip [..., H] (input's shape), gamma [H], bias [H])   bias optional
 //     epsilon  ->  output [..., H], mean, inv_std_var (never computed: a node that asks for them fails),
@@ -62,6 +62,8 @@
 #include <math.h>
 #include <stdio.h>
 
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -544,8 +546,34 @@ struct AttentionKernel {
   int64_t num_heads = 0, kv_heads = 0, do_rotary = 0;
   float scale = 0.f;
   OrtOp* gqa = nullptr;  // com.microsoft:GroupQueryAttention on this provider: more than one new token a row
+  // The decode launch's merge counters (moe_compile_attention_counters), one set a compute stream: runs on one
+  // stream follow each other, runs on two may overlap. A set grown for a larger batch keeps the old one alive, which
+  // a captured CUDA graph of the smaller batch still uses. All freed with the kernel.
+  std::mutex counters_mutex;
+  std::map<void*, std::pair<int32_t*, int64_t>> counters;  // stream -> (counters, how many)
+  std::vector<int32_t*> outgrown;
   ~AttentionKernel() {
     if (gqa) g_api->ReleaseOp(gqa);
+    for (auto& entry : counters) moe_compile_free_attention_counters(entry.second.first);
+    for (int32_t* old : outgrown) moe_compile_free_attention_counters(old);
+  }
+  // `count` zeroed counters for a run on `stream`; NULL while the stream captures (the run then takes two launches).
+  OrtStatus* counters_for(void* stream, int64_t count, int32_t** out) {
+    std::lock_guard<std::mutex> lock(counters_mutex);
+    auto& [have, size] = counters[stream];
+    if (size < count) {
+      int32_t* grown = nullptr;
+      const int rc = moe_compile_attention_counters(count, stream, &grown);
+      if (rc != MOE_OK) return fail(std::string("GroupQueryAttention: ") + moe_compile_status_string(rc));
+      if (!grown) {
+        *out = nullptr;
+        return nullptr;
+      }
+      if (have) outgrown.push_back(have);
+      have = grown, size = count;
+    }
+    *out = have;
+    return nullptr;
   }
 };
 
@@ -557,7 +585,7 @@ OrtStatus* attention_by_onnxruntime(const AttentionKernel* kernel, OrtKernelCont
   return g_api->InvokeOp(ctx, kernel->gqa, values, kAttentionInputs, outputs, 3);
 }
 
-OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ctx) {
+OrtStatus* compute_attention(AttentionKernel* kernel, OrtKernelContext* ctx) {
   const OrtValue* values[kAttentionInputs] = {};
   TensorView q, k, v, past_k, past_v, seqlens, total, cos, sin;
   TensorView* views[kAttentionInputs] = {&q, &k, &v, &past_k, &past_v, &seqlens, &total, &cos, &sin};
@@ -605,12 +633,14 @@ OrtStatus* compute_attention(const AttentionKernel* kernel, OrtKernelContext* ct
   OrtAllocator* allocator = nullptr;
   ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
   void* workspace = nullptr;
+  int32_t* counters = nullptr;
   OrtStatus* status = bytes ? g_api->AllocatorAlloc(allocator, bytes, &workspace) : nullptr;
+  if (!status && bytes) status = kernel->counters_for(stream, B * KV, &counters);
   if (!status) {
     const int rc = moe_compile_decode_attention(
         q.data, key, value, q.dims[2], kv_stride, past_k.data, past_v.data, present_k, present_v,
         static_cast<const int32_t*>(seqlens.data), cos.data, sin.data, rotary_half, B, N, KV, D, max_seq, scale, dtype,
-        out, workspace, bytes, stream);
+        out, workspace, bytes, counters, stream);
     if (rc != MOE_OK) status = fail(std::string("GroupQueryAttention: ") + moe_compile_status_string(rc));
     if (workspace) {
       OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // reused only later on this stream
@@ -668,7 +698,7 @@ OrtStatus* ORT_API_CALL create_attention_kernel(const OrtCustomOp*, const OrtApi
 }
 
 OrtStatus* ORT_API_CALL compute_attention_kernel(void* kernel, OrtKernelContext* ctx) {
-  return compute_attention(static_cast<const AttentionKernel*>(kernel), ctx);
+  return compute_attention(static_cast<AttentionKernel*>(kernel), ctx);
 }
 
 void ORT_API_CALL destroy_attention_kernel(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
