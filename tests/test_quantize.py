@@ -157,6 +157,32 @@ def test_codes_scales_and_reference_dequantizer(bits):
     assert (again.codes == q.codes).all() and (again.scales == q.scales).all()
 
 
+def test_quantizing_in_slabs_of_rows_changes_no_code(monkeypatch):
+    """A weight is quantized a slab of rows at a time (the LM head never whole in fp32): slabs of 3 rows, ending
+    inside a matrix, give the codes and scales of one slab a matrix; fake_quantize writes the same values back
+    through the slabs' views, also where K is not the last axis (transposed experts)."""
+    from moe_compile.quantize import packing
+
+    w = np.random.default_rng(1).standard_normal((2, 10, 64)).astype(np.float16)
+    whole = quantize_rows(w, 4, 32, np.float16)
+    expected = torch.from_numpy(whole.dequantize()).half()
+    monkeypatch.setattr(packing, "SLAB_ELEMENTS", 3 * 64)
+    sliced = quantize_rows(w, 4, 32, np.float16)
+    assert np.array_equal(sliced.codes, whole.codes) and np.array_equal(sliced.scales, whole.scales)
+
+    model = torch.nn.Module()
+    model.self_attn = torch.nn.Linear(64, 10, bias=False).half()  # an attention projection: quantized by int4
+    model.self_attn.weight.data.copy_(torch.from_numpy(w[0]))
+    fake_quantize(model, Quantization("int4"))
+    assert torch.equal(model.self_attn.weight.data, expected[0])
+
+    down = torch.from_numpy(w).transpose(1, 2).contiguous()  # [E, K, N]: experts stored transposed
+    rows = down.movedim(1, -1)  # [E, N, K]: a view, as fake_quantize takes it
+    for _, _, slab in packing.row_slabs(rows):
+        slab.copy_(torch.from_numpy(quantize_rows(slab.float().numpy(), 4, 32, "float32").dequantize()))
+    assert torch.equal(down.transpose(1, 2), expected)
+
+
 @pytest.mark.parametrize("qmoe", [True, False], ids=["qmoe", "matmul_nbits"])
 def test_quantized_initializers_are_computed_when_written_not_held(qmoe):
     """The ort form's codes and scales are lazy constants: their shapes and sizes known up front, their values

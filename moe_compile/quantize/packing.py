@@ -65,9 +65,10 @@ class Blockwise:
 
 
 def quantize_rows(weight: np.ndarray, bits: int, block_size: int, dtype, scale_dtype=np.float16) -> Blockwise:
-    """Quantize `weight [..., N, K]` (any float dtype) per block of `block_size` along K, one matrix at a
-    time (only one fp32 copy of a matrix exists beside the codes), in torch: its elementwise kernels use
-    every core, which is what a 14B-parameter build waits on (numpy's took ~5 minutes of it)."""
+    """Quantize `weight [..., N, K]` (any float dtype) per block of `block_size` along K, SLAB_ELEMENTS at a
+    time (only that many fp32 values exist beside the codes: the LM head, 311 M weights at A2.7B's 151936 x
+    2048, no longer passes through fp32 whole), in torch: its elementwise kernels use every core, which is what
+    a 14B-parameter build waits on (numpy's took ~5 minutes of it)."""
     *lead, n, k = weight.shape
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
@@ -75,18 +76,31 @@ def quantize_rows(weight: np.ndarray, bits: int, block_size: int, dtype, scale_d
     flat = _torch(weight).reshape(-1, n, k)
     codes = torch.empty((flat.shape[0], n, k // block_size, block_size * bits // 8), dtype=torch.uint8)
     scales = torch.empty((flat.shape[0], n, k // block_size), dtype=torch.float32)
-    for i, matrix in enumerate(flat):
-        blocks = matrix.float().reshape(n, k // block_size, block_size)
+    for i, r0, rows in row_slabs(flat):
+        blocks = rows.float().reshape(len(rows), k // block_size, block_size)
         scale = (blocks.abs().amax(dim=-1) / qmax).to(_torch_dtype(scale_dtype)).float()
         safe = torch.where(scale == 0, 1.0, scale)
         # round half to even by adding and taking away 1.5·2^23 (exact for |x| ≤ qmax; torch.round is 2x slower),
         # the offset 2^(bits−1) folded into the taking away
         q = torch.div(blocks, safe[..., None]).clamp_(-qmax, qmax).add_(ROUND).sub_(ROUND - (1 << (bits - 1)))
-        codes[i] = pack(q.to(torch.uint8), bits)
-        scales[i] = scale
+        codes[i, r0:r0 + len(rows)] = pack(q.to(torch.uint8), bits)
+        scales[i, r0:r0 + len(rows)] = scale
     scales = _numpy(scales, dtype)
     return Blockwise(codes.reshape(*lead, *codes.shape[1:]).numpy(), scales.reshape(*lead, *scales.shape[1:]),
                      bits, block_size)
+
+
+SLAB_ELEMENTS = 1 << 24  # weights quantized at once: 64 MB in fp32, whole rows (blocks run along a row)
+
+
+def row_slabs(matrices: torch.Tensor):
+    """(matrix index, first row, rows) of `matrices [M, N, K]` in slabs of whole rows, about SLAB_ELEMENTS each:
+    views, so that a caller may also write back into them."""
+    m, n, k = matrices.shape
+    step = max(1, SLAB_ELEMENTS // k)
+    for i in range(m):
+        for r0 in range(0, n, step):
+            yield i, r0, matrices[i, r0:r0 + step]
 
 
 def pack(u: torch.Tensor, bits: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Run before capture, this makes the captured program the dequantized reference of the build: the
 ONNX rewrite (onnx_rewrite.py) later quantizes the same values again and gets the same codes (a
 dequantized block's largest magnitude is its scale times the largest code, so the scale and every code
-come back unchanged). Peak extra memory: one matrix in fp32 at a time.
+come back unchanged). Peak extra memory: one slab of rows in fp32 at a time (packing.row_slabs).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from . import Quantization, weight_class
-from .packing import quantize_rows
+from .packing import quantize_rows, row_slabs
 
 log = logging.getLogger("moe_compile.quantize")
 
@@ -44,9 +44,10 @@ def fake_quantize(model: torch.nn.Module, quantization: Quantization) -> dict[st
         if id(weight) in seen:  # tied weights
             continue
         seen.add(id(weight))
-        rows = weight.detach().movedim(k_axis, -1)  # [..., N, K]
-        q = quantize_rows(rows.float().numpy(), quantization.bits, quantization.block_size, "float32")
-        weight.copy_(torch.from_numpy(q.dequantize()).to(weight.dtype).movedim(-1, k_axis))
+        rows = weight.detach().movedim(k_axis, -1)  # [..., N, K], a view
+        for _, _, slab in row_slabs(rows if rows.dim() == 3 else rows.unsqueeze(0)):
+            q = quantize_rows(slab.float().numpy(), quantization.bits, quantization.block_size, "float32")
+            slab.copy_(torch.from_numpy(q.dequantize()))
         counts[weight_class(name.rsplit(".", 1)[0])] += 1
     log.info("[quantize] %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return dict(counts)
