@@ -88,7 +88,7 @@ struct AttentionArgs {
   const void* sin;
   int rotary_half;
   int kv_heads, max_seq, splits;
-  int group;  // G, for the combine launch (a kernel a head size, not a head size and group)
+  int group;  // G, for the merge (a kernel a head size, not a head size and group)
   float scale;
   float* partial;  // [B, KV, splits, G, D + 2]: P V, then max and sum of each split
   void* out;       // [B, N D]
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(Attentio
   __shared__ float max_s[G], sum_s[G], alpha_s[G];
 
   wait_for_producer();       // q, k and v come from the launch before
-  allow_dependent_launch();  // the combine launch may start; it waits for this one to end
+  allow_dependent_launch();  // the next launch (the merge, or the o projection) may start; it waits for this one
   const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = a.splits;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const int position = a.seqlens_k[b], length = min(position + 1, a.max_seq);  // no row past the buffer
