@@ -48,8 +48,8 @@ def build(name: str, work: Path) -> Path:
     out = work / name
     if not (out / "manifest.json").exists():
         print(f"building {name} ...", flush=True)
-        run([sys.executable, "-m", "moe_compile.cli", "build", MODEL, "-o", str(out), "--form", "ort", "--max-seq", "512",
-             *BUILD_FLAGS[name]], env={**os.environ, "MOE_COMPILE_CACHE": str(work / "cache")})
+        run([sys.executable, "-m", "moe_compile.cli", "build", MODEL, "-o", str(out), "--form", "ort",
+             "--max-seq", "512", *BUILD_FLAGS[name]], env={**os.environ, "MOE_COMPILE_CACHE": str(work / "cache")})
     return out
 
 
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in BUILD_FLAGS]
     if unknown:
         parser.error(f"unknown build {', '.join(unknown)}; choose from {', '.join(BUILD_FLAGS)}")
-    missing = [p for p in [args.peers / "llbuild/bin/llama-bench", *(args.peers / f"gguf/qwen2moe-{t}.gguf" for t in GGUF)]
-               if not p.exists()]
+    needed = [args.peers / "llbuild/bin/llama-bench", *(args.peers / f"gguf/qwen2moe-{t}.gguf" for t in GGUF)]
+    missing = [p for p in needed if not p.exists()]
     if missing:
         parser.error(f"{missing[0]} is missing: run bash ../shared/peers/run_all.sh (WORK={args.peers}) first")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@
 #            MatMul and the skip-norms on ONNX Runtime, MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort)
 #            twice, then without them once more: A B B A with NAME's own bench, as NAME-attn
 #   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
+#   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 # MEMORY lists builds made through bench/build_memory.py (the same build, with each stage's host memory and the
 # anonymous peak in its log and builds.json): the quantizer's memory at 24 layers, which the CPU machine cannot hold.
-#   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 #
 # Expects onnxruntime-gpu in /tmp/devsite (../shared/tools/device-wheels: five calls first; pydantic as cp312
 # wheels) and the kernel libraries for sm_90 (MOE_COMPILE_KERNELS_LIB, MOE_COMPILE_ORT_OPS_LIB). The eighth run

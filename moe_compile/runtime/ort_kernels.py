@@ -35,8 +35,8 @@ int4 + LM head 701-719 tok/s against 686-688 without (twelfth run).
 
 The ort form's com.microsoft:GroupQueryAttention nodes (shared KV buffer, half-split rotary) become
 `moe_compile:GroupQueryAttention` on the same inputs: a decode step (one new token a row) rotates, appends and attends
-in one launch of ours (plugins/csrc/decode_attention.cu; two before 2026-12-03), where ONNX Runtime's takes five; prefill runs ONNX
-Runtime's own kernel, invoked by the op. H200, A2.7B, 24 layers (docs/BENCHMARKS.md, eleventh run, A B B A in one
+in one launch of ours (plugins/csrc/decode_attention.cu; two before 2026-12-03), where ONNX Runtime's takes five;
+prefill runs ONNX Runtime's own kernel, invoked by the op. H200, A2.7B, 24 layers (docs/BENCHMARKS.md, eleventh run, A B B A in one
 lease): fp16 440.9 / 459.6 tok/s against 432.9 / 429.3 with ONNX Runtime's, int4 with the LM head 666.0 / 692.2
 against 609.4 / 621.6, prefill unchanged; 7.3 us a layer at 128 tokens in the kernel benchmark against 12.7 for
 ONNX Runtime's five in a step's profile.

@@ -112,7 +112,8 @@ __device__ void merge_splits(const AttentionArgs& a, int b, int h, int g, int ti
   __syncthreads();
   float m = -INFINITY;
   for (int s = 0; s < splits; ++s) m = fmaxf(m, max_s[s]);
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) weight_s[s] = max_s[s] == -INFINITY ? 0.f : __expf(max_s[s] - m);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x)
+    weight_s[s] = max_s[s] == -INFINITY ? 0.f : __expf(max_s[s] - m);
   __syncthreads();
   float total = 0.f;
   for (int s = 0; s < splits; ++s) total += sum_s[s] * weight_s[s];
