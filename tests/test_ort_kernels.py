@@ -581,16 +581,17 @@ def test_qwen2_moe_layers_on_our_kernels_stay_under_twelve_nodes(built, quantize
     assert per_layer and max(per_layer) <= 12, per_layer
 
 
-@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM"])
+@pytest.mark.parametrize("keep", ["", "MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM", "TOPK"])
 def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch, keep):
     """prepare() on an fp16 int4 build: every kind of node swapped (MoE with its router MatMul, MatMulNBits,
-    GroupQueryAttention, SkipSimplifiedLayerNormalization), or one kind kept on ONNX Runtime's by its switch
-    (MOE_COMPILE_{MOE,MATMUL,ATTENTION,ROUTER,NORM}_KERNELS=ort), the others swapped."""
+    GroupQueryAttention, SkipSimplifiedLayerNormalization, the sampler's TopK with its ArgMax), or one kind kept on
+    ONNX Runtime's by its switch (MOE_COMPILE_{MOE,MATMUL,ATTENTION,ROUTER,NORM,TOPK}_KERNELS=ort), the others
+    swapped."""
     out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
     library = tmp_path / "libmoe_compile_ort.so"
     library.write_bytes(b"")  # prepare only names the library; the session loads it
     monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
-    for which in ("MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM"):
+    for which in ("MOE", "MATMUL", "ATTENTION", "ROUTER", "NORM", "TOPK"):
         monkeypatch.delenv(f"MOE_COMPILE_{which}_KERNELS", raising=False)
     if keep:
         monkeypatch.setenv(f"MOE_COMPILE_{keep}_KERNELS", "ort")
@@ -613,6 +614,63 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
     assert all(("router_rows" in {a.name for a in f.attribute}) == folded for f in fused)
     norms = [n for n in swap.model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
     assert swap.norms == (0 if keep == "NORM" else len(norms)) == (0 if keep == "NORM" else 2 * layers)
+    samplers = [(n.domain, n.op_type, list(n.output)) for n in swap.model.graph.node if n.op_type in ("TopK", "ArgMax")]
+    if keep == "TOPK":
+        assert swap.top_ks == 0 and sorted(op for _, op, _ in samplers) == ["ArgMax", "TopK"], samplers
+    else:  # one op of ours, the graph's three token outputs its outputs
+        assert swap.top_ks == 1 and samplers == [("moe_compile", "TopK", ["top_logits", "top_ids", "next_token"])]
+
+
+def _sampler_model(n=512, k=64, argmax=True, **top_k_attrs) -> onnx.ModelProto:
+    """The ort form's tail: logits (a float32 graph output) -> TopK(K) -> top_logits, top_ids; ArgMax -> next_token."""
+    nodes = [helper.make_node("Identity", ["h"], ["logits"]),
+             helper.make_node("TopK", ["logits", "k"], ["top_logits", "top_ids"], axis=-1, **top_k_attrs)]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", n]),
+               helper.make_tensor_value_info("top_logits", TensorProto.FLOAT, ["B", k]),
+               helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["B", k])]
+    if argmax:
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["next_token"], axis=-1, keepdims=0))
+        outputs.append(helper.make_tensor_value_info("next_token", TensorProto.INT64, ["B"]))
+    graph = helper.make_graph(nodes, "sampler", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", n])],
+                              outputs, [numpy_helper.from_array(np.array([k], np.int64), "k")])
+    return _model(graph)
+
+
+@pytest.mark.parametrize("argmax", [True, False], ids=["with-argmax", "top-k-alone"])
+def test_the_sampler_becomes_one_top_k_of_ours(argmax):
+    model = _sampler_model(argmax=argmax)
+    assert ort_kernels.swap_top_k_nodes(model) == (1, "")
+    (node,) = [n for n in model.graph.node if n.op_type != "Identity"]
+    assert (node.domain, node.op_type, list(node.input)) == ("moe_compile", "TopK", ["logits"])
+    assert list(node.output) == ["top_logits", "top_ids"] + (["next_token"] if argmax else [])
+    assert helper.get_attribute_value(node.attribute[0]) == 64
+
+
+@pytest.mark.parametrize("change, reason", [({"largest": 0}, "largest, sorted"), ({"sorted": 0}, "largest, sorted"),
+                                            ({"k": 65}, "constant K from 1 to 64"), ({"input": "h"}, "float32 logits")])
+def test_top_k_nodes_our_kernels_do_not_compute_stay_with_the_reason(change, reason):
+    change = dict(change)
+    model = _sampler_model(k=change.pop("k", 64), **{key: v for key, v in change.items() if key != "input"})
+    if "input" in change:  # a TopK over a value that is no graph output (the router's, in other forms)
+        model.graph.node[1].input[0] = change["input"]
+    swapped, why = ort_kernels.swap_top_k_nodes(model)
+    assert swapped == 0 and reason in why and [n.op_type for n in model.graph.node] == ["Identity", "TopK", "ArgMax"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+@pytest.mark.parametrize("rows, n, k", [(1, 151936, 64), (4, 151936, 64), (3, 512, 64), (2, 1000, 5)])
+def test_top_k_on_cuda_matches_onnxruntime(rows, n, k):
+    """Our TopK against ONNX Runtime's TopK and ArgMax on the CUDA provider, on logits with ties (values on a grid of
+    halves): the same values and argmax, and the ids in the order ONNX specifies (ties to the lower index)."""
+    rng = np.random.default_rng(rows * n + k)
+    h = np.round(rng.standard_normal((rows, n)).astype(np.float32) * 8) / 2
+    model = _sampler_model(n=n, k=k)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"]).run(None, {"h": h})
+    assert ort_kernels.swap_top_k_nodes(model)[0] == 1
+    logits, top_logits, top_ids, next_token = _our_cuda_session(model).run(None, {"h": h})
+    assert np.array_equal(logits, expected[0]) and np.array_equal(top_logits, expected[1])
+    assert np.array_equal(next_token, expected[3])
+    assert np.array_equal(top_ids, np.argsort(-h, axis=-1, kind="stable")[:, :k])
 
 
 def test_every_switch_at_ort_loads_nothing(built, monkeypatch):

@@ -168,6 +168,10 @@ def load() -> ctypes.CDLL:
                                                  i64, i64, ctypes.c_float, ctypes.c_int32, vp, vp, ctypes.c_size_t, vp,
                                                  vp]
     lib.moe_compile_decode_attention.restype = ctypes.c_int
+    lib.moe_compile_top_k_workspace_size.argtypes = [i64, i64]
+    lib.moe_compile_top_k_workspace_size.restype = ctypes.c_size_t
+    lib.moe_compile_top_k.argtypes = [vp, i64, i64, i64, vp, vp, vp, vp, ctypes.c_size_t, vp]
+    lib.moe_compile_top_k.restype = ctypes.c_int
     lib.moe_compile_status_string.argtypes = [ctypes.c_int]
     lib.moe_compile_status_string.restype = ctypes.c_char_p
     return lib
@@ -282,3 +286,15 @@ def decode_attention(qkv: int, row_stride: int, past_key: int | None, past_value
 
 def decode_attention_workspace_size(batch: int, num_heads: int, kv_heads: int, head_dim: int, max_seq: int) -> int:
     return load().moe_compile_decode_attention_workspace_size(batch, num_heads, kv_heads, head_dim, max_seq)
+
+
+def top_k_workspace_size(rows: int, n: int) -> int:
+    return load().moe_compile_top_k_workspace_size(rows, n)
+
+
+def top_k(x: int, rows: int, n: int, k: int, values: int, indices: int, argmax: int | None, workspace: int,
+          workspace_bytes: int, stream: int) -> None:
+    """The k largest of each float32 row of x [rows, n], best first, ties to the lower index, and the rows' argmax
+    (fused_moe.h: moe_compile_top_k)."""
+    status = load().moe_compile_top_k(x, rows, n, k, values, indices, argmax, workspace, workspace_bytes, stream)
+    check(status, "moe_compile_top_k")

@@ -212,6 +212,7 @@ class OrtCudaBackend(OrtBackend):
         attentions = f", {swap.attentions} attention nodes" if swap.attentions else ""
         routers = f" ({swap.routers} with their router MatMul)" if swap.routers else ""
         norms = f", {swap.norms} norms" if swap.norms else ""
-        log.info("%d MoE nodes%s%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions,
-                 norms, kept)
+        top_ks = f", {swap.top_ks} TopK" if swap.top_ks else ""
+        log.info("%d MoE nodes%s%s%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions,
+                 norms, top_ks, kept)
         return swap.model.SerializeToString()

@@ -47,6 +47,11 @@ chain it keeps is theirs): one launch of ours (plugins/csrc/norm.cu), rounded as
 launch start at once, so that the quantized q/k/v matmul after it has its weights in flight while the norm runs;
 ONNX Runtime's norm kept it waiting.
 
+The sampler at the graph's end, ONNX TopK over the logits (64 candidates) and the ArgMax beside it, becomes
+`moe_compile:TopK` beside our other ops: two launches of ours (plugins/csrc/top_k.cu) that spread the 151936 logits of
+A2.7B over the GPU, where ONNX Runtime's TopK gives a row to one block (29 us a step, plus 4 for the ArgMax: sixteenth
+run's profile). Same candidates in the same order (ties to the lower id), and the argmax is the first of them.
+
 The router's MatMul (fp16/bf16 weight [H, E (+1)] feeding our MoE op's logits) folds into the op: input 1 becomes
 the router's rows (a Transpose of the initializer, folded when the session starts) and one launch of ours
 (plugins/csrc/router.cu) computes the fp32 logits where cuBLAS's GEMV and a cast ran; the quantized gate/up launch
@@ -59,6 +64,7 @@ A), fp16 unchanged within the noise.
     MOE_COMPILE_ATTENTION_KERNELS=ort  keep ONNX Runtime's GroupQueryAttention
     MOE_COMPILE_ROUTER_KERNELS=ort  keep the router's MatMul on ONNX Runtime (cuBLAS) beside our MoE op
     MOE_COMPILE_NORM_KERNELS=ort    keep ONNX Runtime's SkipSimplifiedLayerNormalization
+    MOE_COMPILE_TOPK_KERNELS=ort    keep ONNX Runtime's TopK and ArgMax over the logits
     MOE_COMPILE_ORT_OPS_LIB=PATH    a prebuilt libmoe_compile_ort.so
 """
 
@@ -79,6 +85,8 @@ MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points
 ATTENTION_OP = "GroupQueryAttention"  # com.microsoft:GroupQueryAttention's first nine inputs, in our domain
 NORM_OP = "SkipSimplifiedLayerNormalization"  # com.microsoft's, outputs 0 and 3 only, in our domain
 NORM_WIDEST = 32768  # elements a row, 16-bit (plugins/csrc/norm.cu)
+TOP_K_OP = "TopK"  # ONNX TopK (largest, sorted, last axis) with the ArgMax over the same input as output 2
+TOP_K_WIDEST = 64  # candidates a row (plugins/csrc/top_k.cu)
 NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
 OURS_OPS = ("MoE", "QMoE", "MatMulNBits")
 ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
@@ -98,6 +106,7 @@ class Swap:
     attentions: int = 0  # GroupQueryAttention nodes
     routers: int = 0  # router MatMuls folded into our MoE ops
     norms: int = 0  # SkipSimplifiedLayerNormalization nodes
+    top_ks: int = 0  # TopK nodes (each with its ArgMax where there is one)
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -176,6 +185,7 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
         self.initializers = {init.name: init for init in graph.initializer}
         self.outputs = {o.name for o in graph.output}
+        self.output_types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
 
     def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
@@ -538,6 +548,54 @@ def swap_norm_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
+def why_not_ours_top_k(g: _Graph, node: onnx.NodeProto) -> str | None:
+    """None if our kernels compute this ONNX TopK node exactly, else the reason."""
+    attrs = _attributes(node)
+    if attrs.get("largest", 1) != 1 or attrs.get("sorted", 1) != 1 or attrs.get("axis", -1) != -1:
+        return "a TopK other than the largest, sorted, over the last axis"
+    if g.output_types.get(node.input[0]) != onnx.TensorProto.FLOAT:
+        return "a TopK over other than the graph's float32 logits"
+    k = g.values(node.input[1])
+    if k is None or k.size != 1 or not 1 <= int(k.reshape(-1)[0]) <= TOP_K_WIDEST:
+        return f"a TopK of no constant K from 1 to {TOP_K_WIDEST}"
+    return None
+
+
+def _argmax_beside(g: _Graph, top_k: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The ArgMax over the same input as the TopK, the last axis, its first maximum, no kept axis."""
+    for node in g.consumers.get(top_k.input[0], []):
+        attrs = _attributes(node)
+        if node.op_type == "ArgMax" and node.domain in ("", "ai.onnx") and attrs.get("axis", 0) == -1 \
+                and attrs.get("keepdims", 1) == 0 and attrs.get("select_last_index", 0) == 0:
+            return node
+    return None
+
+
+def swap_top_k_nodes(model: onnx.ModelProto) -> tuple[int, str]:
+    """Replace, in place, every ONNX TopK node our kernels compute by moe_compile:TopK (X -> values, indices), with the
+    ArgMax beside it as output 2 where there is one (_argmax_beside). Returns (nodes swapped, the reasons of the ones
+    kept, '' if none)."""
+    swapped, kept = 0, set()
+    g = _Graph(model.graph)
+    folded: set[str] = set()  # the ArgMaxes, by output
+    for node in model.graph.node:
+        if node.op_type != "TopK" or node.domain not in ("", "ai.onnx"):
+            continue
+        reason = why_not_ours_top_k(g, node)
+        if reason:
+            kept.add(reason)
+            continue
+        argmax = _argmax_beside(g, node)
+        outputs = list(node.output[:2]) + ([argmax.output[0]] if argmax is not None else [])
+        if argmax is not None:
+            folded.add(argmax.output[0])
+        node.CopyFrom(onnx.helper.make_node(TOP_K_OP, [node.input[0]], outputs, name=node.name, domain=DOMAIN,
+                                            k=int(g.values(node.input[1]).reshape(-1)[0])))
+        swapped += 1
+    _rewrite_nodes(model, swapped, folded)
+    return swapped, "; ".join(sorted(kept))
+
+
 def library(build: bool = True) -> tuple[Path | None, str]:
     """The custom-op library, built first (`build`) where nvcc and onnxruntime's header are at hand; else (None, why)."""
     prebuilt = os.environ.get("MOE_COMPILE_ORT_OPS_LIB")
@@ -556,8 +614,8 @@ def library(build: bool = True) -> tuple[Path | None, str]:
 
 def prepare(onnx_path: Path) -> Swap:
     """What the CUDA provider should load for this build's model.onnx."""
-    moe, matmul, attention, norm = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort"
-                                    for which in ("MOE", "MATMUL", "ATTENTION", "NORM"))
+    moe, matmul, attention, norm, top_k = (os.environ.get(f"MOE_COMPILE_{which}_KERNELS", "") != "ort"
+                                           for which in ("MOE", "MATMUL", "ATTENTION", "NORM", "TOPK"))
     if not moe and not matmul and not attention:
         return Swap(None, None, 0, "MOE_COMPILE_{MOE,MATMUL,ATTENTION}_KERNELS=ort")
     model = onnx.load(str(onnx_path), load_external_data=False)  # the graph only: the weights stay in their file
@@ -572,7 +630,8 @@ def prepare(onnx_path: Path) -> Swap:
     matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
     attentions, kept_attentions = swap_attention_nodes(model) if attention else (0, "")
     norms, kept_norms = swap_norm_nodes(model) if norm else (0, "")
-    reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions, kept_norms) if r)
-    if not swapped and not matmuls and not attentions:  # norms alone keep no chain of ours: the build as it is
+    top_ks, kept_top_ks = swap_top_k_nodes(model) if top_k else (0, "")
+    reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions, kept_norms, kept_top_ks) if r)
+    if not swapped and not matmuls and not attentions:  # norms and the sampler alone: the build as it is
         return Swap(None, None, 0, reason)
-    return Swap(model, path, swapped, reason, matmuls, attentions, routers, norms)
+    return Swap(model, path, swapped, reason, matmuls, attentions, routers, norms, top_ks)

@@ -7,6 +7,7 @@ bitwise identical; routing equal to the reference except at exact near-ties.
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -508,3 +509,71 @@ def test_skip_rms_norm_is_onnxruntimes_rounded_to_its_dtype(dtype, rows, hidden,
     expected = s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + epsilon) * gamma.double()
     step = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
     assert ((first.double() - expected).abs() <= step * expected.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 151936, 64), (3, 151936, 64), (2, 64, 64), (4, 100, 8), (1, 5000, 1),
+                                      (2, 300000, 64), (8, 32000, 50)])
+@pytest.mark.parametrize("values", ["normal", "ties", "specials"])
+def test_top_k_is_onnx_top_k_and_arg_max(rows, n, k, values):
+    """The sampler's candidates against a stable sort of each row: the k largest, best first, ties to the lower index
+    (ONNX TopK's order; "ties": values on a grid of halves, so most of the 64 tie), and the argmax their first; -inf
+    entries ("specials") rank below every number and above nothing, a NaN above every number (it shows in the
+    candidates); outputs NaN-poisoned before the run, two runs the same bits."""
+    torch.manual_seed(rows * n + k)
+    x = torch.randn(rows, n, device="cuda") * 4
+    if values == "ties":
+        x = (x * 2).round() / 2
+    if values == "specials":
+        x[:, torch.randperm(n)[: n // 2]] = float("-inf")
+        x[0, n // 3] = float("nan")
+    workspace = torch.empty(library.top_k_workspace_size(rows, n), dtype=torch.uint8, device="cuda")
+
+    def run():
+        top = torch.full((rows, k), float("nan"), device="cuda")
+        ids = torch.full((rows, k), -1, dtype=torch.int64, device="cuda")
+        argmax = torch.full((rows,), -1, dtype=torch.int64, device="cuda")
+        library.top_k(x.data_ptr(), rows, n, k, top.data_ptr(), ids.data_ptr(), argmax.data_ptr(), workspace.data_ptr(),
+                      workspace.numel(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return top.cpu(), ids.cpu(), argmax.cpu()
+
+    (top, ids, argmax), second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip((top.nan_to_num(7.0), ids, argmax), (second[0].nan_to_num(7.0),
+                                                                                     *second[1:]))), "two runs differ"
+    host = x.cpu().numpy()
+    order = np.argsort(-np.nan_to_num(host, nan=np.inf), axis=-1, kind="stable")[:, :k]  # NaN first, then by value
+    assert np.array_equal(ids.numpy(), order)
+    assert torch.equal(top.nan_to_num(7.0), torch.from_numpy(np.take_along_axis(host, order, -1)).nan_to_num(7.0))
+    assert torch.equal(argmax, ids[:, 0])
+
+
+def test_one_launch_decode_attention_is_one_kernel():
+    """With counters the splits merge inside the attention launch: the profiler sees one kernel a call, where the
+    two-launch merge shows the combine kernel too (the test fails if the merge ever launches beside the counters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, heads, kv_heads, head, max_seq = 1, 16, 16, 128, 4096
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head, dtype=torch.float16, device="cuda")
+    k_cache = torch.randn(batch, kv_heads, max_seq, head, dtype=torch.float16, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.full((batch,), max_seq - 1, dtype=torch.int32, device="cuda")
+    bytes_ = library.decode_attention_workspace_size(batch, heads, kv_heads, head, max_seq)
+    workspace = torch.empty(bytes_, dtype=torch.uint8, device="cuda")
+    out = torch.empty(batch, heads * head, dtype=torch.float16, device="cuda")
+    counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def kernels(with_counters: bool) -> list[str]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            library.decode_attention(qkv.data_ptr(), qkv.shape[1], k_cache.data_ptr(), v_cache.data_ptr(),
+                                     k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), None, None, 0, batch,
+                                     heads, kv_heads, head, max_seq, head ** -0.5, Dtype.F16, out.data_ptr(),
+                                     workspace.data_ptr(), bytes_, stream,
+                                     counters.data_ptr() if with_counters else None)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    two = kernels(False)
+    assert len(two) == 2 and any("combine" in name for name in two), two
+    one = kernels(True)
+    assert len(one) == 1 and "decode_attention" in one[0], one

@@ -114,3 +114,19 @@ def test_decode_attention_rejects_a_small_workspace_before_touching_the_gpu():
     with pytest.raises(KernelError, match="WORKSPACE_TOO_SMALL"):
         library.decode_attention(1, 48 * 128, None, None, 1, 1, 1, 1, 1, 64, 1, 16, 16, 128, 2048, 1.0, Dtype.F16, 1, 1,
                                  need - 1, 0)
+
+
+@pytest.mark.parametrize("rows, n, k", [(1, 100, 65), (1, 10, 20), (1, 100, 0), (70000, 100, 4)],
+                         ids=["k above 64", "k above n", "k zero", "rows above a grid's y"])
+def test_top_k_refuses_what_it_cannot_do_before_touching_the_gpu(rows, n, k):
+    with pytest.raises(KernelError, match="moe_compile_top_k: INVALID_ARGUMENT"):
+        library.top_k(1, rows, n, k, 1, 1, None, 1, 1 << 30, 0)
+
+
+def test_top_k_workspace_is_a_list_of_64_candidates_a_slice():
+    """A2.7B's 151936 logits in 149 slices of 1024; a longer row in at most 256 slices."""
+    assert library.top_k_workspace_size(1, 151936) == 149 * 64 * 8
+    assert library.top_k_workspace_size(3, 151936) == 3 * 149 * 64 * 8
+    assert library.top_k_workspace_size(1, 10**6) <= 256 * 64 * 8
+    with pytest.raises(KernelError, match="moe_compile_top_k: INVALID_ARGUMENT"):  # too small by one byte
+        library.top_k(1, 1, 151936, 64, 1, 1, None, 1, 149 * 64 * 8 - 1, 0)

@@ -59,6 +59,12 @@
 // ours (fused_moe.h: moe_compile_skip_rms_norm) that lets the next launch start at once, where ONNX Runtime's norm
 // kept the quantized q/k/v matmul after it from loading its weights early. input_skip_bias_sum is written only where
 // the node has it.
+//
+//   TopK(X float [..., n])   k  ->  values float [..., k], indices int64 [..., k], argmax int64 [...]   argmax optional
+//
+// The sampler at the end of an ort-form graph, ONNX TopK (largest, sorted, last axis, K a constant up to 64) and
+// the ArgMax over the same logits (last axis, keepdims 0) in one op: two launches of ours (fused_moe.h:
+// moe_compile_top_k) that spread the row over the GPU, where ONNX Runtime's TopK gives a row to one block.
 #include <math.h>
 #include <stdio.h>
 
@@ -772,6 +778,74 @@ OrtStatus* ORT_API_CALL compute_norm_kernel(void* kernel, OrtKernelContext* ctx)
 
 void ORT_API_CALL destroy_norm_kernel(void* kernel) { delete static_cast<NormKernel*>(kernel); }
 
+struct TopKKernel {
+  int64_t k = 0;
+  bool has_argmax = false;  // the node has output 2
+};
+
+// TopK: X [..., n] float32 -> values, indices [..., k] (and argmax [...]).
+OrtStatus* compute_top_k(const TopKKernel* kernel, OrtKernelContext* ctx) {
+  const OrtValue* values[1] = {};
+  TensorView x;
+  TensorView* views[1] = {&x};
+  ORT_TRY(get_inputs(ctx, "TopK", 1, 1, values, views));
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.dims.empty() || x.dims.back() < kernel->k)
+    return fail("TopK: expected float32 X [..., n] with n >= k = " + std::to_string(kernel->k) + ": " + dims_text(x));
+  const int64_t rows = x.leading(), n = x.dims.back();
+  std::vector<int64_t> out_dims = x.dims;
+  out_dims.back() = kernel->k;
+  OrtValue *top_values = nullptr, *top_indices = nullptr, *argmax = nullptr;
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &top_values));
+  ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, out_dims.data(), out_dims.size(), &top_indices));
+  if (kernel->has_argmax) ORT_TRY(g_api->KernelContext_GetOutput(ctx, 2, x.dims.data(), x.dims.size() - 1, &argmax));
+  if (rows == 0) return nullptr;
+  void *values_data = nullptr, *indices_data = nullptr, *argmax_data = nullptr, *stream = nullptr;
+  ORT_TRY(g_api->GetTensorMutableData(top_values, &values_data));
+  ORT_TRY(g_api->GetTensorMutableData(top_indices, &indices_data));
+  if (argmax) ORT_TRY(g_api->GetTensorMutableData(argmax, &argmax_data));
+  ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  const size_t bytes = moe_compile_top_k_workspace_size(rows, n);
+  const OrtMemoryInfo* memory = nullptr;
+  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
+  OrtAllocator* allocator = nullptr;
+  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
+  void* workspace = nullptr;
+  OrtStatus* status = g_api->AllocatorAlloc(allocator, bytes, &workspace);
+  if (!status) {
+    const int rc = moe_compile_top_k(static_cast<const float*>(x.data), rows, n, kernel->k,
+                                     static_cast<float*>(values_data), static_cast<int64_t*>(indices_data),
+                                     static_cast<int64_t*>(argmax_data), workspace, bytes, stream);
+    if (rc != MOE_OK) status = fail(std::string("TopK: ") + moe_compile_status_string(rc) + ": X " + dims_text(x));
+    OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // reused only later on this stream
+    if (freed && !status) status = freed;
+    else if (freed) g_api->ReleaseStatus(freed);
+  }
+  g_api->ReleaseAllocator(allocator);
+  return status;
+}
+
+OrtStatus* ORT_API_CALL create_top_k_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                                            void** out) {
+  auto* kernel = new TopKKernel();
+  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "k", &kernel->k)) {
+    delete kernel;
+    return status;
+  }
+  if (kernel->k < 1 || kernel->k > 64) {
+    delete kernel;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "moe_compile:TopK: k must be 1 to 64");
+  }
+  kernel->has_argmax = has_output(api, info, 2);
+  *out = kernel;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_top_k_kernel(void* kernel, OrtKernelContext* ctx) {
+  return compute_top_k(static_cast<const TopKKernel*>(kernel), ctx);
+}
+
+void ORT_API_CALL destroy_top_k_kernel(void* kernel) { delete static_cast<TopKKernel*>(kernel); }
+
 // Reads the attributes every op has (k, optional normalize_routing_weights) and `optional` ones that
 // default to 0; a missing required one fails the session's creation.
 OrtStatus* read_attributes(const OrtApi* api, const OrtKernelInfo* info, Kernel* kernel, bool quantized) {
@@ -917,6 +991,25 @@ OrtCustomOp make_norm_op() {
   return op;
 }
 
+// TopK: float32 X; values float32, indices and argmax int64; argmax optional.
+OrtCustomOp make_top_k_op() {
+  OrtCustomOp op = make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>();
+  op.GetName = [](const OrtCustomOp*) { return "TopK"; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t i) {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.CreateKernelV2 = create_top_k_kernel;
+  op.KernelComputeV2 = compute_top_k_kernel;
+  op.KernelDestroy = destroy_top_k_kernel;
+  return op;
+}
+
 OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(),
                        make_quantized_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
@@ -927,7 +1020,8 @@ OrtCustomOp g_ops[] = {make_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(), make_op
                        make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
                        make_attention_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
                        make_norm_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>(),
-                       make_norm_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>()};
+                       make_norm_op<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>(),
+                       make_top_k_op()};
 
 }  // namespace
 
