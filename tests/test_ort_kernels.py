@@ -703,11 +703,12 @@ def test_the_library_builds_and_registers(tmp_path):
     options.register_custom_ops_library(str(library))
     for model, op in ((_moe_model()[0], "FusedMoE"), (_qmoe_model("int4"), "FusedQMoE"),
                       (_projection_model("int4"), "MatMulNBits"), (_gqa_model()[0], "GroupQueryAttention"),
-                      (_norm_model(), "SkipSimplifiedLayerNormalization")):
+                      (_norm_model(), "SkipSimplifiedLayerNormalization"), (_sampler_model(), "TopK")):
         ort_kernels.swap_moe_nodes(model)
         ort_kernels.swap_matmul_nodes(model)
         ort_kernels.swap_attention_nodes(model)
         ort_kernels.swap_norm_nodes(model)
+        ort_kernels.swap_top_k_nodes(model)
         if not HAS_CUDA:  # the ops have CUDA kernels only: the CPU provider must say so, not run something else
             with pytest.raises(Exception, match=op):
                 ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -739,6 +740,25 @@ def test_our_kernels_and_ort_moe_agree_on_a_build(built, monkeypatch, variant):
     assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
     assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16)] == expected
 
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
+def test_our_top_k_and_ort_top_k_give_the_same_tokens_on_a_build(built, monkeypatch):
+    """A build's generation on ort-cuda (CUDA graphs) with the sampler on our TopK against ONNX Runtime's TopK and
+    ArgMax: the same greedy tokens (next_token) and the same top-k sampled ones (top_logits/top_ids, one seed),
+    batches of two prompts of different lengths."""
+    out = built("qwen2_moe", dtype="fp16", form="ort")
+    prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
+    runs = {"greedy": {}, "sampled": {"temperature": 0.8, "top_k": 40, "seed": 3}}
+    monkeypatch.setenv("MOE_COMPILE_TOPK_KERNELS", "ort")
+    theirs = load(out, "ort-cuda")
+    expected = {name: [g.token_ids for g in theirs.generate(prompts, max_new_tokens=16, **how)]
+                for name, how in runs.items()}
+    del theirs
+    monkeypatch.delenv("MOE_COMPILE_TOPK_KERNELS")  # ours: the default
+    ours = load(out, "ort-cuda")
+    for name, how in runs.items():
+        assert [g.token_ids for g in ours.generate(prompts, max_new_tokens=16, **how)] == expected[name], name
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
