@@ -129,7 +129,8 @@ def _constant(value: ir.Value | None) -> bool:
 def _lazy_pair(graph: ir.Graph, compute, specs) -> tuple[ir.Value, ir.Value]:
     """Two initializers, specs ((name, dtype, shape), ...), that one call of `compute()` makes, lazy: computed as
     the file is written, so that an export holds one weight's codes at a time, not the model's
-    (docs/QUANTIZATION.md). The part read second waits in `held`."""
+    (docs/QUANTIZATION.md). The part read second waits in `held`: onnx-ir 1.1 writes the pair one after the other (in
+    declaration order); 1.0 wrote by size, all scales first, so that every weight's codes waited at once."""
     held = {}
 
     def read(part: int) -> ir.Tensor:
