@@ -48,9 +48,10 @@ launch start at once, so that the quantized q/k/v matmul after it has its weight
 ONNX Runtime's norm kept it waiting.
 
 The sampler at the graph's end, ONNX TopK over the logits (64 candidates) and the ArgMax beside it, becomes
-`moe_compile:TopK` beside our other ops: two launches of ours (plugins/csrc/top_k.cu) that spread the 151936 logits of
-A2.7B over the GPU, where ONNX Runtime's TopK gives a row to one block (29 us a step, plus 4 for the ArgMax: sixteenth
-run's profile). Same candidates in the same order (ties to the lower id), and the argmax is the first of them.
+`moe_compile:TopK` beside our other ops: two launches of ours (plugins/csrc/top_k.cu) over A2.7B's 151936 logits, 18 us
+a step where ONNX Runtime's TopK and ArgMax take five launches and 34 us (H200, docs/BENCHMARKS.md, seventeenth run:
+int4 + LM head 734.1 / 715.9 tok/s against 696.0 / 682.9, A B B A). Same candidates in the same order (ties to the
+lower id), and the argmax is the first of them.
 
 The router's MatMul (fp16/bf16 weight [H, E (+1)] feeding our MoE op's logits) folds into the op: input 1 becomes
 the router's rows (a Transpose of the initializer, folded when the session starts) and one launch of ours

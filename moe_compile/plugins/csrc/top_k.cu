@@ -1,7 +1,7 @@
 // The sampler's candidates: the k <= 64 largest of each float32 row (the logits over a vocabulary), best first, ties
 // to the lower index (ONNX TopK's order), and the row's argmax (ONNX ArgMax's first maximum) = the first of them.
-// ONNX Runtime's CUDA TopK gives a row to one block (radix select): 29 us a decode step on A2.7B's 151936 logits,
-// plus 4 for the ArgMax beside it. Here every SM takes a slice of the row:
+// ONNX Runtime 1.31's CUDA TopK and ArgMax take five launches, 34 us of a decode step on A2.7B's 151936 logits; these
+// two take 18 (H200, each kernel's own time: docs/BENCHMARKS.md, seventeenth run). Every SM takes a slice of the row:
 //
 //   slices   grid (S, rows), S = ceil(n / slice) <= kMaxSlices: each warp keeps its entries' best 64 in registers,
 //            the block merges its warps' lists -> [rows, S, 64] (value, index) in the workspace

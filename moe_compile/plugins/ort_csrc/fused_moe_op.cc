@@ -64,7 +64,7 @@
 //
 // The sampler at the end of an ort-form graph, ONNX TopK (largest, sorted, last axis, K a constant up to 64) and
 // the ArgMax over the same logits (last axis, keepdims 0) in one op: two launches of ours (fused_moe.h:
-// moe_compile_top_k) that spread the row over the GPU, where ONNX Runtime's TopK gives a row to one block.
+// moe_compile_top_k), where ONNX Runtime's TopK and ArgMax take five.
 #include <math.h>
 #include <stdio.h>
 
