@@ -646,6 +646,14 @@ def test_the_sampler_becomes_one_top_k_of_ours(argmax):
     assert helper.get_attribute_value(node.attribute[0]) == 64
 
 
+def test_two_top_ks_over_the_logits_share_no_argmax():
+    model = _sampler_model()
+    model.graph.node.append(helper.make_node("TopK", ["logits", "k"], ["again_logits", "again_ids"], axis=-1))
+    assert ort_kernels.swap_top_k_nodes(model) == (2, "")
+    outputs = [list(n.output) for n in model.graph.node if n.op_type == "TopK"]
+    assert outputs == [["top_logits", "top_ids", "next_token"], ["again_logits", "again_ids"]]
+
+
 @pytest.mark.parametrize("change, reason", [({"largest": 0}, "largest, sorted"), ({"sorted": 0}, "largest, sorted"),
                                             ({"k": 65}, "constant K from 1 to 64"), ({"input": "h"}, "float32 logits")])
 def test_top_k_nodes_our_kernels_do_not_compute_stay_with_the_reason(change, reason):

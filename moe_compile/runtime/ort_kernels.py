@@ -587,6 +587,8 @@ def swap_top_k_nodes(model: onnx.ModelProto) -> tuple[int, str]:
             kept.add(reason)
             continue
         argmax = _argmax_beside(g, node)
+        if argmax is not None and argmax.output[0] in folded:  # another TopK over the same input took it
+            argmax = None
         outputs = list(node.output[:2]) + ([argmax.output[0]] if argmax is not None else [])
         if argmax is not None:
             folded.add(argmax.output[0])
