@@ -194,8 +194,8 @@ void moe_compile_free_attention_counters(int32_t* counters);
 
 // The k largest of each row of x [rows, n] (float32), best first, ties to the lower index (ONNX TopK's order; NaN
 // ranks first): values [rows, k] float32 and indices [rows, k] int64, and argmax [rows] int64 (ONNX ArgMax's first
-// maximum; NULL: not written) = indices[:, 0]. 1 <= k <= 64, k <= n, rows <= 65535. Two launches (top_k.cu) whose
-// grids depend on rows and n only (a CUDA graph replays them); the workspace holds per-slice candidates.
+// maximum; NULL: not written) = indices[:, 0]. 1 <= k <= 64, k <= n < 2^31, rows <= 65535. Two launches (top_k.cu)
+// whose grids depend on rows and n only (a CUDA graph replays them); the workspace holds per-slice candidates.
 size_t moe_compile_top_k_workspace_size(int64_t rows, int64_t n);
 int moe_compile_top_k(const float* x, int64_t rows, int64_t n, int64_t k, float* values, int64_t* indices,
                       int64_t* argmax, void* workspace, size_t workspace_bytes, void* cuda_stream);

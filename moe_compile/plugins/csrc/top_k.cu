@@ -113,17 +113,18 @@ __global__ void __launch_bounds__(kSliceWarps* kWarp)
     top_k_slices_kernel(const float* __restrict__ x, int n, int slice, Entry* __restrict__ lists) {
   __shared__ Entry warp_lists[kSliceWarps][kList];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int row = blockIdx.y, start = blockIdx.x * slice, end = min(n, start + slice);
+  const int row = blockIdx.y;
+  const int64_t start = (int64_t)blockIdx.x * slice, end = min((int64_t)n, start + slice);  // int64: no overflow at n
   const float* xr = x + (size_t)row * n;
   allow_dependent_launch();  // the merge launch may start; it waits for this one
   wait_for_producer();       // the logits are the launch before's output
   Entry e[2] = {last_entry(), last_entry()};
-  for (int base = start + warp * kList; base < end; base += kSliceWarps * kList) {
+  for (int64_t base = start + warp * kList; base < end; base += kSliceWarps * kList) {
     Entry batch[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int i = base + j * kWarp + lane;
-      batch[j] = i < end ? Entry{xr[i], i} : last_entry();
+      const int64_t i = base + j * kWarp + lane;
+      batch[j] = i < end ? Entry{xr[i], (int)i} : last_entry();
     }
     const Entry bar = worst(e);
     if (!__any_sync(0xffffffffu, before(batch[0], bar) || before(batch[1], bar))) continue;
@@ -188,7 +189,8 @@ extern "C" size_t moe_compile_top_k_workspace_size(int64_t rows, int64_t n) {
 
 extern "C" int moe_compile_top_k(const float* x, int64_t rows, int64_t n, int64_t k, float* values, int64_t* indices,
                                  int64_t* argmax, void* workspace, size_t workspace_bytes, void* cuda_stream) {
-  if (rows < 0 || rows > 65535 || n < 1 || n >= INT32_MAX || k < 1 || k > moe::kList || k > n)
+  // n: int32 indices, each below the padding's INT32_MAX
+  if (rows < 0 || rows > 65535 || n < 1 || n > INT32_MAX || k < 1 || k > moe::kList || k > n)
     return MOE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return MOE_OK;
   if (!x || !values || !indices || !workspace || workspace_bytes < moe_compile_top_k_workspace_size(rows, n))
@@ -196,9 +198,9 @@ extern "C" int moe_compile_top_k(const float* x, int64_t rows, int64_t n, int64_
   const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
   const int slice = (int)moe::slice_of(n), slices = (int)moe::ceil_div(n, slice);
   auto* lists = static_cast<moe::Entry*>(workspace);
-  moe::launch_programmatic(true, moe::top_k_slices_kernel, dim3(slices, (unsigned)rows), dim3(moe::kSliceWarps * moe::kWarp),
-                           0, s, x, (int)n, slice, lists);
-  moe::launch_programmatic(true, moe::top_k_merge_kernel, dim3((unsigned)rows), dim3(moe::kMergeWarps * moe::kWarp), 0, s,
-                           static_cast<const moe::Entry*>(lists), slices, (int)k, values, indices, argmax);
+  moe::launch_programmatic(true, moe::top_k_slices_kernel, dim3(slices, (unsigned)rows),
+                           dim3(moe::kSliceWarps * moe::kWarp), 0, s, x, (int)n, slice, lists);
+  moe::launch_programmatic(true, moe::top_k_merge_kernel, dim3((unsigned)rows), dim3(moe::kMergeWarps * moe::kWarp), 0,
+                           s, static_cast<const moe::Entry*>(lists), slices, (int)k, values, indices, argmax);
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }
