@@ -334,7 +334,7 @@ def bench_quantized(tokens, block=32, copies=8):
                         library.forward_quantized(c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None,
                                                   w[0].data_ptr(), w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size,
                                                   stream(), shared, counters.data_ptr())
-                # T = 1 quantized: one launch (the default), then the two launches (MOE_COMPILE_MOE_ONE_LAUNCH=0)
+                # T = 1 quantized: one launch (MOE_COMPILE_MOE_ONE_LAUNCH=1), then the two launches (the default)
                 for launches in (("one", "two") if fmt != "fp16" and t == 1 else ("",)):
                     os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"] = "0" if launches == "two" else "1"
                     fn()

@@ -6,6 +6,7 @@ bitwise identical; routing equal to the reference except at exact near-ties.
 """
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -352,18 +353,22 @@ def _check_quantized(num_tokens, bits, block, dtype, routing, shared=False):
 
     first, one = run(), None
     check(first, run(), "two launches" if num_tokens == 1 else "launches")
-    if counter_count:  # one token in one launch, on counters it leaves zero for the next call
+    if counter_count:  # one token in one launch (opt-in), on counters it leaves zero for the next call
         from torch.profiler import ProfilerActivity, profile
 
         counters = torch.zeros(counter_count, dtype=torch.int32, device="cuda")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            one = run(counters)
-        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and "moe" in e.name]
-        assert len(kernels) == 1 and "one_token" in kernels[0], kernels
-        assert not counters.any(), f"counters left non-zero: {counters.nonzero().flatten().tolist()}"
-        check(one, run(counters), "one launch")
-        assert not counters.any()
+        os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"] = "1"
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                one = run(counters)
+            kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and "moe" in e.name]
+            assert len(kernels) == 1 and "one_token" in kernels[0], kernels
+            assert not counters.any(), f"counters left non-zero: {counters.nonzero().flatten().tolist()}"
+            check(one, run(counters), "one launch")
+            assert not counters.any()
+        finally:
+            del os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"]
     if routing.kind == RoutingKind.SOFTMAX_TOPK and not shared:  # the torch op: softmax routing, no shared expert
         got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
         assert torch.equal(got, first)

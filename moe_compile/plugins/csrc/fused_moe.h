@@ -148,8 +148,9 @@ int64_t moe_compile_forward_quantized_counters(const moe_shape* shape, const moe
 
 // moe_compile_forward with block-quantized experts (gate_up / down: their codes; shared, if not NULL, a
 // quantized shared expert: its codes, with quant's shared scales). counters: NULL, or at least
-// moe_compile_forward_quantized_counters() int32 zeros (moe_compile_counters) that the call leaves zero: then one
-// token runs in one launch where its grid fits the GPU at once (MOE_COMPILE_MOE_ONE_LAUNCH=0: two launches).
+// moe_compile_forward_quantized_counters() int32 zeros (moe_compile_counters) that the call leaves zero: then, with
+// MOE_COMPILE_MOE_ONE_LAUNCH=1 (opt-in: not yet run on a GPU), one token runs in one launch where its grid fits the
+// GPU at once; otherwise two launches.
 // Calls that may run at once (other streams) need their own counters.
 int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
                                   const moe_quantized_experts* quant, const moe_shared_expert* shared,

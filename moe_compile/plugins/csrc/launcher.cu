@@ -346,11 +346,12 @@ size_t carve_dequantized(const Problem& p, const moe_shared_expert* shared, char
 namespace moe {
 namespace {
 
-// T = 1 on codes: the MoE in one launch where the caller passes counters (decode_mma.cu), unless
-// MOE_COMPILE_MOE_ONE_LAUNCH=0 (read per call: same-process comparisons).
+// T = 1 on codes: the MoE in one launch where the caller passes counters (decode_mma.cu) and
+// MOE_COMPILE_MOE_ONE_LAUNCH=1 (read per call: same-process comparisons). Opt-in until it has run on a GPU: it was
+// written in a session without device time (docs/FUSED_MOE.md).
 bool one_launch(const Problem& p) {
   const char* env = getenv("MOE_COMPILE_MOE_ONE_LAUNCH");
-  return p.T == 1 && reads_codes(p) && !(env && atoi(env) == 0);
+  return p.T == 1 && reads_codes(p) && env && atoi(env) == 1;
 }
 
 OneLaunch plan_one_launch(const Problem& p, const moe_shared_expert* shared) {
