@@ -302,7 +302,9 @@ struct ReadyWait {
 // flight, waits for its slice's count alone, and writes its 16 weighted sums to `partials`; the last piece of a row
 // group to arrive adds the group's pieces in a fixed order into out (so the result does not depend on timing), and
 // the last group sets every counter back to zero. A waiting warp holds its SM: every block must be resident at once
-// (the launcher checks the grid against the occupancy).
+// (the launcher checks the grid against the occupancy). Not yet safe beside itself: two such grids on two streams at
+// once could each hold part of the GPU and wait for blocks that cannot be placed (a cooperative launch would rule
+// that out, if it combines with the programmatic one): one reason it is opt-in.
 template <typename T, typename WG, typename WD, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp, kOneLaunchBlocksPerSM)
     mma_moe_one_token_kernel(Problem p, const T* __restrict__ x, WG w, WD wd, Workspace ws, Shared sh, OneLaunch ol,
