@@ -16,7 +16,6 @@ it); ours takes the router logits and routes inside, as does ORT's.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -325,30 +324,23 @@ def bench_quantized(tokens, block=32, copies=8):
                     shared, quant = parts(w)
                     size = library.workspace_size_quantized(c_shape, routing, quant, shared)
                     ws = torch.empty(size, dtype=torch.uint8, device="cuda")
-                    count = library.forward_quantized_counters(c_shape, routing, quant, shared)
-                    counters = torch.zeros(max(count, 1), dtype=torch.int32, device="cuda")
 
-                    def fn(sets=sets, out=out, ws=ws, size=size, parts=parts, counters=counters):
+                    def fn(sets=sets, out=out, ws=ws, size=size, parts=parts):
                         w = sets[next(turn) % len(sets)]
                         shared, quant = parts(w)
                         library.forward_quantized(c_shape, routing, quant, hidden.data_ptr(), logits.data_ptr(), None,
                                                   w[0].data_ptr(), w[2].data_ptr(), out.data_ptr(), ws.data_ptr(), size,
-                                                  stream(), shared, counters.data_ptr())
-                # T = 1 quantized: one launch (MOE_COMPILE_MOE_ONE_LAUNCH=1), then the two launches (the default)
-                for launches in (("one", "two") if fmt != "fp16" and t == 1 else ("",)):
-                    os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"] = "0" if launches == "two" else "1"
-                    fn()
-                    torch.cuda.synchronize()
-                    results[fmt] = out.float()
-                    us = graph_us(fn, calls=max(20, copies))
-                    ref = results["fp16"]
-                    diff = ((out.float() - ref).norm() / ref.norm()).item()
-                    label = f"{fmt} {launches}".strip()
-                    print(f"| quantized | {t:5d} | {label:6s} | {'yes' if with_shared else 'no':6s} | {us:7.1f} | "
-                          f"{nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
-                    kernels = kernel_times(fn)
-                    print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
-                os.environ.pop("MOE_COMPILE_MOE_ONE_LAUNCH", None)
+                                                  stream(), shared)
+                fn()
+                torch.cuda.synchronize()
+                results[fmt] = out.float()
+                us = graph_us(fn, calls=max(20, copies))
+                ref = results["fp16"]
+                diff = ((out.float() - ref).norm() / ref.norm()).item()
+                print(f"| quantized | {t:5d} | {fmt:6s} | {'yes' if with_shared else 'no':6s} | {us:7.1f} | "
+                      f"{nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
+                kernels = kernel_times(fn)
+                print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
 
 
 def bench_projections(tokens, block=32):

@@ -142,10 +142,8 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_workspace_size_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), p(_Shared)]
     lib.moe_compile_workspace_size_quantized.restype = ctypes.c_size_t
     lib.moe_compile_forward_quantized.argtypes = [p(_Shape), p(_Routing), p(_Quantized), p(_Shared), vp, vp, vp, vp, vp,
-                                                  vp, vp, ctypes.c_size_t, vp, vp]
+                                                  vp, vp, ctypes.c_size_t, vp]
     lib.moe_compile_forward_quantized.restype = ctypes.c_int
-    lib.moe_compile_forward_quantized_counters.argtypes = [p(_Shape), p(_Routing), p(_Quantized), p(_Shared)]
-    lib.moe_compile_forward_quantized_counters.restype = ctypes.c_int64
     lib.moe_compile_route.argtypes = [p(_Shape), p(_Routing), vp, vp, vp, vp, vp]
     lib.moe_compile_route.restype = ctypes.c_int
     i64 = ctypes.c_int64
@@ -209,21 +207,13 @@ def workspace_size_quantized(shape: _Shape, routing: Routing, quant: QuantizedEx
     return size
 
 
-def forward_quantized_counters(shape: _Shape, routing: Routing, quant: QuantizedExperts,
-                               shared: SharedExpert | None = None) -> int:
-    """int32 zeros forward_quantized takes to run one token in one launch; 0 where that path does not apply."""
-    return load().moe_compile_forward_quantized_counters(ctypes.byref(shape), ctypes.byref(routing.as_c()),
-                                                         ctypes.byref(quant.as_c()), _shared_ref(shared))
-
-
 def forward_quantized(shape: _Shape, routing: Routing, quant: QuantizedExperts, hidden: int, logits: int,
                       bias: int | None, gate_up: int, down: int, out: int, workspace: int, workspace_bytes: int,
-                      stream: int, shared: SharedExpert | None = None, counters: int | None = None) -> None:
-    """`shared`: a quantized shared expert (its codes; the scales in `quant`). `counters`: forward_quantized_counters'
-    int32 zeros (left zero), for one token in one launch."""
+                      stream: int, shared: SharedExpert | None = None) -> None:
+    """`shared`: a quantized shared expert (its codes; the scales in `quant`)."""
     status = load().moe_compile_forward_quantized(ctypes.byref(shape), ctypes.byref(routing.as_c()),
                                                   ctypes.byref(quant.as_c()), _shared_ref(shared), hidden, logits, bias,
-                                                  gate_up, down, out, workspace, workspace_bytes, counters, stream)
+                                                  gate_up, down, out, workspace, workspace_bytes, stream)
     check(status, "moe_compile_forward_quantized")
 
 

@@ -6,7 +6,6 @@ bitwise identical; routing equal to the reference except at exact near-ties.
 """
 
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -271,14 +270,12 @@ def test_quantized_shared_expert_matches_reference(num_tokens, bits, dtype):
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_quantized_one_token_is_the_same_with_the_down_launch_serialised(bits, monkeypatch):
     """At T = 1 the down launch starts as the gate/up launch's programmatic dependent (sm_90+) and waits for it only
-    before it reads act; serialised (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0) the output must be the same bits, and the one
-    launch's (its pieces summed in a fixed order, whatever order they finish in) as a plain launch too."""
+    before it reads act; serialised (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0) the output must be the same bits."""
     routing = library.Routing(RoutingKind.SOFTMAX_TOPK, top_k=4, renormalize=False)
     early = _check_quantized(1, bits, 32, torch.float16, routing, shared=True)
     monkeypatch.setenv("MOE_COMPILE_PROGRAMMATIC_LAUNCH", "0")
     serialised = _check_quantized(1, bits, 32, torch.float16, routing, shared=True)
-    assert torch.equal(early[0], serialised[0])
-    assert torch.equal(early[1], serialised[1]), "the one launch, as a plain launch"
+    assert torch.equal(early, serialised)
 
 
 @functools.lru_cache(maxsize=4)
@@ -321,58 +318,35 @@ def _check_quantized(num_tokens, bits, block, dtype, routing, shared=False):
         shared_scales = {"shared_gate_up_scales": shared_codes[1].data_ptr(),
                          "shared_down_scales": shared_codes[3].data_ptr()}
 
-    shape = library.shape_c(num_tokens, hidden_size, two_i // 2, num_experts, DTYPE_ENUM[dtype],
-                            library.GateUpLayout.INTERLEAVED)
-    quant = library.QuantizedExperts(bits, block, codes[1].data_ptr(), codes[3].data_ptr(), **shared_scales)
-    counter_count = library.forward_quantized_counters(shape, routing, quant, shared_expert)
-    assert (counter_count > 0) == (num_tokens == 1 and dtype != torch.float32)
-
-    def run(counters=None):
+    def run():
+        shape = library.shape_c(num_tokens, hidden_size, two_i // 2, num_experts, DTYPE_ENUM[dtype],
+                                library.GateUpLayout.INTERLEAVED)
+        quant = library.QuantizedExperts(bits, block, codes[1].data_ptr(), codes[3].data_ptr(), **shared_scales)
         size = library.workspace_size_quantized(shape, routing, quant, shared_expert)
         workspace = torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
         out = torch.full_like(hidden, float("nan"))
         library.forward_quantized(shape, routing, quant, hidden.data_ptr(), logits.data_ptr(),
                                   None if bias is None else bias.data_ptr(), codes[0].data_ptr(), codes[2].data_ptr(),
                                   out.data_ptr(), workspace.data_ptr(), size, torch.cuda.current_stream().cuda_stream,
-                                  shared_expert, None if counters is None else counters.data_ptr())
+                                  shared_expert)
         torch.cuda.synchronize()
         return out
 
+    first, second = run(), run()
+    assert not first.isnan().any(), f"{int(first.isnan().sum())} output elements not written"
+    assert torch.equal(first, second), "two runs differ"
     ids, weights = route_reference(logits, routing, bias)
     expected = experts_reference(hidden, ids, weights, gate_up, down)
     if shared:
         expected = expected + shared_expert_reference(hidden, shared_gate_up, shared_down, gate_logits)
-
-    def check(first, second, path):
-        assert not first.isnan().any(), f"{path}: {int(first.isnan().sum())} output elements not written"
-        assert torch.equal(first, second), f"{path}: two runs differ"
-        rel = ((first.double() - expected).norm() / expected.norm()).item()
-        print(f"CASE quantized int{bits} block {block} T={num_tokens} {str(dtype).removeprefix('torch.')} "
-              f"{routing.kind.name} shared={shared} {path} rel_err={rel:.2e}")
-        assert rel <= TOLERANCE[dtype], f"{path}: relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
-
-    first, one = run(), None
-    check(first, run(), "two launches" if num_tokens == 1 else "launches")
-    if counter_count:  # one token in one launch (opt-in), on counters it leaves zero for the next call
-        from torch.profiler import ProfilerActivity, profile
-
-        counters = torch.zeros(counter_count, dtype=torch.int32, device="cuda")
-        os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"] = "1"
-        try:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                one = run(counters)
-            kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                       and "moe" in e.name]
-            assert len(kernels) == 1 and "one_token" in kernels[0], kernels
-            assert not counters.any(), f"counters left non-zero: {counters.nonzero().flatten().tolist()}"
-            check(one, run(counters), "one launch")
-            assert not counters.any()
-        finally:
-            del os.environ["MOE_COMPILE_MOE_ONE_LAUNCH"]
+    rel = ((first.double() - expected).norm() / expected.norm()).item()
+    print(f"CASE quantized int{bits} block {block} T={num_tokens} {str(dtype).removeprefix('torch.')} "
+          f"{routing.kind.name} shared={shared} rel_err={rel:.2e}")
+    assert rel <= TOLERANCE[dtype], f"relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}"
     if routing.kind == RoutingKind.SOFTMAX_TOPK and not shared:  # the torch op: softmax routing, no shared expert
         got = fused_moe_quantized_cuda(hidden, logits, *codes, bits, block, routing.top_k, routing.renormalize)
         assert torch.equal(got, first)
-    return first, one
+    return first
 
 
 @functools.lru_cache(maxsize=8)

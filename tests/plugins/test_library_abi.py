@@ -74,26 +74,6 @@ def test_the_shared_expert_streams_with_the_routed_kernels_only_in_decode():
     assert streams[Dtype.F32] == [True, True, False, False, False, False, False]
 
 
-def test_one_quantized_token_takes_counters_and_partial_sums():
-    """T = 1 on 16-bit activations runs in one launch on counters: A2.7B's shape with its shared expert cuts the down
-    products into 128 groups of 16 rows, each of 4 x 2 routed slices of 768 columns and 11 shared slices of 512
-    (a piece a warp of the 704 blocks), so 19 ready counts + 128 group counts + 1; the workspace holds the pieces'
-    partial sums (128 x 19 x 16 floats). Other sizes and fp32 take none."""
-    quant = library.QuantizedExperts(4, 32, 0, 0, 0, 0)
-    shared = library.SharedExpert(5632, 0, 0)
-
-    def counters(tokens, dtype, with_shared=True):
-        return library.forward_quantized_counters(library.shape_c(tokens, 2048, 1408, 60, dtype), ROUTING, quant,
-                                                  shared if with_shared else None)
-
-    assert counters(1, Dtype.F16) == counters(1, Dtype.BF16) == 19 + 128 + 1
-    assert counters(1, Dtype.F16, with_shared=False) == 4 * 2 + 128 + 1
-    assert counters(2, Dtype.F16) == counters(1, Dtype.F32) == 0
-    one, two = (library.workspace_size_quantized(library.shape_c(t, 2048, 1408, 60, Dtype.F16), ROUTING, quant, shared)
-                for t in (1, 2))
-    assert one - two >= 128 * 19 * 16 * 4 - 32768  # T = 2 holds 4 more act rows and a shared one (< 32 KB)
-
-
 @pytest.mark.parametrize("k, bits, block, dtype, reason", [
     (2048, 3, 32, Dtype.F16, "3-bit codes"),
     (2048, 4, 16, Dtype.F16, "blocks of 16"),

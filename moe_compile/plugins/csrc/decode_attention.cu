@@ -415,3 +415,24 @@ extern "C" int moe_compile_decode_attention(const void* query, const void* key, 
   if (!launched) return MOE_ERR_INVALID_ARGUMENT;
   return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }
+
+extern "C" int moe_compile_attention_counters(int64_t count, void* cuda_stream, int32_t** out) {
+  if (!out || count <= 0) return MOE_ERR_INVALID_ARGUMENT;
+  *out = nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &capture) != cudaSuccess) return MOE_ERR_CUDA;
+  if (capture != cudaStreamCaptureStatusNone) return MOE_OK;  // allocating would break the capture: *out stays NULL
+  if (cudaMalloc(out, (size_t)count * sizeof(int32_t)) != cudaSuccess) return MOE_ERR_CUDA;
+  // on the caller's stream (ONNX Runtime's do not wait for the legacy default stream): zeros before the first use
+  if (cudaMemsetAsync(*out, 0, (size_t)count * sizeof(int32_t), s) != cudaSuccess) {
+    cudaFree(*out);
+    *out = nullptr;
+    return MOE_ERR_CUDA;
+  }
+  return MOE_OK;
+}
+
+extern "C" void moe_compile_free_attention_counters(int32_t* counters) {
+  if (counters) cudaFree(counters);
+}

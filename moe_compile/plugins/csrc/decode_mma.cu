@@ -17,12 +17,9 @@
 // a lane's 16-byte load of codes holds 32 (int4) or 16 (int8) consecutive k, which it turns into the
 // register pairs of as many 16-bit loads (fp16: the exact magic-number conversion, then one multiply by
 // the block's scale), so the bytes read per weight drop 4x or 2x and nothing else changes.
-// At T = 1 (quantized) the whole MoE is one launch where the caller passes counters (mma_moe_one_token_kernel: the
-// down products wait for their own act columns, not for the whole gate/up grid); without, two launches that both
-// route the token themselves, the down one started while gate/up runs (programmatic dependent launch, sm_90+).
+// At T = 1 (quantized) both launches route the token themselves and the down launch starts while gate/up
+// runs (programmatic dependent launch, sm_90+): mma_dispatch_bits.
 #include <stdlib.h>
-
-#include <algorithm>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -41,8 +38,8 @@ constexpr int kMmaDownSlice = 256;  // down: k elements per work item (balances 
 // output of the launch before, which may still run (wait_for_producer before X is read).
 template <typename T, int NT>
 __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T* const (&xs)[NT], int len,
-                                           float (&acc)[NT][4], ProducerWait wait = {false}) {
-  wait();
+                                           float (&acc)[NT][4], bool wait = false) {
+  if (wait) wait_for_producer();
   constexpr int U = NT == 1 ? 8 : 4;  // 16-byte loads of each weight row in flight per lane
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -155,7 +152,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       }
       const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
       mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
-                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc, ProducerWait{ROUTE});
+                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc, ROUTE);
       dst = static_cast<T*>(sh.act) + j + g;
       dst_stride = sh.I;
     }
@@ -213,7 +210,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = g + 8 * nt < n ? act + (size_t)(row0 + g + 8 * nt) * p.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : W{}, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : W{}, xs,
-                        len, acc, ProducerWait{ROUTE});
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -232,7 +229,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       for (int nt = 0; nt < NT; ++nt)
         xs[nt] = g + 8 * nt < p.T ? static_cast<const T*>(sh.act) + (size_t)(g + 8 * nt) * sh.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : W{}, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : W{}, xs,
-                        len, acc, ProducerWait{ROUTE});
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -267,143 +264,6 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     float s = routed ? 0.f : to_float(out[(size_t)tok * p.H + h]);
     for (int wp = 0; wp < WARPS; ++wp) s += partial[wp][r][tok];  // fixed order
     out[(size_t)tok * p.H + h] = from_float<T>(s);
-  }
-}
-
-// Blocks of the one launch an SM holds at once (the register budget this sets: 80 a thread), so that A2.7B's 704
-// blocks fit the H200's 132 SMs as the T = 1 gate/up launch's do.
-constexpr int kOneLaunchBlocksPerSM = 6;
-
-// mma_rows16's hook for a token row that another block of the launch writes: lane 0 waits until `count` holds
-// `expected` (the writers' release: a fence, then the count), then the warp reads the tokens past L1.
-struct ReadyWait {
-  const int32_t* count;
-  int expected;
-  static constexpr bool kL2Tokens = true;
-  __device__ __forceinline__ void operator()() const {
-    if (threadIdx.x % kWarp == 0) {
-      int seen;
-      while (true) {
-        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(count) : "memory");
-        if (seen >= expected) break;
-        __nanosleep(32);
-      }
-    }
-    __syncwarp();
-    __threadfence();
-  }
-};
-
-// The T = 1 quantized MoE in one launch (OneLaunch, kernels.h). The blocks are mma_gate_up_kernel<ROUTE>'s
-// (routed tiles 0..K-1, then the shared expert's chunks; KSPLIT warps a row group). Then, where a second launch
-// waited for the whole gate/up grid, the same warps take the down products as pieces: 16 rows of H by one slice of
-// an act row, the routed slices by the routed blocks' warps (which hold the routing), the shared expert's by the
-// shared blocks'. A writer warp counts its 8 act columns on its slice's `ready` counter; a piece puts its weights in
-// flight, waits for its slice's count alone, and writes its 16 weighted sums to `partials`; the last piece of a row
-// group to arrive adds the group's pieces in a fixed order into out (so the result does not depend on timing), and
-// the last group sets every counter back to zero. A waiting warp holds its SM: every block must be resident at once
-// (the launcher checks the grid against the occupancy). Not yet safe beside itself: two such grids on two streams at
-// once could each hold part of the GPU and wait for blocks that cannot be placed (a cooperative launch would rule
-// that out, if it combines with the programmatic one): one reason it is opt-in.
-template <typename T, typename WG, typename WD, int KSPLIT, int WARPS>
-__global__ void __launch_bounds__(WARPS* kWarp, kOneLaunchBlocksPerSM)
-    mma_moe_one_token_kernel(Problem p, const T* __restrict__ x, WG w, WD wd, Workspace ws, Shared sh, OneLaunch ol,
-                             const float* __restrict__ logits, const float* __restrict__ bias, T* __restrict__ out) {
-  extern __shared__ float route_scratch[];  // sel [E], score [E]
-  __shared__ TokenRoute route;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
-  const int j0 = (blockIdx.y * (WARPS / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns of its tile or chunk
-  const int per_split = (int)ceil_div(ceil_div(p.H, 128), KSPLIT) * 128, k0 = (warp % KSPLIT) * per_split;
-  const int len = max(0, min(per_split, p.H - k0));
-  const bool routed = (int)blockIdx.x < p.K;
-  const T* xs[1] = {g == 0 ? x + k0 : nullptr};  // B column 0: the token (the other columns zeros)
-  float acc[1][4] = {};
-  int col;  // the warp's first act column: of act row blockIdx.x, or of the shared expert's act
-  bool active;
-  if (routed) {
-    wait_for_producer();       // the logits (and x) are the launch before's output
-    allow_dependent_launch();  // so the next launch starts only once this grid is all placed
-    if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);
-    __syncthreads();
-    col = j0;
-    active = j0 < p.I;  // I % 8 == 0: all 8 in range
-    if (active) {
-      const WG we = w + ((size_t)route.by_row[blockIdx.x] * 2 * p.I * p.H + k0);
-      mma_rows16<T, 1>(we + (size_t)gate_up_row(p, j0 + g, 0) * p.H, we + (size_t)gate_up_row(p, j0 + g, 1) * p.H, xs,
-                       len, acc);
-    }
-  } else {
-    allow_dependent_launch();
-    col = ((int)blockIdx.x - p.K) * p.I + j0;
-    active = j0 < p.I && col < sh.I;  // I_s % 8 == 0 as well
-    if (active) {
-      const WG rows = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
-      mma_rows16<T, 1>(rows + (size_t)shared_gate_up_row(sh, col + g, 0) * p.H,
-                       rows + (size_t)shared_gate_up_row(sh, col + g, 1) * p.H, xs, len, acc, ProducerWait{true});
-    }
-    wait_for_producer();  // every warp, before its pieces read the shared gate's logit
-  }
-  // acc = {gate, gate, up, up} of column col + g, tokens 2t and 2t + 1: lanes t = 0 hold the token's
-  if (add_split_sums<1, KSPLIT, WARPS>(acc) && active) {
-    T* act = routed ? static_cast<T*>(ws.act) + (size_t)blockIdx.x * p.I : static_cast<T*>(sh.act);
-    if (t == 0) act[col + g] = from_float<T>(silu_mul(acc[0][0], acc[0][2]));
-    __threadfence();
-    __syncwarp();
-    const int slot = routed ? blockIdx.x * ol.routed_slices + col / ol.routed_slice
-                            : p.K * ol.routed_slices + col / ol.shared_slice;
-    if (lane == 0) atomicAdd(ol.ready + slot, 1);
-  }
-
-  const int class_block = routed ? blockIdx.x : blockIdx.x - p.K;
-  const int class_warps = (routed ? p.K : gridDim.x - p.K) * gridDim.y * WARPS;
-  const int class_pieces = ol.groups * (routed ? p.K * ol.routed_slices : ol.shared_slices);
-  for (int piece = (class_block * gridDim.y + blockIdx.y) * WARPS + warp; piece < class_pieces; piece += class_warps) {
-    const int group = piece % ol.groups, h0 = group * 16;
-    // slot: the piece's place in its group, routed (expert row r, slice) first, then the shared slices
-    int slot, k1, plen, stride;
-    WD rows;
-    float weight;
-    if (routed) {
-      slot = piece / ol.groups;
-      const int r = slot / ol.routed_slices;
-      k1 = (slot % ol.routed_slices) * ol.routed_slice, plen = min(ol.routed_slice, p.I - k1), stride = p.I;
-      rows = wd + ((size_t)route.by_row[r] * p.H * p.I + k1);
-      xs[0] = g == 0 ? static_cast<const T*>(ws.act) + (size_t)r * p.I + k1 : nullptr;
-      weight = route.w_by_row[r];
-    } else {
-      const int slice = piece / ol.groups;
-      slot = p.K * ol.routed_slices + slice;
-      k1 = slice * ol.shared_slice, plen = min(ol.shared_slice, sh.I - k1), stride = sh.I;
-      rows = shared_rows(wd, sh.down, sh.down_scales) + k1;
-      xs[0] = g == 0 ? static_cast<const T*>(sh.act) + k1 : nullptr;
-      weight = sh.gate_logits ? 1.f / (1.f + __expf(-sh.gate_logits[0])) : 1.f;
-    }
-    float sums[1][4] = {};
-    mma_rows16<T, 1>(h0 + g < p.H ? rows + (size_t)(h0 + g) * stride : WD{},
-                     h0 + g + 8 < p.H ? rows + (size_t)(h0 + g + 8) * stride : WD{}, xs, plen, sums,
-                     ReadyWait{ol.ready + slot, plen / 8});
-    float* partial = ol.partials + ((size_t)group * ol.pieces + slot) * 16;
-    if (t == 0) partial[g] = weight * sums[0][0], partial[g + 8] = weight * sums[0][2];
-    // The group's last piece to arrive adds them (the writes made visible before the count, as the attention's merge)
-    __threadfence();
-    __syncwarp();
-    int last = 0;
-    if (lane == 0) {
-      last = atomicAdd(ol.arrivals + group, 1) == ol.pieces - 1;
-      if (last) ol.arrivals[group] = 0;  // every piece has counted: zero for the next call
-    }
-    if (!__shfl_sync(0xffffffffu, last, 0)) continue;
-    __threadfence();
-    if (lane < 16 && h0 + lane < p.H) {
-      const float* column = ol.partials + (size_t)group * ol.pieces * 16 + lane;
-      float s = 0.f;
-      for (int i = 0; i < ol.pieces; ++i) s += __ldcg(column + (size_t)i * 16);  // fixed order
-      out[h0 + lane] = from_float<T>(s);
-    }
-    if (lane == 0 && atomicAdd(ol.done, 1) == ol.groups - 1) {  // every piece is past its wait
-      for (int i = 0; i < ol.pieces; ++i) ol.ready[i] = 0;
-      *ol.done = 0;
-    }
   }
 }
 
@@ -471,66 +331,6 @@ void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, c
   if (p.T == 1) launch_quantized<T, BITS, 1, 2, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r);
   else if (p.T <= 8) launch_quantized<T, BITS, 1, 4, 4, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
   else launch_quantized<T, BITS, 2, 8, 2, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
-}
-
-// The one launch's blocks: T = 1's gate/up setting (mma_dispatch_bits).
-constexpr int kOneLaunchWarps = 4, kOneLaunchSplit = 2, kOneLaunchRounds = 2, kOneLaunchDownRounds = 2;
-
-OneLaunch one_launch_plan(const Problem& p, int shared_I) {
-  const int64_t columns = ceil_div(p.I, kOneLaunchWarps / kOneLaunchSplit * 8);  // blocks a tile or chunk
-  const int64_t routed_warps = p.K * columns * kOneLaunchWarps;
-  const int64_t shared_warps = shared_I ? ceil_div(shared_I, p.I) * columns * kOneLaunchWarps : 0;
-  OneLaunch o{};
-  o.groups = (int)ceil_div(p.H, 16);
-  // As many slices as give each warp of the class one piece at most (each piece streams 16 rows of the slice)
-  const auto slice = [&](int64_t len, int64_t warps, int64_t experts) {
-    const int64_t cuts = std::max<int64_t>(1, std::min(ceil_div(len, 128), warps / (o.groups * experts)));
-    return (int)(ceil_div(ceil_div(len, cuts), 128) * 128);
-  };
-  o.routed_slice = slice(p.I, routed_warps, p.K);
-  o.routed_slices = (int)ceil_div(p.I, o.routed_slice);
-  o.shared_slice = shared_I ? slice(shared_I, shared_warps, 1) : 128;
-  o.shared_slices = shared_I ? (int)ceil_div(shared_I, o.shared_slice) : 0;
-  o.pieces = p.K * o.routed_slices + o.shared_slices;
-  return o;
-}
-
-template <typename T, int BITS>
-bool launch_one_token(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
-                      const Route& r, const OneLaunch& one, void* out, cudaStream_t s) {
-  using G = QuantRows<T, BITS, kOneLaunchRounds>;
-  using D = QuantRows<T, BITS, kOneLaunchDownRounds>;
-  const auto kernel = mma_moe_one_token_kernel<T, G, D, kOneLaunchSplit, kOneLaunchWarps>;
-  const int shared_grid = sh.gate_up ? (int)ceil_div(sh.I, p.I) : 0;
-  const dim3 grid(p.K + shared_grid, ceil_div(p.I, kOneLaunchWarps / kOneLaunchSplit * 8));
-  const size_t smem = sizeof(float) * 2 * p.E;
-  static int resident = -1;  // blocks the GPU holds at once (asked once, for every E: 2 kMaxExperts floats)
-  if (resident < 0) {
-    int device = 0, sms = 0, per_sm = 0;
-    const bool asked = cudaGetDevice(&device) == cudaSuccess &&
-                       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-                       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kOneLaunchWarps * kWarp,
-                                                                     sizeof(float) * 2 * kMaxExperts) == cudaSuccess;
-    resident = asked ? sms * per_sm : 0;
-  }
-  if ((int64_t)grid.x * grid.y > resident) return false;  // a waiting block could hold a producer's place
-  const G wgu{static_cast<const uint8_t*>(w.gate_up), static_cast<const T*>(w.gate_up_scales), w.block};
-  const D wd{static_cast<const uint8_t*>(w.down), static_cast<const T*>(w.down_scales), w.block};
-  // a programmatic dependent of the router's launch, as the gate/up launch is
-  launch_programmatic(true, kernel, grid, dim3(kOneLaunchWarps * kWarp), smem, s, p, static_cast<const T*>(x), wgu,
-                      wd, ws, sh, one, r.logits, r.bias, static_cast<T*>(out));
-  return true;
-}
-
-bool launch_mma_moe_one_token_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                                        const Shared& sh, const Route& r, const OneLaunch& one, void* out,
-                                        cudaStream_t s) {
-  const bool bf16 = p.dtype == MOE_DTYPE_BF16;
-  if (w.bits == 4)
-    return bf16 ? launch_one_token<__nv_bfloat16, 4>(p, x, w, ws, sh, r, one, out, s)
-                : launch_one_token<__half, 4>(p, x, w, ws, sh, r, one, out, s);
-  return bf16 ? launch_one_token<__nv_bfloat16, 8>(p, x, w, ws, sh, r, one, out, s)
-              : launch_one_token<__half, 8>(p, x, w, ws, sh, r, one, out, s);
 }
 
 template <typename T>

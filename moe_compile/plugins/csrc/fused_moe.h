@@ -141,22 +141,13 @@ typedef struct {
 size_t moe_compile_workspace_size_quantized(const moe_shape* shape, const moe_routing* routing,
                                             const moe_quantized_experts* quant, const moe_shared_expert* shared);
 
-// The int32 counters moe_compile_forward_quantized takes to run one token in one launch (16-bit activations, T = 1:
-// the down products wait for their own act columns, not for a second launch); 0 where that path does not apply.
-int64_t moe_compile_forward_quantized_counters(const moe_shape* shape, const moe_routing* routing,
-                                               const moe_quantized_experts* quant, const moe_shared_expert* shared);
-
 // moe_compile_forward with block-quantized experts (gate_up / down: their codes; shared, if not NULL, a
-// quantized shared expert: its codes, with quant's shared scales). counters: NULL, or at least
-// moe_compile_forward_quantized_counters() int32 zeros (moe_compile_counters) that the call leaves zero: then, with
-// MOE_COMPILE_MOE_ONE_LAUNCH=1 (opt-in: not yet run on a GPU), one token runs in one launch where its grid fits the
-// GPU at once; otherwise two launches.
-// Calls that may run at once (other streams) need their own counters.
+// quantized shared expert: its codes, with quant's shared scales).
 int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
                                   const moe_quantized_experts* quant, const moe_shared_expert* shared,
                                   const void* hidden, const float* router_logits, const float* expert_bias,
                                   const void* gate_up, const void* down, void* out, void* workspace,
-                                  size_t workspace_bytes, int32_t* counters, void* cuda_stream);
+                                  size_t workspace_bytes, void* cuda_stream);
 
 // y [M, N] = x [M, K] W^T (+ bias [N]) for a block-quantized W as com.microsoft:MatMulNBits holds it (symmetric,
 // no zero points): codes [N, K*bits/8] (its [N, K/block, block*bits/8]), scales [N, K/block]; x, scales, bias
@@ -183,7 +174,7 @@ int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, 
 // 16-bit dtypes; head_dim 16, 32, 64, 128 or 256; num_heads / kv_heads 1, 2, 4, 8 or 16 (..._supported). Launches
 // whose grids depend on batch, kv_heads, head_dim and max_seq only: a CUDA graph replays them at any length. The
 // cache is cut into splits whose partial softmaxes are merged: with counters (batch x kv_heads int32 that hold zeros,
-// from moe_compile_counters) by the last split of each (row, head) to finish, which sets its counter back
+// from moe_compile_attention_counters) by the last split of each (row, head) to finish, which sets its counter back
 // to zero, in one launch; with NULL by a second launch. Calls that may run at once (other streams) need their own
 // counters.
 int moe_compile_decode_attention_supported(int64_t num_heads, int64_t kv_heads, int64_t head_dim);
@@ -196,11 +187,10 @@ int moe_compile_decode_attention(const void* query, const void* key, const void*
                                  int64_t kv_heads, int64_t head_dim, int64_t max_seq, float scale, int32_t dtype,
                                  void* out, void* workspace, size_t workspace_bytes, int32_t* counters,
                                  void* cuda_stream);
-// `count` int32 zeros on the current device for the calls that take counters (moe_compile_decode_attention,
-// moe_compile_forward_quantized), set on `cuda_stream`; *counters stays NULL while that stream captures a CUDA graph
-// (an allocation would end the capture): calls then take two launches.
-int moe_compile_counters(int64_t count, void* cuda_stream, int32_t** counters);
-void moe_compile_free_counters(int32_t* counters);
+// `count` int32 zeros on the current device for moe_compile_decode_attention, set on `cuda_stream`; *counters stays
+// NULL while that stream captures a CUDA graph (an allocation would end the capture): calls then take two launches.
+int moe_compile_attention_counters(int64_t count, void* cuda_stream, int32_t** counters);
+void moe_compile_free_attention_counters(int32_t* counters);
 
 // The k largest of each row of x [rows, n] (float32), best first, ties to the lower index (ONNX TopK's order; NaN
 // ranks first): values [rows, k] float32 and indices [rows, k] int64, and argmax [rows] int64 (ONNX ArgMax's first

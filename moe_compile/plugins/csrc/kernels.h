@@ -114,27 +114,6 @@ void launch_mma_gate_up_quantized(const Problem& p, const void* x, const QuantWe
                                   const Shared& shared, const Route& route, cudaStream_t s);
 void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, const Workspace& ws, const Shared& shared,
                                    const Route& route, void* out, cudaStream_t s);
-
-// The T = 1 quantized MoE in one launch (decode_mma.cu: mma_moe_one_token_kernel): the down products as pieces of 16
-// rows of H by one slice of an act row, counted on int32 counters that hold zeros between calls, summed in partials.
-struct OneLaunch {
-  int routed_slice, routed_slices;  // act columns a routed piece reads (a multiple of 128), pieces an act row
-  int shared_slice, shared_slices;  // the same for the shared expert's act (0 slices: none)
-  int groups;                       // of 16 rows of H
-  int pieces;                       // a group's: K * routed_slices + shared_slices
-  int32_t* ready;                   // [pieces]: writer warps (8 act columns each) done, a slice's
-  int32_t* arrivals;                // [groups]: pieces summed into partials, a group's
-  int32_t* done;                    // [1]: groups written
-  float* partials;                  // [groups, pieces, 16]
-};
-// The plan for p (no pointers), and the int32 counters and partials' bytes it takes; shared_I 0: no shared expert.
-OneLaunch one_launch_plan(const Problem& p, int shared_I);
-inline int64_t one_launch_counters(const OneLaunch& o) { return (int64_t)o.pieces + o.groups + 1; }
-inline size_t one_launch_partials_bytes(const OneLaunch& o) { return sizeof(float) * o.groups * o.pieces * 16; }
-// false (nothing launched) where the grid would not fit the GPU at once: the caller takes the two launches.
-bool launch_mma_moe_one_token_quantized(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws,
-                                        const Shared& shared, const Route& route, const OneLaunch& one, void* out,
-                                        cudaStream_t s);
 // out [rows, K] of dtype = (u - 2^(bits-1)) * scale from codes [rows, K*bits/8] and scales [rows, K/block].
 void launch_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int bits, int block,
                        moe_dtype dtype, void* out, cudaStream_t s);

@@ -18,8 +18,7 @@
 //           unpermute: out[t] = sum_k w[t,k] y[pos(t,k)], fixed k order   -> out [T,H]
 //
 //   quantized experts (moe_compile_forward_quantized): the decode path's tensor-core kernels read the codes
-//   (dequantized in registers; T = 1 with counters: gate/up and down+sum in one launch); elsewhere the layer's
-//   experts are dequantized into the workspace first
+//   (dequantized in registers); elsewhere the layer's experts are dequantized into the workspace first
 //
 //   shared expert: T <= 16 (16-bit) or 8 (fp32), more tiles and items of the decode kernels (after the
 //   grouped GEMM: their own two launches, added to out); beyond, a one-expert problem -> y_s;
@@ -343,68 +342,19 @@ size_t carve_dequantized(const Problem& p, const moe_shared_expert* shared, char
 }  // namespace
 }  // namespace moe
 
-namespace moe {
-namespace {
-
-// T = 1 on codes: the MoE in one launch where the caller passes counters (decode_mma.cu) and
-// MOE_COMPILE_MOE_ONE_LAUNCH=1 (read per call: same-process comparisons). Opt-in until it has run on a GPU: it was
-// written in a session without device time (docs/FUSED_MOE.md).
-bool one_launch(const Problem& p) {
-  const char* env = getenv("MOE_COMPILE_MOE_ONE_LAUNCH");
-  return p.T == 1 && reads_codes(p) && env && atoi(env) == 1;
-}
-
-OneLaunch plan_one_launch(const Problem& p, const moe_shared_expert* shared) {
-  return one_launch_plan(p, shared ? (int)shared->intermediate : 0);
-}
-
-}  // namespace
-}  // namespace moe
-
 extern "C" size_t moe_compile_workspace_size_quantized(const moe_shape* shape, const moe_routing* routing,
                                                        const moe_quantized_experts* quant,
                                                        const moe_shared_expert* shared) {
   Problem p;
   if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p, shared)) return 0;
-  if (!reads_codes(p)) return total_bytes(p, shared) + carve_dequantized(p, shared, nullptr, nullptr);
-  return total_bytes(p, shared) + (p.T == 1 ? align_up(one_launch_partials_bytes(plan_one_launch(p, shared))) : 0);
-}
-
-extern "C" int64_t moe_compile_forward_quantized_counters(const moe_shape* shape, const moe_routing* routing,
-                                                          const moe_quantized_experts* quant,
-                                                          const moe_shared_expert* shared) {
-  Problem p;
-  if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p, shared) || p.T != 1 || !reads_codes(p)) return 0;
-  return one_launch_counters(plan_one_launch(p, shared));
-}
-
-extern "C" int moe_compile_counters(int64_t count, void* cuda_stream, int32_t** out) {
-  if (!out || count <= 0) return MOE_ERR_INVALID_ARGUMENT;
-  *out = nullptr;
-  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(s, &capture) != cudaSuccess) return MOE_ERR_CUDA;
-  if (capture != cudaStreamCaptureStatusNone) return MOE_OK;  // allocating would break the capture: *out stays NULL
-  if (cudaMalloc(out, (size_t)count * sizeof(int32_t)) != cudaSuccess) return MOE_ERR_CUDA;
-  // on the caller's stream (ONNX Runtime's do not wait for the legacy default stream): zeros before the first use
-  if (cudaMemsetAsync(*out, 0, (size_t)count * sizeof(int32_t), s) != cudaSuccess) {
-    cudaFree(*out);
-    *out = nullptr;
-    return MOE_ERR_CUDA;
-  }
-  return MOE_OK;
-}
-
-extern "C" void moe_compile_free_counters(int32_t* counters) {
-  if (counters) cudaFree(counters);
+  return total_bytes(p, shared) + (reads_codes(p) ? 0 : carve_dequantized(p, shared, nullptr, nullptr));
 }
 
 extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_routing* routing,
                                              const moe_quantized_experts* quant, const moe_shared_expert* shared,
                                              const void* hidden, const float* router_logits,
                                              const float* expert_bias, const void* gate_up, const void* down,
-                                             void* out, void* workspace, size_t workspace_bytes, int32_t* counters,
-                                             void* cuda_stream) {
+                                             void* out, void* workspace, size_t workspace_bytes, void* cuda_stream) {
   Problem p;
   if (!make_problem(shape, routing, &p) || !valid_quantized(quant, p, shared) || !valid_shared(shared))
     return MOE_ERR_INVALID_ARGUMENT;
@@ -422,18 +372,9 @@ extern "C" int moe_compile_forward_quantized(const moe_shape* shape, const moe_r
     sh.gate_up_scales = quant->shared_gate_up_scales;
     sh.down_scales = quant->shared_down_scales;
     const QuantWeights w{gate_up, quant->gate_up_scales, down, quant->down_scales, quant->bits, quant->block_size};
-    const Route route{router_logits, expert_bias};
-    if (counters && one_launch(p)) {
-      OneLaunch one = plan_one_launch(p, shared);
-      one.ready = counters;
-      one.arrivals = counters + one.pieces;
-      one.done = one.arrivals + one.groups;
-      one.partials = reinterpret_cast<float*>(base + total_bytes(p, shared));
-      if (launch_mma_moe_one_token_quantized(p, hidden, w, ws, sh, route, one, out, s)) return check_launch();
-    }
     if (p.T > 1) launch_route_permute_small(p, router_logits, expert_bias, ws, gemm_tile_m(p), s);  // T = 1: both launches route
-    launch_mma_gate_up_quantized(p, hidden, w, ws, sh, route, s);
-    launch_mma_down_sum_quantized(p, w, ws, sh, route, out, s);
+    launch_mma_gate_up_quantized(p, hidden, w, ws, sh, Route{router_logits, expert_bias}, s);
+    launch_mma_down_sum_quantized(p, w, ws, sh, Route{router_logits, expert_bias}, out, s);
   } else {
     Dequantized d;
     carve_dequantized(p, shared, base + total_bytes(p, shared), &d);

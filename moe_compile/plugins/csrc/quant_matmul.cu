@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     }
     const W lo = r0 + g < N ? w + ((size_t)(r0 + g) * K + k0) : W{};
     const W hi = r0 + g + 8 < N ? w + ((size_t)(r0 + g + 8) * K + k0) : W{};
-    mma_rows16<T, NT>(lo, hi, xs, len, acc, ProducerWait{true});
+    mma_rows16<T, NT>(lo, hi, xs, len, acc, true);
   }
   wait_for_producer();  // every block, those without rows too: this grid ends after the launch before
   if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;

@@ -95,26 +95,15 @@ __device__ __forceinline__ void token_pairs(const uint4& x, uint32_t (&b0)[2], u
   }
 }
 
-// What mma_rows16 does once the first round's weights are in flight, before it reads the tokens, and how it reads
-// them. ProducerWait: the tokens are the launch before's output (wait_for_producer when `on`). A hook whose
-// kL2Tokens holds reads them past L1 (__ldcg): tokens another block of the same launch wrote.
-struct ProducerWait {
-  bool on;
-  static constexpr bool kL2Tokens = false;
-  __device__ __forceinline__ void operator()() const {
-    if (on) wait_for_producer();
-  }
-};
-
 // mma_rows16 over quantized rows: lane (g, t) loads 16 bytes of codes of rows g and g+8 (C consecutive k,
 // inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
 // len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
 // feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
-// before_tokens: called once the first round's weights are in flight, before the tokens are read (ProducerWait).
-template <typename T, int NT, int BITS, int U, typename Before = ProducerWait>
+// wait: the tokens are the launch before's output, read only after wait_for_producer, which waits once the
+// first round's weights are in flight.
+template <typename T, int NT, int BITS, int U>
 __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
-                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4],
-                                           Before before_tokens = ProducerWait{false}) {
+                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
   constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -132,7 +121,7 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
       s_lo[q] = ok && w_lo ? w_lo.scales[k >> block_shift] : from_float<T>(0.f);  // zero: a row past the end
       s_hi[q] = ok && w_hi ? w_hi.scales[k >> block_shift] : from_float<T>(0.f);
     }
-    if (base == 0) before_tokens();
+    if (wait && base == 0) wait_for_producer();
 #pragma unroll
     for (int q = 0; q < U; ++q) {
       if (base + 4 * q * C >= len) break;
@@ -147,8 +136,7 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
         const uint32_t a1[4] = {a_lo[2], a_hi[2], a_lo[3], a_hi[3]};
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const uint4* x16 = reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c);
-          const uint4 xv = !(ok && xs[nt]) ? zero : Before::kL2Tokens ? __ldcg(x16) : *x16;
+          const uint4 xv = ok && xs[nt] ? *reinterpret_cast<const uint4*>(xs[nt] + k + 8 * c) : zero;
           uint32_t b0[2], b1[2];
           token_pairs<BITS>(xv, b0, b1);
           mma_16816<T>(part[2 * (c % 2)][nt], a0, b0);

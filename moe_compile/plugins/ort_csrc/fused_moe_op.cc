@@ -129,38 +129,6 @@ OrtStatus* get_inputs(OrtKernelContext* ctx, const char* op, size_t n, size_t re
   return nullptr;
 }
 
-// Zeroed int32 counters (moe_compile_counters) for a kernel's runs, one set a compute stream: runs on one stream follow
-// each other, runs on two may overlap. A set grown for a larger problem keeps the old one alive, which a captured CUDA
-// graph of the smaller one still uses. All freed with the kernel.
-struct StreamCounters {
-  std::mutex mutex;
-  std::map<void*, std::pair<int32_t*, int64_t>> sets;  // stream -> (counters, how many)
-  std::vector<int32_t*> outgrown;
-  ~StreamCounters() {
-    for (auto& entry : sets) moe_compile_free_counters(entry.second.first);
-    for (int32_t* old : outgrown) moe_compile_free_counters(old);
-  }
-  // `count` zeroed counters for a run on `stream`; NULL while the stream captures (the run then takes the launches
-  // that need none).
-  OrtStatus* get(void* stream, int64_t count, const char* op, int32_t** out) {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto& [have, size] = sets[stream];
-    if (size < count) {
-      int32_t* grown = nullptr;
-      const int rc = moe_compile_counters(count, stream, &grown);
-      if (rc != MOE_OK) return fail(std::string(op) + ": " + moe_compile_status_string(rc));
-      if (!grown) {
-        *out = nullptr;
-        return nullptr;
-      }
-      if (have) outgrown.push_back(have);
-      have = grown, size = count;
-    }
-    *out = have;
-    return nullptr;
-  }
-};
-
 struct Kernel {
   int64_t top_k = 0;
   int64_t normalize = 0;
@@ -169,7 +137,6 @@ struct Kernel {
   int64_t bits = 0;   // FusedQMoE: expert_weight_bits
   int64_t block = 0;  // FusedQMoE: block_size
   OrtOp* gemm = nullptr;  // ONNX Runtime's Gemm(A, B, transB=1) on this provider; null: our kernels only
-  StreamCounters counters;  // FusedQMoE: one token in one launch
   ~Kernel() {
     if (gemm) g_api->ReleaseOp(gemm);
   }
@@ -421,17 +388,14 @@ OrtStatus* compute_quantized(Kernel* kernel, OrtKernelContext* ctx) {
   OrtAllocator* allocator = nullptr;
   ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
   void* workspace = nullptr;
-  int32_t* counters = nullptr;
-  const int64_t counter_count = moe_compile_forward_quantized_counters(&shape, &routing, &quant, with);
   OrtStatus* status = g_api->AllocatorAlloc(allocator, logits_bytes + gate_bytes + kernel_bytes, &workspace);
-  if (!status && counter_count) status = kernel->counters.get(stream, counter_count, "FusedQMoE", &counters);
   if (!status) {
     char* base = static_cast<char*>(workspace);
     int rc = router_logits(logits, kernel->router_rows, x, dtype, E, gate_column, base, logits_bytes, &shared, stream);
     if (rc == MOE_OK)
       rc = moe_compile_forward_quantized(&shape, &routing, &quant, with, x.data, reinterpret_cast<float*>(base), nullptr,
                                          fc1.data, fc2.data, out_data, base + logits_bytes + gate_bytes, kernel_bytes,
-                                         counters, stream);
+                                         stream);
     if (rc != MOE_OK) status = fail(std::string("FusedQMoE: ") + moe_compile_status_string(rc));
     OrtStatus* freed = g_api->AllocatorFree(allocator, workspace);  // as compute(): reused only later on this stream
     if (freed && !status) status = freed;
@@ -588,9 +552,34 @@ struct AttentionKernel {
   int64_t num_heads = 0, kv_heads = 0, do_rotary = 0;
   float scale = 0.f;
   OrtOp* gqa = nullptr;  // com.microsoft:GroupQueryAttention on this provider: more than one new token a row
-  StreamCounters counters;  // the decode launch's merge counters
+  // The decode launch's merge counters (moe_compile_attention_counters), one set a compute stream: runs on one
+  // stream follow each other, runs on two may overlap. A set grown for a larger batch keeps the old one alive, which
+  // a captured CUDA graph of the smaller batch still uses. All freed with the kernel.
+  std::mutex counters_mutex;
+  std::map<void*, std::pair<int32_t*, int64_t>> counters;  // stream -> (counters, how many)
+  std::vector<int32_t*> outgrown;
   ~AttentionKernel() {
     if (gqa) g_api->ReleaseOp(gqa);
+    for (auto& entry : counters) moe_compile_free_attention_counters(entry.second.first);
+    for (int32_t* old : outgrown) moe_compile_free_attention_counters(old);
+  }
+  // `count` zeroed counters for a run on `stream`; NULL while the stream captures (the run then takes two launches).
+  OrtStatus* counters_for(void* stream, int64_t count, int32_t** out) {
+    std::lock_guard<std::mutex> lock(counters_mutex);
+    auto& [have, size] = counters[stream];
+    if (size < count) {
+      int32_t* grown = nullptr;
+      const int rc = moe_compile_attention_counters(count, stream, &grown);
+      if (rc != MOE_OK) return fail(std::string("GroupQueryAttention: ") + moe_compile_status_string(rc));
+      if (!grown) {
+        *out = nullptr;
+        return nullptr;
+      }
+      if (have) outgrown.push_back(have);
+      have = grown, size = count;
+    }
+    *out = have;
+    return nullptr;
   }
 };
 
@@ -652,7 +641,7 @@ OrtStatus* compute_attention(AttentionKernel* kernel, OrtKernelContext* ctx) {
   void* workspace = nullptr;
   int32_t* counters = nullptr;
   OrtStatus* status = bytes ? g_api->AllocatorAlloc(allocator, bytes, &workspace) : nullptr;
-  if (!status && bytes) status = kernel->counters.get(stream, B * KV, "GroupQueryAttention", &counters);
+  if (!status && bytes) status = kernel->counters_for(stream, B * KV, &counters);
   if (!status) {
     const int rc = moe_compile_decode_attention(
         q.data, key, value, q.dims[2], kv_stride, past_k.data, past_v.data, present_k, present_v,
