@@ -36,7 +36,7 @@ def profile(build: str, steps: int, folder: Path, prefill: bool = False) -> dict
     prompt = np.random.default_rng(0).integers(3, 32000, 128).tolist()
     for _ in range(2):
         model = moe_compile.load(build, "ort")
-        model.generate([prompt], max_new_tokens=steps + 1, eos_token_id=[])
+        model.generate([prompt], max_new_tokens=1 if prefill else steps + 1, eos_token_id=[])
         path = model.backend.session.end_profiling()
     events = json.loads(Path(path).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
