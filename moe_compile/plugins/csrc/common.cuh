@@ -99,26 +99,6 @@ __device__ __forceinline__ void wait_for_producer() {
 #endif
 }
 
-// Asks L2 for share `part` of `parts` of the bytes [p, p + n), cut in 16-byte units (sm_90+: bulk prefetches
-// of up to 32 KB, issued by one thread; before, nothing). A T = 1 kernel's warps stream their rows in a few
-// rounds of register loads, each a DRAM round trip; with its grid's blocks each asking for a share of a
-// matrix first, the whole matrix is in flight at once and the later rounds find it in L2. The bytes are
-// rounded inward to 16 (the instruction's alignment), so nothing past the buffer is touched.
-__device__ __forceinline__ void prefetch_l2_share(const void* p, size_t n, size_t part, size_t parts) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr size_t kMaxBytes = 32768;
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(p) + 15) & ~uintptr_t{15};
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) & ~uintptr_t{15};
-  if (!p || end <= first) return;
-  const size_t units = (end - first) / 16;
-  const uintptr_t stop = first + units * (part + 1) / parts * 16;
-  for (uintptr_t a = first + units * part / parts * 16; a < stop; a += kMaxBytes) {
-    const uint32_t bytes = (uint32_t)(stop - a < kMaxBytes ? stop - a : kMaxBytes);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(bytes) : "memory");
-  }
-#endif
-}
-
 // Whether launches start as their stream predecessor's programmatic dependents (the MoE's down launch at T = 1,
 // the decode attention's two, the quantized matmul): on sm_90 and later, unless MOE_COMPILE_PROGRAMMATIC_LAUNCH=0
 // (read per call: same-process comparisons).
@@ -128,13 +108,6 @@ inline bool programmatic_launch() {
   int device = 0, major = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
-}
-
-// EXPERIMENT: which L2 prefetches run (bits: 1 gate/up's own rows, 2 the down rows from gate/up, 4 the quantized
-// matmul's rows); MOE_COMPILE_PREFETCH, read per call, default all.
-inline int prefetch_mode() {
-  const char* env = getenv("MOE_COMPILE_PREFETCH");
-  return env ? atoi(env) : 7;
 }
 
 // Launches `kernel` as its stream predecessor's programmatic dependent where `early` and programmatic_launch() hold

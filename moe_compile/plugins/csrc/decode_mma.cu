@@ -94,10 +94,10 @@ __device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, 
 // (the router's logits, router.cu): a routed block waits for it before it routes, a shared block once its first
 // weights are in flight; the routed blocks let the down launch start only after their wait, since down's routing
 // warp reads the logits at once.
-template <typename T, int NT, typename W, typename WD, int KSPLIT, bool ROUTE, int WARPS>
+template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
-    mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, WD w_down, Workspace ws, Shared sh, int routed_grid,
-                       const float* __restrict__ logits, const float* __restrict__ bias, int prefetch) {
+    mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
+                       const float* __restrict__ logits, const float* __restrict__ bias) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
   const int j0 = (blockIdx.y * (WARPS / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
@@ -119,11 +119,6 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);  // no tables: nothing reads them
       __syncthreads();
       e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
-      if (threadIdx.x == 0) {  // the tile's blocks ask for its expert's gate/up and down matrices, a share each
-        const size_t matrix = (size_t)p.I * p.H;
-        if (prefetch & 1) prefetch_share(w + 2 * e * matrix, 2 * matrix, blockIdx.y, gridDim.y);
-        if (prefetch & 2) prefetch_share(w_down + e * matrix, matrix, blockIdx.y, gridDim.y);
-      }
     } else {
       if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
       e = ws.tile_expert[blockIdx.x];
@@ -145,15 +140,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       dst_stride = p.I;
     }
   } else {
-    if constexpr (ROUTE) {
-      allow_dependent_launch();  // the routed blocks hold the down launch back until the logits are in
-      if (threadIdx.x == 0) {    // the shared expert's blocks ask for its matrices, a share each
-        const size_t part = ((size_t)blockIdx.x - routed_grid) * gridDim.y + blockIdx.y;
-        const size_t parts = ((size_t)gridDim.x - routed_grid) * gridDim.y, matrix = (size_t)sh.I * p.H;
-        if (prefetch & 1) prefetch_share(shared_rows(w, sh.gate_up, sh.gate_up_scales), 2 * matrix, part, parts);
-        if (prefetch & 2) prefetch_share(shared_rows(w_down, sh.down, sh.down_scales), matrix, part, parts);
-      }
-    }
+    if constexpr (ROUTE) allow_dependent_launch();  // the routed blocks hold the down launch back until the logits are in
     const int j = ((int)blockIdx.x - routed_grid) * p.I + j0;
     active = active && j < sh.I;  // I_s % 8 == 0 as well
     n = p.T;
@@ -293,9 +280,9 @@ void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const 
     const size_t smem = ROUTE ? sizeof(float) * 2 * p.E : 0;
     // ROUTE: start while the launch before runs (the router's, which lets it): the shared expert's first weights
     // are in flight before the wait
-    launch_programmatic(ROUTE, mma_gate_up_kernel<T, NT, WG, WD, KSPLIT, ROUTE, GATE_UP_WARPS>, grid,
-                        dim3(GATE_UP_WARPS * kWarp), smem, s, p, static_cast<const T*>(x), w_gate_up, w_down, ws, sh,
-                        routed_grid, logits, bias, prefetch_mode());
+    launch_programmatic(ROUTE, mma_gate_up_kernel<T, NT, WG, KSPLIT, ROUTE, GATE_UP_WARPS>, grid,
+                        dim3(GATE_UP_WARPS * kWarp), smem, s, p, static_cast<const T*>(x), w_gate_up, ws, sh,
+                        routed_grid, logits, bias);
   } else {
     // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
     launch_programmatic(ROUTE, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, dim3(ceil_div(p.H, 16)),

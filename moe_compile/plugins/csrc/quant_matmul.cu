@@ -19,7 +19,7 @@ namespace moe {
 template <typename T, int NT, int BITS, int U, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     quant_matmul_kernel(const T* __restrict__ x, int M, int K, int N, QuantRows<T, BITS, U> w,
-                        const T* __restrict__ bias, T* __restrict__ y, int prefetch) {
+                        const T* __restrict__ bias, T* __restrict__ y) {
   using W = QuantRows<T, BITS, U>;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
@@ -29,10 +29,6 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   const int per_split = (int)ceil_div(ceil_div(K, 128), KSPLIT) * 128, k0 = split * per_split;
   const int len = max(0, min(per_split, K - k0));
   allow_dependent_launch();  // our attention after q/k/v starts early too, and waits for this launch
-  if ((prefetch & 4) && threadIdx.x == 0 && blockIdx.y == 0) {  // the block's rows, all of K, at once
-    const int first = (int)blockIdx.x * (WARPS / KSPLIT) * 16, rows = min(WARPS / KSPLIT * 16, N - first);
-    if (rows > 0) prefetch_share(w + (size_t)first * K, (size_t)rows * K, 0, 1);
-  }
   float acc[NT][4] = {};
   if (r0 < N && len > 0) {  // uniform over the warp: mma.sync needs all lanes
     const T* xs[NT];
@@ -78,10 +74,10 @@ void launch_quant_matmul_split(const void* x, const void* codes, const void* sca
   const T* xt = static_cast<const T*>(x);
   if (M <= 8)
     launch_programmatic(true, quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
-                        xt, M, K, N, w, b, static_cast<T*>(y), prefetch_mode());
+                        xt, M, K, N, w, b, static_cast<T*>(y));
   else
     launch_programmatic(true, quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
-                        xt, M, K, N, w, b, static_cast<T*>(y), prefetch_mode());
+                        xt, M, K, N, w, b, static_cast<T*>(y));
 }
 
 constexpr int kManyRows = 32768;  // rows from which the LM head's setting wins (between 6144 and 151936 measured)

@@ -24,13 +24,6 @@ struct QuantRows {
   __device__ __forceinline__ explicit operator bool() const { return codes != nullptr; }
 };
 
-// prefetch_l2_share of the n elements of rows from w on: their codes and their scales.
-template <typename T, int BITS, int U>
-__device__ __forceinline__ void prefetch_share(const QuantRows<T, BITS, U>& w, size_t n, size_t part, size_t parts) {
-  prefetch_l2_share(w.codes, n * BITS / 8, part, parts);
-  prefetch_l2_share(w.scales, n / w.block * sizeof(T), part, parts);
-}
-
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 // (a & mask) | magic in one instruction (the compiler's own lowering takes two: both constants as immediates).
