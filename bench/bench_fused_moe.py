@@ -1,7 +1,7 @@
 """Benchmark the fused MoE kernels against transformers' experts implementations on one GPU.
 
     PYTHONUNBUFFERED=1 python bench/bench_fused_moe.py [--tokens 1,8,64,512,2048] [--json out.json]
-        [--shared 1,8] [--quantized 1,8,64] [--projections 1,16,128]
+        [--shared 1,8] [--quantized 1,8,64] [--projections 1,16,128] [--alternate VAR=a,b]
 
 For each model shape (model_shapes.SHAPES) and token count: median time (triton do_bench, L2
 flushed before every repetition), weight bytes of the selected experts over time (GB/s) and
@@ -16,6 +16,7 @@ it); ours takes the router logits and routes inside, as does ORT's.
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -197,6 +198,27 @@ def graph_us(fn, calls=20) -> float:
     return bench(graph.replay) * 1e3 / calls
 
 
+def settings_us(fn, calls, alternate, differs) -> dict[str, list[float]]:
+    """graph_us of fn under each value of the environment variable `alternate` = (VAR, values), read by the
+    library per call: the values in order, then in reverse (A B B A). Under each, `differs()` (a call of fn against
+    the first run's output: relative norm of the difference) must stay within 1e-3: a setting may add in another
+    order, never compute something else. {"": [µs]} under the environment as it is."""
+    if not alternate:
+        return {"": [graph_us(fn, calls)]}
+    var, values = alternate
+    times = {v: [] for v in values}
+    for value in values + values[::-1]:
+        saved = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            times[value].append(graph_us(fn, calls))
+            if not differs() <= 1e-3:
+                raise SystemExit(f"{var}={value} changed the output: {differs():.1e} relative")
+        finally:
+            os.environ.pop(var) if saved is None else os.environ.__setitem__(var, saved)
+    return {f"{var}={v}": us for v, us in times.items()}
+
+
 def bench_shared(tokens):
     """A2.7B with its shared expert (I_s = 5632), fp16 as the ort form runs it, timed as CUDA-graph replays: the
     shared expert inside our kernels (moe_shared_expert) against our routed kernels + the shared expert as
@@ -250,7 +272,7 @@ def bench_shared(tokens):
               f"{us_apart:16.1f} | {nbytes / us_apart / 1e3:4.0f} | {diff:.1e} |", flush=True)
 
 
-def bench_quantized(tokens, block=32, copies=8):
+def bench_quantized(tokens, block=32, copies=8, alternate=None):
     """A2.7B's routed experts, fp16 activations, timed as CUDA-graph replays: ours on fp16 weights against ours
     on int8 and int4 codes (block `block`, quantize/packing.py's quantizer, com.microsoft:QMoE's layout), alone
     and with the shared expert (I_s = 5632, gated; quantized as MatMulNBits holds it) in the same launches.
@@ -334,16 +356,22 @@ def bench_quantized(tokens, block=32, copies=8):
                 fn()
                 torch.cuda.synchronize()
                 results[fmt] = out.float()
-                us = graph_us(fn, calls=max(20, copies))
                 ref = results["fp16"]
                 diff = ((out.float() - ref).norm() / ref.norm()).item()
-                print(f"| quantized | {t:5d} | {fmt:6s} | {'yes' if with_shared else 'no':6s} | {us:7.1f} | "
-                      f"{nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
+                first = out.float()
+                differs = lambda fn=fn, out=out, first=first: (
+                    fn(), ((out.float() - first).norm() / first.norm()).item())[1]
+                timed = settings_us(fn, max(20, copies), alternate if fmt != "fp16" else None, differs)
+                for setting, times in timed.items():
+                    us = sum(times) / len(times)
+                    print(f"| quantized | {t:5d} | {fmt:6s} | {'yes' if with_shared else 'no':6s} | "
+                          f"{' / '.join(f'{u:.1f}' for u in times)} {setting} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |",
+                          flush=True)
                 kernels = kernel_times(fn)
                 print("    " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
 
 
-def bench_projections(tokens, block=32):
+def bench_projections(tokens, block=32, alternate=None):
     """A2.7B's dense projections (q/k/v packed, o, the LM head), fp16 activations, timed as CUDA-graph replays: the
     fp16 weight on cuBLAS (torch's matmul, as ONNX Runtime's MatMul runs it) against our quantized matmul on its int8
     and int4 codes (com.microsoft:MatMulNBits' layout; bias added inside). Each call reads the next of enough copies
@@ -378,10 +406,13 @@ def bench_projections(tokens, block=32):
                                                                      copies[0][2], block)
                 out = fn().float()
                 ref = out if ref is None else ref
-                us = graph_us(fn, calls=max(20, len(copies)))
                 diff = ((out - ref).norm() / ref.norm()).item()
-                print(f"| {name} {n} x {h} | {t:5d} | {fmt:6s} | {us:7.1f} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |",
-                      flush=True)
+                differs = lambda fn=fn, out=out: ((fn().float() - out).norm() / out.norm()).item()
+                timed = settings_us(fn, max(20, len(copies)), alternate if fmt != "fp16" else None, differs)
+                for setting, times in timed.items():
+                    us = sum(times) / len(times)
+                    print(f"| {name} {n} x {h} | {t:5d} | {fmt:6s} | {' / '.join(f'{u:.1f}' for u in times)} "
+                          f"{setting} | {nbytes / us / 1e3:4.0f} | {diff:.1e} |", flush=True)
             del copies
 
 
@@ -454,6 +485,8 @@ def main(argv=None):
     parser.add_argument("--quantized", default="", help="token counts for A2.7B's experts as fp16/int8/int4, e.g. 1,8")
     parser.add_argument("--projections", default="", help="token counts for A2.7B's dense projections as fp16/int8/int4")
     parser.add_argument("--router", default="", help="token counts for A2.7B's router: cuBLAS + conversion against ours")
+    parser.add_argument("--alternate", default="", help="VAR=a,b: time --quantized and --projections under each value "
+                        "of the library's environment variable VAR, in the order a b b a, in one process")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
@@ -471,10 +504,14 @@ def main(argv=None):
                         None if args.no_ort else workdir)
     if args.shared:
         bench_shared([int(t) for t in args.shared.split(",")])
+    alternate = None
+    if args.alternate:
+        var, _, values = args.alternate.partition("=")
+        alternate = (var, values.split(","))
     if args.quantized:
-        bench_quantized([int(t) for t in args.quantized.split(",")])
+        bench_quantized([int(t) for t in args.quantized.split(",")], alternate=alternate)
     if args.projections:
-        bench_projections([int(t) for t in args.projections.split(",")])
+        bench_projections([int(t) for t in args.projections.split(",")], alternate=alternate)
     if args.router:
         bench_router([int(t) for t in args.router.split(",")])
     for pair in filter(None, args.breakdown.split(",")):
