@@ -613,80 +613,12 @@ def test_each_kind_of_node_can_stay_on_onnxruntime(built, tmp_path, monkeypatch,
     assert swap.routers == (len(fused) if folded else 0) and len(routers) == (0 if folded else len(fused))
     assert all(("router_rows" in {a.name for a in f.attribute}) == folded for f in fused)
     norms = [n for n in swap.model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
-    into = [n for n in swap.model.graph.node
-            if (n.domain, n.op_type) == ("moe_compile", "MatMulNBits") and len(n.input) == 6]
-    assert swap.norm_matmuls == len(into) == (0 if keep in ("NORM", "MATMUL") else layers)  # each layer's q/k/v
-    assert swap.norms == (0 if keep == "NORM" else len(norms) + len(into)) == (0 if keep == "NORM" else 2 * layers)
+    assert swap.norms == (0 if keep == "NORM" else len(norms)) == (0 if keep == "NORM" else 2 * layers)
     samplers = [(n.domain, n.op_type, list(n.output)) for n in swap.model.graph.node if n.op_type in ("TopK", "ArgMax")]
     if keep == "TOPK":
         assert swap.top_ks == 0 and sorted(op for _, op, _ in samplers) == ["ArgMax", "TopK"], samplers
     else:  # one op of ours, the graph's three token outputs its outputs
         assert swap.top_ks == 1 and samplers == [("moe_compile", "TopK", ["top_logits", "top_ids", "next_token"])]
-
-
-def test_the_norm_before_a_quantized_matmul_moves_into_it(built, tmp_path, monkeypatch):
-    """prepare() on an fp16 int4 build: each layer's pre-attention norm goes into the q/k/v MatMulNBits after it: the norm's input as A, its skip and gamma as inputs 4 and 5, its epsilon,
-    its sum as output 1, in the norm's place in the graph; MOE_COMPILE_NORM_INTO_MATMUL=0 keeps them apart."""
-    out = built("qwen2_moe", dtype="fp16", form="ort", quantize="int4")
-    library = tmp_path / "libmoe_compile_ort.so"
-    library.write_bytes(b"")  # prepare only names the library; the session loads it
-    monkeypatch.setenv("MOE_COMPILE_ORT_OPS_LIB", str(library))
-    monkeypatch.setenv("MOE_COMPILE_NORM_INTO_MATMUL", "0")
-    apart = ort_kernels.prepare(out / "model.onnx")
-    monkeypatch.delenv("MOE_COMPILE_NORM_INTO_MATMUL")
-    swap = ort_kernels.prepare(out / "model.onnx")
-    assert apart.norm_matmuls == 0 and swap.norm_matmuls > 0
-    before = {n.output[0]: n for n in apart.model.graph.node}
-    position = {name: i for i, n in enumerate(swap.model.graph.node) for name in n.output}
-    for node in (n for n in swap.model.graph.node if n.domain == "moe_compile" and n.op_type == "MatMulNBits"
-                 and len(n.input) == 6):
-        matmul = before[node.output[0]]
-        norm = next(n for n in apart.model.graph.node if n.output[0] == matmul.input[0])
-        assert norm.op_type == "SkipSimplifiedLayerNormalization" and norm.domain == "moe_compile"
-        assert list(node.input) == [norm.input[0], *matmul.input[1:3], matmul.input[3] if len(matmul.input) > 3 else "",
-                                    *norm.input[1:3]]
-        assert list(node.output) == [matmul.output[0], norm.output[3]]
-        assert ort_kernels._attributes(node) == ort_kernels._attributes(matmul) | {"epsilon": ort_kernels._attributes(
-            norm)["epsilon"]}
-        assert all(position[node.output[1]] < position[name] for user in swap.model.graph.node
-                   if node.output[1] in user.input for name in user.output)
-    assert len(swap.model.graph.node) == len(apart.model.graph.node) - swap.norm_matmuls
-
-
-@pytest.mark.parametrize("change", ["two-readers", "bias", "lm-head-rows"])
-def test_a_norm_stays_apart_where_the_matmul_cannot_take_it(change):
-    """A norm whose output another node reads too, a norm with a bias, and a matmul of the LM head's rows (each of
-    its thousands of blocks would normalise x) keep the norm's own launch."""
-    n = ort_kernels.NORM_MATMUL_ROWS if change == "lm-head-rows" else 48
-    norm = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"] + (["beta"] if change == "bias"
-                            else []), ["normed", "", "", "sum"], domain="moe_compile", epsilon=1e-6)
-    matmul = helper.make_node("MatMulNBits", ["normed", "codes", "scales"], ["y"], domain="moe_compile", K=32, N=n,
-                              bits=4, block_size=32)
-    nodes = [norm, matmul] + ([helper.make_node("Identity", ["normed"], ["copy"])] if change == "two-readers" else [])
-    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)])
-    model = _model(graph)
-    assert ort_kernels.fuse_norm_matmuls(model) == 0 and len(model.graph.node) == len(nodes)
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device (bench/gpu_issue12.sh)")
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_the_norm_inside_the_matmul_gives_the_same_tokens_on_a_build(built, monkeypatch, scheme):
-    """A quantized build on ort-cuda (CUDA graphs) with each pre-attention norm inside its q/k/v launch against the
-    norm's own launch (MOE_COMPILE_NORM_INTO_MATMUL=0): prompt logits within 1e-3 of the largest, the same greedy
-    tokens (prompts of 9 and 2 tokens: the prompt's rows take the norm's launch, the decode steps the folded one)."""
-    out = built("qwen2_moe", dtype="fp16", form="ort", quantize=scheme)
-    prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 120], [300, 12]]
-    monkeypatch.setenv("MOE_COMPILE_NORM_INTO_MATMUL", "0")
-    apart = load(out, "ort-cuda")
-    expected_logits = _prompt_logits(apart, prompts[0])
-    expected = [g.token_ids for g in apart.generate(prompts, max_new_tokens=16)]
-    del apart
-    monkeypatch.delenv("MOE_COMPILE_NORM_INTO_MATMUL")
-    folded = load(out, "ort-cuda")
-    logits = _prompt_logits(folded, prompts[0])
-    assert np.isfinite(logits).all()
-    assert np.abs(logits - expected_logits).max() <= 1e-3 * np.abs(expected_logits).max()
-    assert [g.token_ids for g in folded.generate(prompts, max_new_tokens=16)] == expected
 
 
 def _sampler_model(n=512, k=64, argmax=True, **top_k_attrs) -> onnx.ModelProto:

@@ -162,11 +162,6 @@ def load() -> ctypes.CDLL:
     lib.moe_compile_quantized_matmul.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int32, ctypes.c_int32,
                                                  ctypes.c_int32, vp]
     lib.moe_compile_quantized_matmul.restype = ctypes.c_int
-    lib.moe_compile_skip_norm_matmul_rows.argtypes = [i64]
-    lib.moe_compile_skip_norm_matmul_rows.restype = i64
-    lib.moe_compile_skip_norm_quantized_matmul.argtypes = [vp, vp, vp, ctypes.c_float, vp, vp, vp, vp, vp, i64, i64,
-                                                           i64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, vp]
-    lib.moe_compile_skip_norm_quantized_matmul.restype = ctypes.c_int
     lib.moe_compile_decode_attention_workspace_size.argtypes = [i64, i64, i64, i64, i64]
     lib.moe_compile_decode_attention_workspace_size.restype = ctypes.c_size_t
     lib.moe_compile_decode_attention.argtypes = [vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64,
@@ -272,20 +267,6 @@ def quantized_matmul(x: int, codes: int, scales: int, bias: int | None, y: int, 
     status = load().moe_compile_quantized_matmul(x, codes, scales, bias, y, rows, k, n, bits, block_size, int(dtype),
                                                  stream)
     check(status, "moe_compile_quantized_matmul")
-
-
-def skip_norm_matmul_rows(k: int) -> int:
-    """Rows skip_norm_quantized_matmul takes at most for this K (fused_moe.h)."""
-    return load().moe_compile_skip_norm_matmul_rows(k)
-
-
-def skip_norm_quantized_matmul(input: int, skip: int, gamma: int, epsilon: float, sum_out: int | None, codes: int,
-                               scales: int, bias: int | None, y: int, rows: int, k: int, n: int, bits: int,
-                               block_size: int, dtype: Dtype, stream: int) -> None:
-    """quantized_matmul of skip_rms_norm(input, skip, gamma) in one launch, the sums into sum_out (fused_moe.h)."""
-    status = load().moe_compile_skip_norm_quantized_matmul(input, skip, gamma, epsilon, sum_out, codes, scales, bias, y,
-                                                           rows, k, n, bits, block_size, int(dtype), stream)
-    check(status, "moe_compile_skip_norm_quantized_matmul")
 
 
 def decode_attention(qkv: int, row_stride: int, past_key: int | None, past_value: int | None, present_key: int,

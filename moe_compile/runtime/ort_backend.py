@@ -211,8 +211,7 @@ class OrtCudaBackend(OrtBackend):
         matmuls = f", {swap.matmuls} quantized MatMuls" if swap.matmuls else ""
         attentions = f", {swap.attentions} attention nodes" if swap.attentions else ""
         routers = f" ({swap.routers} with their router MatMul)" if swap.routers else ""
-        into = f" ({swap.norm_matmuls} inside the quantized MatMul after them)" if swap.norm_matmuls else ""
-        norms = f", {swap.norms} norms{into}" if swap.norms else ""
+        norms = f", {swap.norms} norms" if swap.norms else ""
         top_ks = f", {swap.top_ks} TopK" if swap.top_ks else ""
         log.info("%d MoE nodes%s%s%s%s%s on moe_compile's CUDA kernels%s", swap.swapped, routers, matmuls, attentions,
                  norms, top_ks, kept)

@@ -86,8 +86,6 @@ MATMUL_OP = "MatMulNBits"  # com.microsoft:MatMulNBits' contract (no zero points
 ATTENTION_OP = "GroupQueryAttention"  # com.microsoft:GroupQueryAttention's first nine inputs, in our domain
 NORM_OP = "SkipSimplifiedLayerNormalization"  # com.microsoft's, outputs 0 and 3 only, in our domain
 NORM_WIDEST = 32768  # elements a row, 16-bit (plugins/csrc/norm.cu)
-NORM_MATMUL_ROWS = 32768  # N below which a MatMulNBits takes in the norm before it (plugins/csrc/quant_matmul.cu: the
-                          # LM head's setting from there on runs thousands of blocks, each of which would normalise x)
 TOP_K_OP = "TopK"  # ONNX TopK (largest, sorted, last axis) with the ArgMax over the same input as output 2
 TOP_K_WIDEST = 64  # candidates a row (plugins/csrc/top_k.cu)
 NO_MOE_NODES = "no com.microsoft:MoE, QMoE or MatMulNBits nodes"
@@ -110,7 +108,6 @@ class Swap:
     routers: int = 0  # router MatMuls folded into our MoE ops
     norms: int = 0  # SkipSimplifiedLayerNormalization nodes
     top_ks: int = 0  # TopK nodes (each with its ArgMax where there is one)
-    norm_matmuls: int = 0  # of the norms, the ones folded into the MatMulNBits after them
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -552,38 +549,6 @@ def swap_norm_nodes(model: onnx.ModelProto) -> tuple[int, str]:
     return swapped, "; ".join(sorted(kept))
 
 
-def fuse_norm_matmuls(model: onnx.ModelProto) -> int:
-    """Fold, in place, every moe_compile:SkipSimplifiedLayerNormalization without a bias whose output goes to one
-    moe_compile:MatMulNBits alone (a layer's pre-attention norm and its packed q/k/v) into that node: inputs (the
-    norm's input, codes, scales, bias or '', skip, gamma), the norm's epsilon, output 1 the norm's sum. The node takes
-    the norm's place in the graph. Returns the norms folded."""
-    g = _Graph(model.graph)
-    folded: set[str] = set()  # the matmuls taken over, by output
-    for norm in model.graph.node:
-        if norm.op_type != NORM_OP or norm.domain != DOMAIN or (len(norm.input) > 3 and norm.input[3]):
-            continue
-        users = g.consumers.get(norm.output[0], [])
-        if len(users) != 1 or norm.output[0] in g.outputs:
-            continue
-        matmul = users[0]
-        attrs = _attributes(matmul)
-        if matmul.op_type != MATMUL_OP or matmul.domain != DOMAIN or list(matmul.input).count(norm.output[0]) != 1 \
-                or matmul.input[0] != norm.output[0] or attrs["N"] >= NORM_MATMUL_ROWS:
-            continue
-        bias = matmul.input[3] if len(matmul.input) > 3 else ""
-        sums = [norm.output[3]] if len(norm.output) > 3 and norm.output[3] else []
-        folded.add(matmul.output[0])
-        norm.CopyFrom(onnx.helper.make_node(
-            MATMUL_OP, [norm.input[0], *matmul.input[1:3], bias, norm.input[1], norm.input[2]],
-            [matmul.output[0], *sums], name=matmul.name, domain=DOMAIN, epsilon=_attributes(norm)["epsilon"],
-            **{name: attrs[name] for name in ("K", "N", "bits", "block_size")}))
-    kept = [n for n in model.graph.node if not (n.op_type == MATMUL_OP and n.domain == DOMAIN and len(n.input) < 5
-                                                 and n.output[0] in folded)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    return len(folded)
-
-
 def why_not_ours_top_k(g: _Graph, node: onnx.NodeProto) -> str | None:
     """None if our kernels compute this ONNX TopK node exactly, else the reason."""
     attrs = _attributes(node)
@@ -668,11 +633,8 @@ def prepare(onnx_path: Path) -> Swap:
     matmuls, kept_matmuls = swap_matmul_nodes(model) if matmul else (0, "")
     attentions, kept_attentions = swap_attention_nodes(model) if attention else (0, "")
     norms, kept_norms = swap_norm_nodes(model) if norm else (0, "")
-    # MOE_COMPILE_NORM_INTO_MATMUL=0: the pre-attention norm keeps its own launch (a comparison of the two)
-    norm_matmuls = fuse_norm_matmuls(model) if norms and matmuls \
-        and os.environ.get("MOE_COMPILE_NORM_INTO_MATMUL", "") != "0" else 0
     top_ks, kept_top_ks = swap_top_k_nodes(model) if top_k else (0, "")
     reason = "; ".join(r for r in (kept, kept_matmuls, kept_attentions, kept_norms, kept_top_ks) if r)
     if not swapped and not matmuls and not attentions:  # norms and the sampler alone: the build as it is
         return Swap(None, None, 0, reason)
-    return Swap(model, path, swapped, reason, matmuls, attentions, routers, norms, top_ks, norm_matmuls)
+    return Swap(model, path, swapped, reason, matmuls, attentions, routers, norms, top_ks)

@@ -34,12 +34,12 @@ constexpr int kMmaDownWarps = 16;
 constexpr int kMmaDownSlice = 256;  // down: k elements per work item (balances the warps' items)
 
 // acc[nt] += W[16 rows, k0:k0+len] x X[8 tokens of n-tile nt, same k]^T. Lane (g, t) passes its rows
-// g and g+8 (w_lo, w_hi; null = zeros) and its token rows g + 8 nt (xs[nt]; null = zeros). before_x: as
-// quant_rows.cuh's (X the output of the launch before, which may still run), here before any load.
+// g and g+8 (w_lo, w_hi; null = zeros) and its token rows g + 8 nt (xs[nt]; null = zeros). wait: X is the
+// output of the launch before, which may still run (wait_for_producer before X is read).
 template <typename T, int NT>
 __device__ __forceinline__ void mma_rows16(const T* w_lo, const T* w_hi, const T* const (&xs)[NT], int len,
-                                           float (&acc)[NT][4], WaitForProducer before_x = {false}) {
-  before_x();
+                                           float (&acc)[NT][4], bool wait = false) {
+  if (wait) wait_for_producer();
   constexpr int U = NT == 1 ? 8 : 4;  // 16-byte loads of each weight row in flight per lane
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       }
       const W ws_ = shared_rows(w, sh.gate_up, sh.gate_up_scales) + k0;
       mma_rows16<T, NT>(ws_ + (size_t)shared_gate_up_row(sh, j + g, 0) * p.H,
-                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc, WaitForProducer{ROUTE});
+                        ws_ + (size_t)shared_gate_up_row(sh, j + g, 1) * p.H, xs, len, acc, ROUTE);
       dst = static_cast<T*>(sh.act) + j + g;
       dst_stride = sh.I;
     }
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xs[nt] = g + 8 * nt < n ? act + (size_t)(row0 + g + 8 * nt) * p.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? we + (size_t)(h0 + g) * p.I : W{}, hi_ok ? we + (size_t)(h0 + g + 8) * p.I : W{}, xs,
-                        len, acc, WaitForProducer{ROUTE});
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       for (int nt = 0; nt < NT; ++nt)
         xs[nt] = g + 8 * nt < p.T ? static_cast<const T*>(sh.act) + (size_t)(g + 8 * nt) * sh.I + k0 : nullptr;
       mma_rows16<T, NT>(lo_ok ? wd + (size_t)(h0 + g) * sh.I : W{}, hi_ok ? wd + (size_t)(h0 + g + 8) * sh.I : W{}, xs,
-                        len, acc, WaitForProducer{ROUTE});
+                        len, acc, ROUTE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll

@@ -159,17 +159,6 @@ int moe_compile_quantized_matmul(const void* x, const void* codes, const void* s
                                  int64_t M, int64_t K, int64_t N, int32_t bits, int32_t block_size, int32_t dtype,
                                  void* cuda_stream);
 
-// moe_compile_quantized_matmul of the skip norm of input: x = moe_compile_skip_rms_norm(input, skip, no bias, gamma,
-// epsilon) computed inside the launch (every block normalises the M rows itself, in shared memory; the same bits as
-// moe_compile_skip_rms_norm where it runs as many threads a row), the sums into sum_out where not NULL. The
-// pre-attention norm of a decode step, folded into q/k/v: one launch, and one wait, fewer. M at most
-// moe_compile_skip_norm_matmul_rows(K) (8 for K = 2048 in 16 bits), skip, gamma and sum_out 16-byte aligned.
-int64_t moe_compile_skip_norm_matmul_rows(int64_t K);
-int moe_compile_skip_norm_quantized_matmul(const void* input, const void* skip, const void* gamma, float epsilon,
-                                           void* sum_out, const void* codes, const void* scales, const void* bias,
-                                           void* y, int64_t M, int64_t K, int64_t N, int32_t bits, int32_t block_size,
-                                           int32_t dtype, void* cuda_stream);
-
 // out [rows, K] of `dtype` = (u - 2^(bits-1)) * scale, from codes [rows, K*bits/8] and scales [rows, K/block_size]
 // in the layouts above. K a multiple of block_size; codes and out 16-byte aligned. MOE_ERR_CUDA carries no text.
 int moe_compile_dequantize(const void* codes, const void* scales, int64_t rows, int64_t K, int32_t bits,

@@ -14,12 +14,24 @@
 // up to kNormLoads a thread for wider rows, the rounded sums kept in registers for the second pass.
 #include "common.cuh"
 #include "fused_moe.h"
-#include "skip_norm.cuh"
 
 namespace moe {
 namespace {
 
+constexpr int kNormMaxThreads = 1024;
 constexpr int kNormLoads = 4;  // 16-byte loads of a row per thread, at most
+
+// The block's sum in a fixed order (each warp's, then the warps' in turn, by every thread alike): the same bits every
+// run, and every thread holds it.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[kNormMaxThreads / kWarp];
+  v = warp_sum(v);
+  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < (int)blockDim.x / kWarp; ++w) total += warp_sums[w];
+  return total;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kNormMaxThreads)
@@ -45,14 +57,28 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   for (int q = 0; q < kNormLoads; ++q) {
     const int h = (q * blockDim.x + threadIdx.x) * V;
     if (h >= H) continue;  // H % 8 == 0: a load is all in or all out
-    s[q] = skip_sum<T>(load_vec(input + row + h), bias ? &b[q] : nullptr, load_vec(skip + row + h), rld, mean_square);
+    const Vec<T> x = load_vec(input + row + h), k = load_vec(skip + row + h);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      // a float sum of two 16-bit values rounded to 16 bits is the 16-bit addition's result (24 >= 2 * 11 + 2 bits)
+      float v = x.get(i);
+      if (bias) v = to_float(from_float<T>(v + b[q].get(i)));
+      const T rounded = from_float<T>(v + k.get(i));
+      reinterpret_cast<T*>(&s[q].raw)[i] = rounded;
+      v = to_float(rounded);
+      mean_square += rld * v * v;
+    }
     if (sum_out) *reinterpret_cast<uint4*>(sum_out + row + h) = s[q].raw;
   }
   const float rsigma = rsqrtf(block_sum(mean_square) + epsilon);
 #pragma unroll
   for (int q = 0; q < kNormLoads; ++q) {
     const int h = (q * blockDim.x + threadIdx.x) * V;
-    if (h < H) *reinterpret_cast<uint4*>(out + row + h) = scaled<T>(g[q], s[q], rsigma).raw;
+    if (h >= H) continue;
+    Vec<T> o;
+#pragma unroll
+    for (int i = 0; i < V; ++i) reinterpret_cast<T*>(&o.raw)[i] = from_float<T>(g[q].get(i) * s[q].get(i) * rsigma);
+    *reinterpret_cast<uint4*>(out + row + h) = o.raw;
   }
 }
 

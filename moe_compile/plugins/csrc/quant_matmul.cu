@@ -10,33 +10,16 @@
 // matrix fits) instead of dequantizing it into a buffer. The launch starts as its predecessor's programmatic
 // dependent (sm_90+): a warp's first round of weights is in flight before it waits for x, so the loads of a
 // projection overlap the end of the launch before it (the attention's merge for the o projection).
-//
-// NORM (moe_compile_skip_norm_quantized_matmul: the pre-attention norm folded into q/k/v): x is the skip norm's input,
-// and every block normalises the M rows into shared memory itself (skip_norm.cuh), after its first weights are in
-// flight and the launch before has ended; block 0 also writes their sums. The norm's launch, and the wait for it,
-// leave the decode step.
-#include <algorithm>
-
 #include "common.cuh"
 #include "kernels.h"
 #include "quant_rows.cuh"
-#include "skip_norm.cuh"
 
 namespace moe {
 
-template <typename T>
-struct SkipNormArgs {  // NORM: x + skip, normalised by gamma; the sums to sum_out (null: not kept)
-  const T* skip;
-  const T* gamma;
-  float epsilon;
-  T* sum_out;
-};
-
-template <typename T, int NT, int BITS, int U, int KSPLIT, int WARPS, bool NORM>
+template <typename T, int NT, int BITS, int U, int KSPLIT, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     quant_matmul_kernel(const T* __restrict__ x, int M, int K, int N, QuantRows<T, BITS, U> w,
-                        const T* __restrict__ bias, T* __restrict__ y, SkipNormArgs<T> norm) {
-  extern __shared__ uint4 normed_rows[];  // NORM: the M rows of x, normalised [M, K]
+                        const T* __restrict__ bias, T* __restrict__ y) {
   using W = QuantRows<T, BITS, U>;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
@@ -46,29 +29,17 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   const int per_split = (int)ceil_div(ceil_div(K, 128), KSPLIT) * 128, k0 = split * per_split;
   const int len = max(0, min(per_split, K - k0));
   allow_dependent_launch();  // our attention after q/k/v starts early too, and waits for this launch
-  // x is the launch before's output; NORM: every thread of the block normalises it (the warps without rows too)
-  const auto before_x = [&] {
-    wait_for_producer();
-    if constexpr (NORM) {
-      skip_norm_rows<T>(x, norm.skip, norm.gamma, M, K, norm.epsilon, reinterpret_cast<T*>(normed_rows),
-                        blockIdx.x == 0 ? norm.sum_out : nullptr);
-      __syncthreads();
-    }
-  };
-  const T* rows = NORM ? reinterpret_cast<const T*>(normed_rows) : x;
   float acc[NT][4] = {};
   if (r0 < N && len > 0) {  // uniform over the warp: mma.sync needs all lanes
     const T* xs[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int m = m0 + g + 8 * nt;
-      xs[nt] = m < M ? rows + (size_t)m * K + k0 : nullptr;
+      xs[nt] = m < M ? x + (size_t)m * K + k0 : nullptr;
     }
     const W lo = r0 + g < N ? w + ((size_t)(r0 + g) * K + k0) : W{};
     const W hi = r0 + g + 8 < N ? w + ((size_t)(r0 + g + 8) * K + k0) : W{};
-    mma_rows16<T, NT>(lo, hi, xs, len, acc, before_x);
-  } else if constexpr (NORM) {
-    before_x();
+    mma_rows16<T, NT>(lo, hi, xs, len, acc, true);
   }
   wait_for_producer();  // every block, those without rows too: this grid ends after the launch before
   if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;
@@ -95,71 +66,34 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 // first setting takes 95.6). NT: one n-tile up to 8 tokens, two beyond.
 template <typename T, int BITS, int KSPLIT, int WARPS>
 void launch_quant_matmul_split(const void* x, const void* codes, const void* scales, const void* bias, void* y, int M,
-                               int K, int N, int block, const SkipNormArgs<T>* norm, cudaStream_t s) {
+                               int K, int N, int block, cudaStream_t s) {
   constexpr int kRound = 2;
   const QuantRows<T, BITS, kRound> w{static_cast<const uint8_t*>(codes), static_cast<const T*>(scales), block};
   const T* b = static_cast<const T*>(bias);
   const dim3 grid((unsigned)ceil_div(N, 16 * (WARPS / KSPLIT)), (unsigned)ceil_div(M, M <= 8 ? 8 : 16));
   const T* xt = static_cast<const T*>(x);
-  if (norm)  // M <= 8 (moe_compile_skip_norm_matmul_rows): one n-tile, one block row
-    launch_programmatic(true, quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS, true>, grid, dim3(WARPS * kWarp),
-                        (size_t)M * K * sizeof(T), s, xt, M, K, N, w, b, static_cast<T*>(y), *norm);
-  else if (M <= 8)
-    launch_programmatic(true, quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS, false>, grid, dim3(WARPS * kWarp),
-                        0, s, xt, M, K, N, w, b, static_cast<T*>(y), SkipNormArgs<T>{});
+  if (M <= 8)
+    launch_programmatic(true, quant_matmul_kernel<T, 1, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
+                        xt, M, K, N, w, b, static_cast<T*>(y));
   else
-    launch_programmatic(true, quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS, false>, grid, dim3(WARPS * kWarp),
-                        0, s, xt, M, K, N, w, b, static_cast<T*>(y), SkipNormArgs<T>{});
+    launch_programmatic(true, quant_matmul_kernel<T, 2, BITS, kRound, KSPLIT, WARPS>, grid, dim3(WARPS * kWarp), 0, s,
+                        xt, M, K, N, w, b, static_cast<T*>(y));
 }
 
 constexpr int kManyRows = 32768;  // rows from which the LM head's setting wins (between 6144 and 151936 measured)
 
 template <typename T, int BITS>
 void launch_quant_matmul_as(const void* x, const void* codes, const void* scales, const void* bias, void* y, int M,
-                            int K, int N, int block, const SkipNormArgs<T>* norm, cudaStream_t s) {
-  if (N >= kManyRows) launch_quant_matmul_split<T, BITS, 2, 4>(x, codes, scales, bias, y, M, K, N, block, norm, s);
-  else launch_quant_matmul_split<T, BITS, 8, 8>(x, codes, scales, bias, y, M, K, N, block, norm, s);
+                            int K, int N, int block, cudaStream_t s) {
+  if (N >= kManyRows) launch_quant_matmul_split<T, BITS, 2, 4>(x, codes, scales, bias, y, M, K, N, block, s);
+  else launch_quant_matmul_split<T, BITS, 8, 8>(x, codes, scales, bias, y, M, K, N, block, s);
 }
 
 template <typename T>
 void launch_quant_matmul_bits(const void* x, const void* codes, const void* scales, const void* bias, void* y, int M,
-                              int K, int N, int bits, int block, const SkipNormArgs<T>* norm, cudaStream_t s) {
-  if (bits == 4) launch_quant_matmul_as<T, 4>(x, codes, scales, bias, y, M, K, N, block, norm, s);
-  else launch_quant_matmul_as<T, 8>(x, codes, scales, bias, y, M, K, N, block, norm, s);
-}
-
-// Both entry points: checks, then the launch for the dtype (norm: moe_compile_skip_norm_quantized_matmul's).
-int quantized_matmul(const void* x, const void* codes, const void* scales, const void* bias, void* y, int64_t M,
-                     int64_t K, int64_t N, int32_t bits, int32_t block_size, int32_t dtype, const void* skip,
-                     const void* gamma, float epsilon, void* sum_out, void* cuda_stream) {
-  const bool block_ok = block_size == 32 || block_size == 64 || block_size == 128;
-  if (M < 0 || K <= 0 || N <= 0 || M > INT32_MAX / 16 || K > INT32_MAX / 16 || N > INT32_MAX / 16 ||
-      (bits != 4 && bits != 8) || !block_ok || K % block_size)
-    return MOE_ERR_INVALID_ARGUMENT;
-  if (dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) return MOE_ERR_INVALID_ARGUMENT;
-  const bool normed = skip != nullptr;
-  if (normed && (!gamma || M > moe_compile_skip_norm_matmul_rows(K) || K % 8 ||
-                 reinterpret_cast<uintptr_t>(skip) % 16 || reinterpret_cast<uintptr_t>(gamma) % 16 ||
-                 reinterpret_cast<uintptr_t>(sum_out) % 16))
-    return MOE_ERR_INVALID_ARGUMENT;
-  if (M == 0) return MOE_OK;
-  // 16-byte loads of x rows and of codes
-  if (!x || !codes || !scales || !y || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(codes) % 16)
-    return MOE_ERR_INVALID_ARGUMENT;
-  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-  if (dtype == MOE_DTYPE_F16) {
-    const SkipNormArgs<__half> norm{static_cast<const __half*>(skip), static_cast<const __half*>(gamma), epsilon,
-                                    static_cast<__half*>(sum_out)};
-    launch_quant_matmul_bits<__half>(x, codes, scales, bias, y, (int)M, (int)K, (int)N, bits, block_size,
-                                     normed ? &norm : nullptr, s);
-  } else {
-    const SkipNormArgs<__nv_bfloat16> norm{static_cast<const __nv_bfloat16*>(skip),
-                                           static_cast<const __nv_bfloat16*>(gamma), epsilon,
-                                           static_cast<__nv_bfloat16*>(sum_out)};
-    launch_quant_matmul_bits<__nv_bfloat16>(x, codes, scales, bias, y, (int)M, (int)K, (int)N, bits, block_size,
-                                            normed ? &norm : nullptr, s);
-  }
-  return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
+                              int K, int N, int bits, int block, cudaStream_t s) {
+  if (bits == 4) launch_quant_matmul_as<T, 4>(x, codes, scales, bias, y, M, K, N, block, s);
+  else launch_quant_matmul_as<T, 8>(x, codes, scales, bias, y, M, K, N, block, s);
 }
 
 }  // namespace moe
@@ -167,21 +101,19 @@ int quantized_matmul(const void* x, const void* codes, const void* scales, const
 extern "C" int moe_compile_quantized_matmul(const void* x, const void* codes, const void* scales, const void* bias,
                                             void* y, int64_t M, int64_t K, int64_t N, int32_t bits, int32_t block_size,
                                             int32_t dtype, void* cuda_stream) {
-  return moe::quantized_matmul(x, codes, scales, bias, y, M, K, N, bits, block_size, dtype, nullptr, nullptr, 0.f,
-                               nullptr, cuda_stream);
-}
-
-extern "C" int64_t moe_compile_skip_norm_matmul_rows(int64_t K) {
-  // the normalised rows sit in shared memory: up to 8 (one n-tile), within the 48 KB a launch gets without opting in
-  return K <= 0 ? 0 : std::min<int64_t>(8, 49152 / (K * 2));
-}
-
-extern "C" int moe_compile_skip_norm_quantized_matmul(const void* input, const void* skip, const void* gamma,
-                                                      float epsilon, void* sum_out, const void* codes,
-                                                      const void* scales, const void* bias, void* y, int64_t M,
-                                                      int64_t K, int64_t N, int32_t bits, int32_t block_size,
-                                                      int32_t dtype, void* cuda_stream) {
-  if (!skip) return MOE_ERR_INVALID_ARGUMENT;
-  return moe::quantized_matmul(input, codes, scales, bias, y, M, K, N, bits, block_size, dtype, skip, gamma, epsilon,
-                               sum_out, cuda_stream);
+  const bool block_ok = block_size == 32 || block_size == 64 || block_size == 128;
+  if (M < 0 || K <= 0 || N <= 0 || M > INT32_MAX / 16 || K > INT32_MAX / 16 || N > INT32_MAX / 16 ||
+      (bits != 4 && bits != 8) || !block_ok || K % block_size)
+    return MOE_ERR_INVALID_ARGUMENT;
+  if (dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) return MOE_ERR_INVALID_ARGUMENT;
+  if (M == 0) return MOE_OK;
+  // 16-byte loads of x rows and of codes
+  if (!x || !codes || !scales || !y || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(codes) % 16)
+    return MOE_ERR_INVALID_ARGUMENT;
+  const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
+  if (dtype == MOE_DTYPE_F16)
+    moe::launch_quant_matmul_bits<__half>(x, codes, scales, bias, y, (int)M, (int)K, (int)N, bits, block_size, s);
+  else
+    moe::launch_quant_matmul_bits<__nv_bfloat16>(x, codes, scales, bias, y, (int)M, (int)K, (int)N, bits, block_size, s);
+  return cudaGetLastError() == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }

@@ -99,19 +99,11 @@ __device__ __forceinline__ void token_pairs(const uint4& x, uint32_t (&b0)[2], u
 // inside one block since the block is a multiple of C) and their scales, and the same k of its tokens.
 // len % C == 0 (a multiple of the block size). Four accumulator chains, summed at the end: a 16-byte load
 // feeds 2C/8 mma steps, and one chain of dependent mma.sync would make their latency the critical path.
-// before_x: what must happen before the tokens are read, called once the first round's weights are in flight (every
-// lane calls it once): WaitForProducer{true} where they are the launch before's output.
-struct WaitForProducer {
-  bool wait;
-  __device__ __forceinline__ void operator()() const {
-    if (wait) wait_for_producer();
-  }
-};
-
-template <typename T, int NT, int BITS, int U, typename BeforeX = WaitForProducer>
+// wait: the tokens are the launch before's output, read only after wait_for_producer, which waits once the
+// first round's weights are in flight.
+template <typename T, int NT, int BITS, int U>
 __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows<T, BITS, U> w_hi,
-                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4],
-                                           BeforeX before_x = {false}) {
+                                           const T* const (&xs)[NT], int len, float (&acc)[NT][4], bool wait = false) {
   constexpr int C = 128 / BITS;  // k in one 16-byte load of codes
   const int t = threadIdx.x % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -129,7 +121,7 @@ __device__ __forceinline__ void mma_rows16(QuantRows<T, BITS, U> w_lo, QuantRows
       s_lo[q] = ok && w_lo ? w_lo.scales[k >> block_shift] : from_float<T>(0.f);  // zero: a row past the end
       s_hi[q] = ok && w_hi ? w_hi.scales[k >> block_shift] : from_float<T>(0.f);
     }
-    if (base == 0) before_x();
+    if (wait && base == 0) wait_for_producer();
 #pragma unroll
     for (int q = 0; q < U; ++q) {
       if (base + 4 * q * C >= len) break;

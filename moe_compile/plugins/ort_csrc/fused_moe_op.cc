@@ -437,156 +437,87 @@ OrtOp* create_gemm(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorEleme
   return op;
 }
 
-// Whether the node has input or output `index` (ONNX Runtime lists an absent optional one as an empty name).
-bool has_value(const OrtApi* api, const OrtKernelInfo* info, size_t index, bool output) {
-  size_t count = 0, size = 0;
-  OrtStatus* failed = output ? api->KernelInfo_GetOutputCount(info, &count) : api->KernelInfo_GetInputCount(info, &count);
-  if (failed) api->ReleaseStatus(failed);
-  if (index >= count) return false;
-  failed = output ? api->KernelInfo_GetOutputName(info, index, nullptr, &size)
-                  : api->KernelInfo_GetInputName(info, index, nullptr, &size);
-  if (failed) {
-    api->ReleaseStatus(failed);
-    return false;
-  }
-  return size > 1;  // the name's bytes with its terminating zero
-}
-bool has_output(const OrtApi* api, const OrtKernelInfo* info, size_t index) { return has_value(api, info, index, true); }
-bool has_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) { return has_value(api, info, index, false); }
-
 // Rows of A up to which our kernel reads the codes (it reads them once per 16 rows); beyond, the weight is dequantized
 // into the workspace for ONNX Runtime's Gemm (cuBLAS), as ONNX Runtime's own MatMulNBits does past one row.
 constexpr int64_t kMatMulDecodeRows = 16;
 
 struct MatMulKernel {
   int64_t k = 0, n = 0, bits = 0, block = 0;
-  float epsilon = 0.f;    // with the norm's inputs (skip, gamma)
-  bool has_sum = false;   // output 1: the norm's input_skip_bias_sum
   OrtOp* gemm = nullptr;  // Gemm(A, W, [bias], transB = 1); null: our kernel at every size
   ~MatMulKernel() {
     if (gemm) g_api->ReleaseOp(gemm);
   }
 };
 
-constexpr size_t kMatMulInputs = 6;  // A, codes, scales, bias, skip, gamma
-
 // y [M, N] = Gemm(A [M, K], W [N, K] dequantized into the workspace, bias).
-OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, OrtAllocator* allocator,
-                          const OrtMemoryInfo* memory, const OrtValue* bias, const TensorView& a,
-                          const TensorView& codes, const TensorView& scales, int dtype, void* y, void* stream) {
+OrtStatus* matmul_by_gemm(const MatMulKernel* kernel, OrtKernelContext* ctx, const OrtValue* const (&values)[4],
+                          const TensorView& a, const TensorView& codes, const TensorView& scales, int dtype, void* y,
+                          void* stream) {
   const int64_t M = a.leading(), K = kernel->k, N = kernel->n;
+  const OrtMemoryInfo* memory = nullptr;
+  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
+  OrtAllocator* allocator = nullptr;
+  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
   void* weight = nullptr;
-  ORT_TRY(g_api->AllocatorAlloc(allocator, (size_t)(N * K) * 2, &weight));
-  OrtValue* tensors[3] = {};  // A as [M, K], the weight, y as [M, N]
-  OrtStatus* status = nullptr;
-  const int rc = moe_compile_dequantize(codes.data, scales.data, N, K, (int32_t)kernel->bits, (int32_t)kernel->block,
-                                        dtype, weight, stream);
-  if (rc != MOE_OK) status = fail("MatMulNBits: dequantizing the weight failed");
-  if (!status) status = wrap(memory, a.data, M, K, a.type, &tensors[0]);
-  if (!status) status = wrap(memory, weight, N, K, a.type, &tensors[1]);
-  if (!status) status = wrap(memory, y, M, N, a.type, &tensors[2]);
+  OrtStatus* status = g_api->AllocatorAlloc(allocator, (size_t)(N * K) * 2, &weight);
   if (!status) {
-    const OrtValue* inputs[3] = {tensors[0], tensors[1], bias};
-    status = g_api->InvokeOp(ctx, kernel->gemm, inputs, bias ? 3 : 2, &tensors[2], 1);
+    OrtValue* tensors[3] = {};  // A as [M, K], the weight, y as [M, N]
+    const int rc = moe_compile_dequantize(codes.data, scales.data, N, K, (int32_t)kernel->bits, (int32_t)kernel->block,
+                                          dtype, weight, stream);
+    if (rc != MOE_OK) status = fail("MatMulNBits: dequantizing the weight failed");
+    if (!status) status = wrap(memory, a.data, M, K, a.type, &tensors[0]);
+    if (!status) status = wrap(memory, weight, N, K, a.type, &tensors[1]);
+    if (!status) status = wrap(memory, y, M, N, a.type, &tensors[2]);
+    if (!status) {
+      const OrtValue* inputs[3] = {tensors[0], tensors[1], values[3]};
+      status = g_api->InvokeOp(ctx, kernel->gemm, inputs, values[3] ? 3 : 2, &tensors[2], 1);
+    }
+    for (OrtValue* t : tensors)
+      if (t) g_api->ReleaseValue(t);
+    OrtStatus* freed = g_api->AllocatorFree(allocator, weight);  // as compute(): reused only later on this stream
+    if (freed && !status) status = freed;
+    else if (freed) g_api->ReleaseStatus(freed);
   }
-  for (OrtValue* t : tensors)
-    if (t) g_api->ReleaseValue(t);
-  OrtStatus* freed = g_api->AllocatorFree(allocator, weight);  // as compute(): reused only later on this stream
-  if (freed && !status) return freed;
-  if (freed) g_api->ReleaseStatus(freed);
+  g_api->ReleaseAllocator(allocator);
   return status;
 }
 
-// y = MatMulNBits(A): our kernel at decode sizes, ONNX Runtime's Gemm on the dequantized weight beyond.
-OrtStatus* matmul_rows(const MatMulKernel* kernel, OrtKernelContext* ctx, OrtAllocator* allocator,
-                       const OrtMemoryInfo* memory, const OrtValue* bias_value, const TensorView& a,
-                       const TensorView& codes, const TensorView& scales, const TensorView& bias, int dtype, void* y,
-                       void* stream) {
-  if (a.leading() > kMatMulDecodeRows && kernel->gemm)
-    return matmul_by_gemm(kernel, ctx, allocator, memory, bias_value, a, codes, scales, dtype, y, stream);
-  const int rc = moe_compile_quantized_matmul(a.data, codes.data, scales.data, bias_value ? bias.data : nullptr, y,
-                                              a.leading(), kernel->k, kernel->n, (int32_t)kernel->bits,
-                                              (int32_t)kernel->block, dtype, stream);
-  if (rc == MOE_ERR_CUDA) return fail("MatMulNBits: the kernel's launch failed");
-  if (rc != MOE_OK) return fail("MatMulNBits: K a multiple of block_size (32, 64, 128), 4 or 8 bits, 16-byte aligned");
-  return nullptr;
-}
-
-// MatMulNBits: A, codes, scales[, bias][, skip, gamma]. With skip and gamma (and the attribute epsilon: the ort-cuda
-// swap folds a pre-attention moe_compile:SkipSimplifiedLayerNormalization in, runtime/ort_kernels.py
-// fuse_norm_matmuls), A is the norm's input: Y = MatMulNBits(SkipSimplifiedLayerNormalization(A, skip, gamma)), and
-// output 1 the norm's input_skip_bias_sum. Decode rows take one launch that normalises A itself; more rows, the norm's
-// launch into the workspace, then the matmul.
+// MatMulNBits: A, codes, scales[, bias].
 OrtStatus* compute_matmul(const MatMulKernel* kernel, OrtKernelContext* ctx) {
-  const OrtValue* values[kMatMulInputs] = {};
-  TensorView a, codes, scales, bias, skip, gamma;
-  TensorView* views[kMatMulInputs] = {&a, &codes, &scales, &bias, &skip, &gamma};
-  ORT_TRY(get_inputs(ctx, "MatMulNBits", kMatMulInputs, 3, values, views));
+  const OrtValue* values[4] = {};
+  TensorView a, codes, scales, bias;
+  TensorView* views[4] = {&a, &codes, &scales, &bias};
+  ORT_TRY(get_inputs(ctx, "MatMulNBits", 4, 3, values, views));
   const int64_t K = kernel->k, N = kernel->n, bits = kernel->bits, block = kernel->block;
   const int dtype = moe_dtype_of(a.type);
-  const bool normed = values[4] && values[5];
   if ((dtype != MOE_DTYPE_F16 && dtype != MOE_DTYPE_BF16) || scales.type != a.type || (values[3] && bias.type != a.type) ||
-      codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || (normed && (skip.type != a.type || gamma.type != a.type)))
-    return fail("MatMulNBits: A, scales, bias, skip and gamma must share float16 or bfloat16, the codes be uint8");
+      codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    return fail("MatMulNBits: A, scales and bias must share float16 or bfloat16, the codes be uint8");
   auto elements = [](const TensorView& t) {
     int64_t n = 1;
     for (int64_t d : t.dims) n *= d;
     return n;
   };
   if (a.dims.empty() || a.dims.back() != K || elements(codes) * 8 != N * K * bits || elements(scales) * block != N * K ||
-      (values[3] && elements(bias) != N) || (values[4] && !normed) ||
-      (normed && (skip.dims != a.dims || gamma.dims.size() != 1 || gamma.dims[0] != K)))
+      (values[3] && elements(bias) != N))
     return fail("MatMulNBits: shapes disagree (K " + std::to_string(K) + ", N " + std::to_string(N) + ", bits " +
                 std::to_string(bits) + ", block " + std::to_string(block) + "): A " + dims_text(a) + ", codes " +
-                dims_text(codes) + ", scales " + dims_text(scales) + (values[3] ? ", bias " + dims_text(bias) : "") +
-                (values[4] ? ", skip " + dims_text(skip) : "") + (values[5] ? ", gamma " + dims_text(gamma) : ""));
+                dims_text(codes) + ", scales " + dims_text(scales) + (values[3] ? ", bias " + dims_text(bias) : ""));
   std::vector<int64_t> out_dims = a.dims;
   out_dims.back() = N;
   OrtValue* out = nullptr;
   ORT_TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &out));
-  void *y = nullptr, *sum = nullptr, *stream = nullptr;
+  void *y = nullptr, *stream = nullptr;
   ORT_TRY(g_api->GetTensorMutableData(out, &y));
-  if (kernel->has_sum) {
-    if (!normed) return fail("MatMulNBits: output 1, the norm's sum, needs the inputs skip and gamma");
-    OrtValue* sum_value = nullptr;
-    ORT_TRY(g_api->KernelContext_GetOutput(ctx, 1, a.dims.data(), a.dims.size(), &sum_value));
-    ORT_TRY(g_api->GetTensorMutableData(sum_value, &sum));
-  }
   ORT_TRY(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-  const int64_t M = a.leading();
-  if (M == 0) return nullptr;
-  if (normed && M <= moe_compile_skip_norm_matmul_rows(K)) {
-    const int rc = moe_compile_skip_norm_quantized_matmul(a.data, skip.data, gamma.data, kernel->epsilon, sum,
-                                                          codes.data, scales.data, values[3] ? bias.data : nullptr, y,
-                                                          M, K, N, (int32_t)bits, (int32_t)block, dtype, stream);
-    if (rc == MOE_ERR_CUDA) return fail("MatMulNBits: the kernel's launch failed");
-    if (rc != MOE_OK) return fail("MatMulNBits: K a multiple of block_size (32, 64, 128) and of 8, 4 or 8 bits, "
-                                  "16-byte aligned");
-    return nullptr;
-  }
-  const OrtMemoryInfo* memory = nullptr;
-  ORT_TRY(g_api->GetTensorMemoryInfo(values[0], &memory));
-  OrtAllocator* allocator = nullptr;
-  ORT_TRY(g_api->KernelContext_GetAllocator(ctx, memory, &allocator));
-  OrtStatus* status = nullptr;
-  if (!normed) {
-    status = matmul_rows(kernel, ctx, allocator, memory, values[3], a, codes, scales, bias, dtype, y, stream);
-  } else {  // the norm's launch into the workspace, then the matmul of its output
-    TensorView x = a;
-    status = g_api->AllocatorAlloc(allocator, (size_t)(M * K) * 2, &x.data);
-    if (!status) {
-      const int rc = moe_compile_skip_rms_norm(a.data, skip.data, nullptr, gamma.data, dtype, M, K, kernel->epsilon,
-                                               x.data, sum, stream);
-      status = rc == MOE_OK ? matmul_rows(kernel, ctx, allocator, memory, values[3], x, codes, scales, bias, dtype, y,
-                                          stream)
-                            : fail("MatMulNBits: the norm's launch failed (K a multiple of 8 up to 32768)");
-      OrtStatus* freed = g_api->AllocatorFree(allocator, x.data);  // reused only later on this stream
-      if (freed && !status) status = freed;
-      else if (freed) g_api->ReleaseStatus(freed);
-    }
-  }
-  g_api->ReleaseAllocator(allocator);
-  return status;
+  if (a.leading() == 0) return nullptr;
+  if (a.leading() > kMatMulDecodeRows && kernel->gemm)
+    return matmul_by_gemm(kernel, ctx, values, a, codes, scales, dtype, y, stream);
+  const int rc = moe_compile_quantized_matmul(a.data, codes.data, scales.data, values[3] ? bias.data : nullptr, y,
+                                              a.leading(), K, N, (int32_t)bits, (int32_t)block, dtype, stream);
+  if (rc == MOE_ERR_CUDA) return fail("MatMulNBits: the kernel's launch failed");
+  if (rc != MOE_OK) return fail("MatMulNBits: K a multiple of block_size (32, 64, 128), 4 or 8 bits, 16-byte aligned");
+  return nullptr;
 }
 
 template <ONNXTensorElementDataType kType>
@@ -601,14 +532,9 @@ OrtStatus* ORT_API_CALL create_matmul_kernel(const OrtCustomOp*, const OrtApi* a
       return status;
     }
   }
-  if (has_input(api, info, 4)) {
-    if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon)) {
-      delete kernel;
-      return status;
-    }
-  }
-  kernel->has_sum = has_output(api, info, 1);
-  kernel->gemm = create_gemm(api, info, kType, has_input(api, info, 3));
+  size_t inputs = 0;
+  if (OrtStatus* failed = api->KernelInfo_GetInputCount(info, &inputs)) api->ReleaseStatus(failed);
+  kernel->gemm = create_gemm(api, info, kType, inputs > 3);
   *out = kernel;
   return nullptr;
 }
@@ -819,6 +745,18 @@ OrtStatus* compute_norm(const NormKernel* kernel, OrtKernelContext* ctx) {
   return nullptr;
 }
 
+// Whether the node has output `index` (ONNX Runtime lists an absent optional output as an empty name).
+bool has_output(const OrtApi* api, const OrtKernelInfo* info, size_t index) {
+  size_t count = 0, size = 0;
+  if (OrtStatus* failed = api->KernelInfo_GetOutputCount(info, &count)) api->ReleaseStatus(failed);
+  if (index >= count) return false;
+  if (OrtStatus* failed = api->KernelInfo_GetOutputName(info, index, nullptr, &size)) {
+    api->ReleaseStatus(failed);
+    return false;
+  }
+  return size > 1;  // the name's bytes with its terminating zero
+}
+
 OrtStatus* ORT_API_CALL create_norm_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                                            void** out) {
   if (has_output(api, info, 1) || has_output(api, info, 2))
@@ -993,20 +931,15 @@ OrtCustomOp make_quantized_op() {
   return op;
 }
 
-// MatMulNBits: the codes (input 1) are uint8, everything else kType (16-bit only); the bias, the norm's skip and gamma
-// and its sum (output 1) optional.
+// MatMulNBits: the codes (input 1) are uint8, everything else kType (16-bit only); the bias optional.
 template <ONNXTensorElementDataType kType>
 OrtCustomOp make_matmul_op() {
   OrtCustomOp op = make_op<kType>();
   op.GetName = [](const OrtCustomOp*) { return "MatMulNBits"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : kType; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kMatMulInputs; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
     return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 2; };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   };
   op.CreateKernelV2 = create_matmul_kernel<kType>;
   op.KernelComputeV2 = compute_matmul_kernel;
