@@ -328,21 +328,8 @@ void launch_quantized(const Problem& p, const void* x, const QuantWeights& w, co
 template <typename T, int BITS>
 void mma_dispatch_bits(const Problem& p, const void* x, const QuantWeights& w, const Workspace& ws, const Shared& sh,
                        void* out, cudaStream_t s, bool gate_up, const Route& r) {
-  if (p.T == 1) {
-    // EXPERIMENT: the gate/up setting by MOE_COMPILE_DECODE1 (rounds of U loads, KSPLIT warps a row group, WARPS a block)
-    const char* env = getenv("MOE_COMPILE_DECODE1");
-    switch (env ? atoi(env) : 0) {
-      case 1: launch_quantized<T, BITS, 1, 1, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 2: launch_quantized<T, BITS, 1, 4, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 3: launch_quantized<T, BITS, 1, 2, 4, true, 4>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 4: launch_quantized<T, BITS, 1, 4, 4, true, 4>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 5: launch_quantized<T, BITS, 1, 1, 4, true, 4>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 6: launch_quantized<T, BITS, 1, 2, 2, true, 2>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 7: launch_quantized<T, BITS, 1, 1, 2, true, 2>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      case 8: launch_quantized<T, BITS, 1, 2, 1, true, 2>(p, x, w, ws, sh, out, s, gate_up, r); break;
-      default: launch_quantized<T, BITS, 1, 2, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r);
-    }
-  } else if (p.T <= 8) launch_quantized<T, BITS, 1, 4, 4, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
+  if (p.T == 1) launch_quantized<T, BITS, 1, 2, 2, true, 4>(p, x, w, ws, sh, out, s, gate_up, r);
+  else if (p.T <= 8) launch_quantized<T, BITS, 1, 4, 4, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
   else launch_quantized<T, BITS, 2, 8, 2, false, kMmaGateUpWarps>(p, x, w, ws, sh, out, s, gate_up, r);
 }
 
