@@ -29,6 +29,22 @@
 
 namespace moe {
 
+// EXPERIMENT (bench/moe_phases.py): %globaltimer stamps of thread 0 of each block of the T = 1 quantized launches,
+// [launch: 0 gate/up, 1 down][block][phase], read back by moe_compile_phase_times.
+__device__ unsigned long long g_phases[2][1024][8];
+__device__ __forceinline__ void phase(int launch, int i) {
+  if (threadIdx.x != 0) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  const int b = blockIdx.x + gridDim.x * blockIdx.y;
+  if (b < 1024) g_phases[launch][b][i] = t;
+}
+inline void* g_phases_ptr() {
+  void* p = nullptr;
+  cudaGetSymbolAddress(&p, g_phases);
+  return p;
+}
+
 constexpr int kMmaGateUpWarps = 8;
 constexpr int kMmaDownWarps = 16;
 constexpr int kMmaDownSlice = 256;  // down: k elements per work item (balances the warps' items)
@@ -98,6 +114,7 @@ template <typename T, int NT, typename W, int KSPLIT, bool ROUTE, int WARPS>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_gate_up_kernel(Problem p, const T* __restrict__ x, W w, Workspace ws, Shared sh, int routed_grid,
                        const float* __restrict__ logits, const float* __restrict__ bias) {
+  if constexpr (ROUTE) phase(0, 0);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int split = warp % KSPLIT;
   const int j0 = (blockIdx.y * (WARPS / KSPLIT) + warp / KSPLIT) * 8;  // the warp's 8 columns
@@ -115,9 +132,11 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       extern __shared__ float route_scratch[];  // sel [E], score [E]
       __shared__ TokenRoute route;
       wait_for_producer();       // the logits (and x) are the launch before's output
+      phase(0, 1);
       allow_dependent_launch();  // so the down launch, which routes from the same logits, starts after that one
       if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);  // no tables: nothing reads them
       __syncthreads();
+      phase(0, 2);
       e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
     } else {
       if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
@@ -157,7 +176,9 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       dst_stride = sh.I;
     }
   }
+  if constexpr (ROUTE) phase(0, 3);
   if (!add_split_sums<NT, KSPLIT, WARPS>(acc)) return;
+  if constexpr (ROUTE) phase(0, 4);
   if (!active) return;
   // acc[nt] = {gate, gate, up, up} of column j0 + g for tokens 8 nt + 2t and 8 nt + 2t + 1.
 #pragma unroll
@@ -167,6 +188,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       const int s = 8 * nt + 2 * t + c;
       if (s < n) dst[(size_t)s * dst_stride] = from_float<T>(silu_mul(acc[nt][c], acc[nt][2 + c]));
     }
+  if constexpr (ROUTE) phase(0, 5);
 }
 
 // Work items of a block: (routed tile, k-slice of SLICE) first, then (shared k-slice); each warp sums its
@@ -182,6 +204,7 @@ template <typename T, int NT, typename W, int SLICE, int WARPS, bool ROUTE>
 __global__ void __launch_bounds__(WARPS* kWarp)
     mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out,
                         const float* __restrict__ logits, const float* __restrict__ bias) {
+  if constexpr (ROUTE) phase(1, 0);
   constexpr int TMAX = 8 * NT;
   __shared__ float partial[WARPS][16][TMAX];
   __shared__ TokenRoute route;
@@ -252,11 +275,14 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     else
       for (; i < shared_items; i += WARPS) run_item(item_at(i));
     __syncthreads();
+    phase(1, 1);
     for (; i < items; i += WARPS) run_item(item_at(i));
+    phase(1, 2);
   } else {
     for (int item = warp; item < items; item += WARPS) run_item(item);
   }
   if constexpr (ROUTE) wait_for_producer();  // every block: out is written, and this grid ends, after gate/up's
+  if constexpr (ROUTE) phase(1, 3);
   __syncthreads();
   for (int i = threadIdx.x; i < 16 * p.T; i += blockDim.x) {
     const int r = i / p.T, tok = i % p.T, h = h0 + r;
@@ -265,6 +291,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     for (int wp = 0; wp < WARPS; ++wp) s += partial[wp][r][tok];  // fixed order
     out[(size_t)tok * p.H + h] = from_float<T>(s);
   }
+  if constexpr (ROUTE) phase(1, 4);
 }
 
 // ROUTE: gate_up and down route the token themselves (T = 1; logits and bias as moe_compile_forward takes them).
@@ -369,3 +396,8 @@ void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, cons
 }
 
 }  // namespace moe
+
+extern "C" int moe_compile_phase_times(unsigned long long* out, int clear) {
+  if (clear) return cudaMemset(moe::g_phases_ptr(), 0, sizeof(moe::g_phases)) == cudaSuccess ? 0 : 3;
+  return cudaMemcpyFromSymbol(out, moe::g_phases, sizeof(moe::g_phases)) == cudaSuccess ? 0 : 3;
+}
