@@ -18,8 +18,8 @@ from moe_compile.plugins.library import Dtype, GateUpLayout
 from moe_compile.plugins.model_shapes import SHAPES, SOFTMAX_ROUTING
 from moe_compile.quantize.packing import qmoe_weights, quantize_rows
 
-GATE_UP = ["start", "waited", "routed", "rows done", "split sums", "written"]
-DOWN = ["start", "routed + shared items", "items done", "waited", "written"]
+GATE_UP = ["start", "waited", "routed", "rows done", "split sums", "written", "softmax ready", "top-k chosen"]
+DOWN = ["start", "routed + shared items", "items done", "waited", "written", "", "softmax ready", "top-k chosen"]
 
 
 def main():
@@ -104,7 +104,7 @@ def report(stamps, routed_grid, grid_x, rep):
         for i, phase in enumerate(names):
             v = rows[:, i]
             v = v[v > 0]
-            if len(v):
+            if phase and len(v):
                 cells.append(f"{phase} {np.median(us(v)):.2f} / {us(v).max():.2f}")
         print(f"  {label:15s} (median / last µs): " + ", ".join(cells))
 

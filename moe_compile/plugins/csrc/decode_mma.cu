@@ -25,8 +25,6 @@
 #include "kernels.h"
 #include "mma.cuh"
 #include "quant_rows.cuh"
-#include "routing.cuh"
-
 namespace moe {
 
 // EXPERIMENT (bench/moe_phases.py): %globaltimer stamps of thread 0 of each block of the T = 1 quantized launches,
@@ -44,6 +42,12 @@ inline void* g_phases_ptr() {
   cudaGetSymbolAddress(&p, g_phases);
   return p;
 }
+
+}  // namespace moe
+#define ROUTE_STAMP(i) ::moe::phase(gridDim.y > 1 ? 0 : 1, i)
+#include "routing.cuh"
+
+namespace moe {
 
 constexpr int kMmaGateUpWarps = 8;
 constexpr int kMmaDownWarps = 16;

@@ -9,6 +9,10 @@
 #include "fused_moe.h"
 #include "kernels.h"
 
+#ifndef ROUTE_STAMP
+#define ROUTE_STAMP(i)
+#endif
+
 namespace moe {
 
 // Larger value wins, equal values go to the lower index. Lanes enter with real values or
@@ -92,6 +96,7 @@ __device__ __forceinline__ void route_token_warp(const float* logits, const floa
     denom = warp_sum(s);
   }
   __syncwarp();
+  ROUTE_STAMP(6);
   if (sigmoid_mode && r.n_group > 1) mask_weak_groups(sel, E, r.n_group, r.topk_group);
 
   int my_id = 0;
@@ -102,6 +107,7 @@ __device__ __forceinline__ void route_token_warp(const float* logits, const floa
     float w = sigmoid_mode ? score[e] : expf(v - row_max) / denom;
     if (lane == j) { my_id = e; my_w = w; }
   }
+  ROUTE_STAMP(7);
   if (r.renormalize) {
     float total = warp_sum(lane < r.top_k ? my_w : 0.f);
     my_w /= sigmoid_mode ? total + 1e-20f : total;
