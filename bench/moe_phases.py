@@ -1,11 +1,14 @@
-"""Where a T = 1 quantized MoE layer's time goes, block by block (an instrumented library: decode_mma.cu's phase()).
+"""Where a T = 1 quantized MoE layer's time goes, block by block: %globaltimer stamps of each block's phases.
 
-    python3 bench/moe_phases.py [--bits 4] [--no-shared]
+    python -m moe_compile.plugins.build --arch 90 --out DIR --define MOE_COMPILE_PHASES   # the stamps compiled in
+    MOE_COMPILE_KERNELS_LIB=DIR/libmoe_compile_kernels.so python3 bench/moe_phases.py [--bits 4] [--no-shared]
 
 A2.7B's routed experts (+ the shared expert), fp16 activations, block 32, over 8 weight copies, as
 bench_fused_moe.py --quantized times them: 20 calls in a CUDA graph, replayed; the stamps of the last call's two
-launches (%globaltimer, ns, thread 0 of each block), in µs from the first gate/up block's start: per phase the
-median and the last block, for the routed and the shared gate/up blocks and the down blocks."""
+launches (thread 0 of each block, decode_mma.cu's phase()), in µs from the first gate/up block's start: per phase
+the median block and the last one, for the routed and the shared gate/up blocks and the down blocks. Thread 0 is
+in warp 0, the warp that routes the token in both launches; "softmax ready" and "top-k chosen" are its steps inside
+the routing (routing.cuh)."""
 
 import argparse
 import ctypes
@@ -54,7 +57,8 @@ def main():
                                          None if args.no_shared else w[7].data_ptr())
         return shared, quant
 
-    size = library.workspace_size_quantized(c_shape, routing, experts(parts)[1], experts(parts)[0])
+    shared, quant = experts(parts)
+    size = library.workspace_size_quantized(c_shape, routing, quant, shared)
     ws = torch.empty(size, dtype=torch.uint8, device="cuda")
     turn = iter(range(10**9))
 
@@ -66,6 +70,9 @@ def main():
                                   torch.cuda.current_stream().cuda_stream, shared)
 
     lib = library.load()
+    if not hasattr(lib, "moe_compile_phase_times"):
+        raise SystemExit("moe_phases.py: the kernel library has no stamps: build it with --define MOE_COMPILE_PHASES "
+                         "and point MOE_COMPILE_KERNELS_LIB at it")
     lib.moe_compile_phase_times.argtypes = [ctypes.c_void_p, ctypes.c_int]
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -1,6 +1,6 @@
 """Build the fused-MoE kernels into one shared library with nvcc (no torch, no TensorRT headers).
 
-    python -m moe_compile.plugins.build [--arch 80,86,89,90] [--out DIR] [--jobs N] [--force]
+    python -m moe_compile.plugins.build [--arch 80,86,89,90] [--out DIR] [--jobs N] [--force] [--define NAME]
 
 Writes ``libmoe_compile_kernels.so`` into ``moe_compile/plugins/_build/`` (or ``--out`` /
 ``$MOE_COMPILE_KERNELS_DIR``). Each ``.cu`` compiles to an object in parallel; a stamp of the
@@ -73,8 +73,8 @@ def _gencode_flags(archs: tuple[str, ...]) -> list[str]:
     return flags
 
 
-def _stamp(nvcc: str, archs: tuple[str, ...]) -> str:
-    digest = hashlib.sha256(" ".join((nvcc, *archs, *NVCC_FLAGS)).encode())
+def _stamp(nvcc: str, archs: tuple[str, ...], defines: tuple[str, ...] = ()) -> str:
+    digest = hashlib.sha256(" ".join((nvcc, *archs, *NVCC_FLAGS, *defines)).encode())
     for path in sorted(SOURCE_DIR.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
@@ -87,15 +87,16 @@ def _run(cmd: list[str]) -> None:
 
 
 def build(out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS, jobs: int | None = None,
-          force: bool = False, verbose: bool = False) -> Path:
-    """Compile (if needed) and return the path of the shared library."""
+          force: bool = False, verbose: bool = False, defines: tuple[str, ...] = ()) -> Path:
+    """Compile (if needed) and return the path of the shared library. defines: macros for a diagnostic build
+    (MOE_COMPILE_PHASES: bench/moe_phases.py's stamps)."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     out_dir = Path(out_dir) if out_dir else default_build_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     library, stamp_file = out_dir / LIBRARY_NAME, out_dir / "stamp"
-    stamp = _stamp(nvcc, archs)
+    stamp = _stamp(nvcc, archs, defines)
 
     def up_to_date() -> bool:
         return library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp
@@ -106,20 +107,20 @@ def build(out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS, j
         if not force and up_to_date():  # another process built it while we waited
             return library
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-            _compile_and_link(nvcc, archs, Path(scratch), jobs, verbose)
+            _compile_and_link(nvcc, archs, Path(scratch), jobs, verbose, defines)
             os.replace(Path(scratch) / LIBRARY_NAME, library)
         stamp_file.write_text(stamp)
     return library
 
 
 def build_ort_op(include: Path | None = None, out_dir: Path | None = None, archs: tuple[str, ...] = DEFAULT_ARCHS,
-                 force: bool = False, verbose: bool = False) -> Path:
+                 force: bool = False, verbose: bool = False, defines: tuple[str, ...] = ()) -> Path:
     """Compile (if needed) the ONNX Runtime custom-op library beside the kernel library; return its path."""
     header_dir = ort_include_dir(include)
     if header_dir is None:
         raise BuildError("onnxruntime_c_api.h not found: pass --ort-include DIR or set ONNXRUNTIME_INCLUDE_DIR to the "
                          "include/ folder of an onnxruntime release archive")
-    kernels = build(out_dir, archs, force=force, verbose=verbose)
+    kernels = build(out_dir, archs, force=force, verbose=verbose, defines=defines)
     out_dir = kernels.parent
     library, stamp_file = out_dir / ORT_LIBRARY_NAME, out_dir / "stamp-ort"
     digest = hashlib.sha256((kernels.parent / "stamp").read_bytes() + str(header_dir).encode())
@@ -142,11 +143,14 @@ def build_ort_op(include: Path | None = None, out_dir: Path | None = None, archs
     return library
 
 
-def _compile_and_link(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int | None, verbose: bool) -> None:
+def _compile_and_link(nvcc: str, archs: tuple[str, ...], out_dir: Path, jobs: int | None, verbose: bool,
+                      defines: tuple[str, ...] = ()) -> None:
     sources = sorted(SOURCE_DIR.glob("*.cu"))
     objects = [out_dir / (src.stem + ".o") for src in sources]
     arch_flags = _gencode_flags(archs)
-    commands = [[nvcc, *NVCC_FLAGS, *arch_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects)]
+    macros = [f"-D{name}" for name in defines]
+    commands = [[nvcc, *NVCC_FLAGS, *macros, *arch_flags, "-c", str(src), "-o", str(obj)]
+                for src, obj in zip(sources, objects)]
     if verbose:
         for cmd in commands:
             print(" ".join(cmd), flush=True)
@@ -163,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     parser.add_argument("--ort-include", type=Path, default=None,
                         help="onnxruntime's include/ folder: also build the ONNX Runtime custom-op library")
+    parser.add_argument("--define", action="append", default=[], metavar="NAME",
+                        help="a macro for a diagnostic build: MOE_COMPILE_PHASES (bench/moe_phases.py)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
-        path = build(args.out, tuple(args.arch.split(",")), args.jobs, args.force, args.verbose)
+        path = build(args.out, tuple(args.arch.split(",")), args.jobs, args.force, args.verbose, tuple(args.define))
         if args.ort_include or os.environ.get("ONNXRUNTIME_INCLUDE_DIR"):
             print(path)
-            path = build_ort_op(args.ort_include, args.out, tuple(args.arch.split(",")), args.force, args.verbose)
+            path = build_ort_op(args.ort_include, args.out, tuple(args.arch.split(",")), args.force, args.verbose,
+                                tuple(args.define))
     except BuildError as err:
         print(err, file=sys.stderr)
         return 1

@@ -27,23 +27,26 @@
 #include "quant_rows.cuh"
 namespace moe {
 
-// EXPERIMENT (bench/moe_phases.py): %globaltimer stamps of thread 0 of each block of the T = 1 quantized launches,
-// [launch: 0 gate/up, 1 down][block][phase], read back by moe_compile_phase_times.
-__device__ unsigned long long g_phases[2][1024][8];
+// Where a T = 1 quantized launch's time goes (bench/moe_phases.py): in a library built with
+// `--define MOE_COMPILE_PHASES`, thread 0 of each block stamps %globaltimer at each phase of the two launches,
+// [launch: 0 gate/up, 1 down][block][phase] (the phases: moe_phases.py), which moe_compile_phase_times reads back.
+// Otherwise phase() is nothing.
+#ifdef MOE_COMPILE_PHASES
+constexpr int kPhaseBlocks = 1024;
+__device__ unsigned long long g_phases[2][kPhaseBlocks][8];
 __device__ __forceinline__ void phase(int launch, int i) {
   if (threadIdx.x != 0) return;
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   const int b = blockIdx.x + gridDim.x * blockIdx.y;
-  if (b < 1024) g_phases[launch][b][i] = t;
+  if (b < kPhaseBlocks) g_phases[launch][b][i] = t;
 }
-inline void* g_phases_ptr() {
-  void* p = nullptr;
-  cudaGetSymbolAddress(&p, g_phases);
-  return p;
-}
+#else
+__device__ __forceinline__ void phase(int, int) {}
+#endif
 
 }  // namespace moe
+// the routing warp's own phases (routing.cuh): the gate/up grid is two-dimensional, the down grid one
 #define ROUTE_STAMP(i) ::moe::phase(gridDim.y > 1 ? 0 : 1, i)
 #include "routing.cuh"
 
@@ -401,7 +404,13 @@ void launch_mma_down_sum_quantized(const Problem& p, const QuantWeights& w, cons
 
 }  // namespace moe
 
+#ifdef MOE_COMPILE_PHASES
+// The stamps into out (2 x 1024 x 8 uint64, ns), or (clear) all back to zero. MOE_ERR_CUDA on a failed copy.
 extern "C" int moe_compile_phase_times(unsigned long long* out, int clear) {
-  if (clear) return cudaMemset(moe::g_phases_ptr(), 0, sizeof(moe::g_phases)) == cudaSuccess ? 0 : 3;
-  return cudaMemcpyFromSymbol(out, moe::g_phases, sizeof(moe::g_phases)) == cudaSuccess ? 0 : 3;
+  void* stamps = nullptr;
+  if (cudaGetSymbolAddress(&stamps, moe::g_phases) != cudaSuccess) return MOE_ERR_CUDA;
+  const cudaError_t rc = clear ? cudaMemset(stamps, 0, sizeof(moe::g_phases))
+                               : cudaMemcpy(out, stamps, sizeof(moe::g_phases), cudaMemcpyDeviceToHost);
+  return rc == cudaSuccess ? MOE_OK : MOE_ERR_CUDA;
 }
+#endif

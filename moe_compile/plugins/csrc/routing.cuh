@@ -9,6 +9,7 @@
 #include "fused_moe.h"
 #include "kernels.h"
 
+// Phase stamps of the routing warp (decode_mma.cu: phase); nothing elsewhere.
 #ifndef ROUTE_STAMP
 #define ROUTE_STAMP(i)
 #endif
