@@ -60,3 +60,21 @@ def test_builds_at_once_take_turns(tmp_path):
     calls = (bin_dir / "calls").read_text().splitlines()  # each source once, then the link: by one process
     assert len(calls) == len(list(build.SOURCE_DIR.glob("*.cu"))) + 1, calls
     assert all("arch=compute_90,code=sm_90" in call for call in calls), calls
+
+
+def test_a_diagnostic_macro_reaches_every_compile_and_the_stamp(tmp_path):
+    """--define MOE_COMPILE_PHASES (bench/moe_phases.py's stamps) is passed to each source's compile, and a library
+    built with it is not taken for the plain one (nor the other way round): the stamp holds the macros."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "nvcc").write_text(FAKE_NVCC.replace("sleep 1\n", ""))
+    (bin_dir / "nvcc").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    calls = bin_dir / "calls"
+    for define in (["--define", "MOE_COMPILE_PHASES"], [], ["--define", "MOE_COMPILE_PHASES"]):
+        calls.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "moe_compile.plugins.build", "--arch", "90", "--out", str(out), *define],
+                       check=True, capture_output=True, env=env)
+        compiles = [c for c in calls.read_text().splitlines() if " -c " in c]
+        assert len(compiles) == len(list(build.SOURCE_DIR.glob("*.cu"))), "the stamp was taken for another build's"
+        assert all(("-DMOE_COMPILE_PHASES" in c) == bool(define) for c in compiles), compiles

@@ -25,6 +25,7 @@
 #include "kernels.h"
 #include "mma.cuh"
 #include "quant_rows.cuh"
+
 namespace moe {
 
 // Where a T = 1 quantized launch's time goes (bench/moe_phases.py): in a library built with
