@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton.testing
@@ -208,14 +209,11 @@ def settings_us(fn, calls, alternate, differs) -> dict[str, list[float]]:
     var, values = alternate
     times = {v: [] for v in values}
     for value in values + values[::-1]:
-        saved = os.environ.get(var)
-        os.environ[var] = value
-        try:
+        with mock.patch.dict(os.environ, {var: value}):
             times[value].append(graph_us(fn, calls))
-            if not differs() <= 1e-3:
-                raise SystemExit(f"{var}={value} changed the output: {differs():.1e} relative")
-        finally:
-            os.environ.pop(var) if saved is None else os.environ.__setitem__(var, saved)
+            rel = differs()
+        if not rel <= 1e-3:
+            raise SystemExit(f"{var}={value} changed the output: {rel:.1e} relative")
     return {f"{var}={v}": us for v, us in times.items()}
 
 
@@ -422,9 +420,6 @@ def bench_router(tokens, copies=256):
     against our one launch (fused_moe.h: moe_compile_router_logits), serialised (MOE_COMPILE_PROGRAMMATIC_LAUNCH=0:
     a launch of ours would otherwise overlap the one before, its own kind here). Each call reads the next of `copies`
     copies of the weight, so that L2 holds none of them, as a decode step finds a layer's router."""
-    import os
-    from unittest import mock
-
     from moe_compile.plugins import library
     from moe_compile.plugins.library import Dtype
 
