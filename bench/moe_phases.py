@@ -7,8 +7,8 @@ A2.7B's routed experts (+ the shared expert), fp16 activations, block 32, over 8
 bench_fused_moe.py --quantized times them: 20 calls in a CUDA graph, replayed; the stamps of the last call's two
 launches (thread 0 of each block, decode_mma.cu's phase()), in µs from the first gate/up block's start: per phase
 the median block and the last one, for the routed and the shared gate/up blocks and the down blocks. Thread 0 is
-in warp 0, the warp that routes the token in both launches; "softmax ready" and "top-k chosen" are its steps inside
-the routing (routing.cuh)."""
+in warp 0, the warp that routes the token in both launches; "values in" and "top-k chosen" are its steps inside
+the routing (routing.cuh); the down launch's "routed" is where its warps with routed items have the routing."""
 
 import argparse
 import ctypes
@@ -21,8 +21,8 @@ from moe_compile.plugins.library import Dtype, GateUpLayout
 from moe_compile.plugins.model_shapes import SHAPES, SOFTMAX_ROUTING
 from moe_compile.quantize.packing import qmoe_weights, quantize_rows
 
-GATE_UP = ["start", "waited", "routed", "rows done", "split sums", "written", "softmax ready", "top-k chosen"]
-DOWN = ["start", "routed + shared items", "items done", "waited", "written", "", "softmax ready", "top-k chosen"]
+GATE_UP = ["start", "waited", "routed", "rows done", "split sums", "written", "values in", "top-k chosen"]
+DOWN = ["start", "routed", "items done", "waited", "written", "", "values in", "top-k chosen"]
 
 
 def main():

@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
   __shared__ TokenRoute route;
   const int warp = threadIdx.x / kWarp;
   if (warp == 0) {
-    route_one_token_warp(p, logits, bias, ws, route_scratch, route, blockIdx.x == 0);
+    route_one_token_warp(p, logits, bias, route_scratch, route);
+    route_one_token_rows(p, ws, route, blockIdx.x == 0);
   } else if (sh.gate_up) {  // the shared expert needs no routing: its columns stream meanwhile
     const T* ws_ = static_cast<const T*>(sh.gate_up);
     T* act_s = static_cast<T*>(sh.act);

@@ -112,7 +112,7 @@ __device__ __forceinline__ QuantRows<T, BITS, U> shared_rows(const QuantRows<T, 
 // (quantized rows, whose codes are too few to keep a warp a row group's whole H busy): KSPLIT warps share
 // 8 columns, each a slice of H in multiples of 128, and add their sums in a fixed order through shared memory.
 // ROUTE (T = 1, routed_grid = K, dynamic shared memory 2E floats): the kernel routes the token itself
-// (routing.cuh: route_one_token_warp) and tile r is the token's r-th expert in row order, so one launch
+// (routing.cuh: route_one_token_warp) and tile r is the token's r-th choice (act row r), so one launch
 // less a step; it lets the down launch start early (allow_dependent_launch). No block writes the routing tables:
 // the down kernel at T = 1 routes the token too. ROUTE launches start as the launch before's programmatic dependents
 // (the router's logits, router.cu): a routed block waits for it before it routes, a shared block once its first
@@ -142,10 +142,10 @@ __global__ void __launch_bounds__(WARPS* kWarp)
       wait_for_producer();       // the logits (and x) are the launch before's output
       phase(0, 1);
       allow_dependent_launch();  // so the down launch, which routes from the same logits, starts after that one
-      if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);  // no tables: nothing reads them
+      if (warp == 0) route_one_token_warp(p, logits, bias, route_scratch, route, false);  // the experts alone
       __syncthreads();
       phase(0, 2);
-      e = route.by_row[blockIdx.x], row0 = blockIdx.x, n = 1;
+      e = route.pick[blockIdx.x], row0 = blockIdx.x, n = 1;
     } else {
       if ((int)blockIdx.x >= *ws.num_tiles) return;  // the whole block
       e = ws.tile_expert[blockIdx.x];
@@ -199,41 +199,46 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   if constexpr (ROUTE) phase(0, 5);
 }
 
-// Work items of a block: (routed tile, k-slice of SLICE) first, then (shared k-slice); each warp sums its
+// Work items of a block: (routed tile, k-slice of `slice`) first, then (shared k-slice); each warp sums its
 // items into its own partial rows, and the block adds the warps' rows in a fixed order.
 // routed = false: only the shared items, added to what out holds (the routed part ran apart).
 // ROUTE (T = 1, dynamic shared memory 2E floats): the block routes the token itself, as the gate/up launch
 // does, instead of reading routing tables; then nothing but act depends on that launch, and the
 // kernel, launched as its programmatic dependent (launch_mma), loads its first weights while the gate/up
-// launch finishes and waits for it only before it reads act (mma_rows16's `wait`). The shared expert's items
-// stream while warp 0 routes (H200, A2.7B int4 with its shared expert at T = 1: 24.2 -> 22.9 us; int8 32.5 -> 30.6;
-// docs/BENCHMARKS.md, fourteenth run).
-template <typename T, int NT, typename W, int SLICE, int WARPS, bool ROUTE>
+// launch finishes and waits for it only before it reads act (mma_rows16's `wait`). Warp 0 routes; a warp waits for
+// it only before its first routed item, the shared expert's items stream meanwhile (H200, A2.7B int4 with its shared
+// expert at T = 1: 24.2 -> 22.9 us; int8 32.5 -> 30.6; docs/BENCHMARKS.md, fourteenth run); `slice`: down_slice.
+template <typename T, int NT, typename W, int WARPS, bool ROUTE>
 __global__ void __launch_bounds__(WARPS* kWarp)
-    mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, T* __restrict__ out,
+    mma_down_sum_kernel(Problem p, W w, Workspace ws, Shared sh, bool routed, int slice, T* __restrict__ out,
                         const float* __restrict__ logits, const float* __restrict__ bias) {
   if constexpr (ROUTE) phase(1, 0);
   constexpr int TMAX = 8 * NT;
   __shared__ float partial[WARPS][16][TMAX];
   __shared__ TokenRoute route;
+  __shared__ int routed_flag;  // ROUTE: warp 0 has written route
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   for (int i = lane; i < 16 * TMAX; i += kWarp) (&partial[warp][0][0])[i] = 0.f;  // the warp's own: no barrier
+  if constexpr (ROUTE) {
+    if (threadIdx.x == 0) routed_flag = 0;
+    __syncthreads();  // before warp 0 can set it; the block's warps start together
+  }
   __syncwarp();
 
   const int h0 = blockIdx.x * 16;
   const bool lo_ok = h0 + g < p.H, hi_ok = h0 + g + 8 < p.H;
-  const int routed_slices = (int)ceil_div(p.I, SLICE);
-  // ROUTE: the routing is not known before the barrier below, so no table is read for the count
+  const int routed_slices = (int)ceil_div(p.I, slice);
+  // ROUTE: the routing is not known before the flag below, so no table is read for the count
   const int routed_items = !routed ? 0 : (ROUTE ? p.K : *ws.num_tiles) * routed_slices;
-  const int shared_items = sh.down ? (int)ceil_div(sh.I, SLICE) : 0;
+  const int shared_items = sh.down ? (int)ceil_div(sh.I, slice) : 0;
   const int items = routed_items + shared_items;
   const T* act = static_cast<const T*>(ws.act);
   auto run_item = [&](int item) {  // items below routed_items: (routed tile, slice); the rest: shared slices
     float acc[NT][4] = {};
     const T* xs[NT];
     if (item < routed_items) {
-      const int tile = item / routed_slices, e = ROUTE ? route.by_row[tile] : ws.tile_expert[tile];
-      const int k0 = (item % routed_slices) * SLICE, len = min(SLICE, p.I - k0);
+      const int tile = item / routed_slices, e = ROUTE ? route.pick[tile] : ws.tile_expert[tile];
+      const int k0 = (item % routed_slices) * slice, len = min(slice, p.I - k0);
       // ROUTE: tile r is act row r (gate/up's routing), so no table lookup stands before the weights' loads
       const int row0 = ROUTE ? tile : ws.expert_offsets[e];
       const int n = ROUTE ? 1 : ws.expert_offsets[e + 1] - row0;
@@ -249,12 +254,12 @@ __global__ void __launch_bounds__(WARPS* kWarp)
           const int s = 8 * nt + 2 * t + c;
           if (s >= n) continue;
           const int entry = ROUTE ? 0 : ws.perm_entry[row0 + s];  // ROUTE: one token, entry / K = 0
-          const float wt = ROUTE ? route.w_by_row[tile] : ws.topk_w[entry];
+          const float wt = ROUTE ? route.pick_w[tile] : ws.topk_w[entry];
           partial[warp][g][entry / p.K] += wt * acc[nt][c];
           partial[warp][g + 8][entry / p.K] += wt * acc[nt][2 + c];
         }
     } else {  // the shared expert: every token, weighted by its gate
-      const int k0 = (item - routed_items) * SLICE, len = min(SLICE, sh.I - k0);
+      const int k0 = (item - routed_items) * slice, len = min(slice, sh.I - k0);
       const W wd = shared_rows(w, sh.down, sh.down_scales) + k0;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -274,21 +279,33 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     }
   };
   if constexpr (ROUTE) {
-    // Warp 0 routes the token while the others stream the shared expert's rows, which need no routing: a warp
-    // takes the shared items first, and warp 0 the last turn, so that routing delays only the routed items.
+    // Warp 0 routes the token while the others stream the shared expert's rows, which need no routing: a warp takes
+    // the shared items first and waits for the routing (the flag `routed`) only before its first routed item, and
+    // warp 0 takes the last turn of the first round, so that routing delays only the routed items.
     extern __shared__ float route_scratch[];  // sel [E], score [E]
-    const auto item_at = [&](int i) { return i < shared_items ? routed_items + i : i - shared_items; };
-    int i = (warp + WARPS - 1) % WARPS;
-    if (warp == 0) route_one_token_warp(p, logits, bias, ws, route_scratch, route, false);
-    else
-      for (; i < shared_items; i += WARPS) run_item(item_at(i));
-    __syncthreads();
+    if (warp == 0) {
+      route_one_token_warp(p, logits, bias, route_scratch, route);
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence_block();  // the choices before the flag
+        *reinterpret_cast<volatile int*>(&routed_flag) = 1;
+      }
+    }
     phase(1, 1);
-    for (; i < items; i += WARPS) run_item(item_at(i));
-    phase(1, 2);
+    bool have_route = warp == 0;
+    for (int i = (warp + WARPS - 1) % WARPS; i < items; i += WARPS) {
+      const int item = i < shared_items ? routed_items + i : i - shared_items;
+      if (item < routed_items && !have_route) {
+        while (*reinterpret_cast<volatile int*>(&routed_flag) == 0) __nanosleep(32);
+        __threadfence_block();  // the choices after the flag
+        have_route = true;
+      }
+      run_item(item);
+    }
   } else {
     for (int item = warp; item < items; item += WARPS) run_item(item);
   }
+  if constexpr (ROUTE) phase(1, 2);
   if constexpr (ROUTE) wait_for_producer();  // every block: out is written, and this grid ends, after gate/up's
   if constexpr (ROUTE) phase(1, 3);
   __syncthreads();
@@ -300,6 +317,21 @@ __global__ void __launch_bounds__(WARPS* kWarp)
     out[(size_t)tok * p.H + h] = from_float<T>(s);
   }
   if constexpr (ROUTE) phase(1, 4);
+}
+
+// The down launch's slice at T = 1: `slice` (kQuantDownSlice), or the shortest multiple of 128 (whole quantization
+// blocks) that gives each warp at most one item (K routed slices of I, the shared expert's of I_s) where that takes
+// fewer rounds of loads (round_k: k a round of a warp's loads) for the warp with the most. A warp's items and rounds
+// run one after another. H200, A2.7B with its shared expert, 16 warps: int8 at 512 gives 7 warps two items of two
+// rounds, at 768 every warp one of three (down 16.3 -> 15.0 us); int4 at 512 two of one, and at 768 one of two,
+// 12.1 -> 13.0 us, so int4 stays at 512 (docs/FUSED_MOE.md).
+inline int down_slice(const Problem& p, const Shared& sh, int warps, int slice, int round_k) {
+  const int I_s = sh.down ? sh.I : 0, longest = (int)ceil_div(max(p.I, I_s), 128) * 128;
+  const auto items = [&](int s) { return (int)(p.K * ceil_div(p.I, s) + ceil_div(I_s, s)); };
+  const auto rounds = [&](int s) { return (int)(ceil_div(items(s), warps) * ceil_div(s, round_k)); };
+  int one = 128;
+  while (one < longest && items(one) > warps) one += 128;
+  return rounds(one) < rounds(slice) ? one : slice;
 }
 
 // ROUTE: gate_up and down route the token themselves (T = 1; logits and bias as moe_compile_forward takes them).
@@ -319,10 +351,12 @@ void launch_mma(const Problem& p, const void* x, WG w_gate_up, WD w_down, const 
                         dim3(GATE_UP_WARPS * kWarp), smem, s, p, static_cast<const T*>(x), w_gate_up, ws, sh,
                         routed_grid, logits, bias);
   } else {
+    int slice = SLICE;
+    if constexpr (ROUTE) slice = down_slice(p, sh, DOWN_WARPS, SLICE, WD::kRoundK);
     // ROUTE: start while the gate/up launch runs (sm_90+; earlier GPUs serialise)
-    launch_programmatic(ROUTE, mma_down_sum_kernel<T, NT, WD, SLICE, DOWN_WARPS, ROUTE>, dim3(ceil_div(p.H, 16)),
+    launch_programmatic(ROUTE, mma_down_sum_kernel<T, NT, WD, DOWN_WARPS, ROUTE>, dim3(ceil_div(p.H, 16)),
                         dim3(DOWN_WARPS * kWarp), ROUTE ? sizeof(float) * 2 * p.E : 0, s, p, w_down, ws, sh, routed,
-                        static_cast<T*>(out), logits, bias);
+                        slice, static_cast<T*>(out), logits, bias);
   }
 }
 
@@ -336,8 +370,8 @@ void mma_dispatch_dense(const Problem& p, const void* x, const void* wgu, const 
 }
 
 // Quantized experts: a 16-byte load holds 2-4x the weights of a 16-bit one, so each warp gets less of H
-// (KSPLIT warps a row group at one n-tile, 2 at two) and the down kernel longer slices (kQuantDownSlice:
-// one round of items at T = 1 on A2.7B's I = 1408), and loads in flight cover a warp's whole range.
+// (KSPLIT warps a row group at one n-tile, 2 at two) and the down kernel longer slices (kQuantDownSlice at
+// 2 <= T <= 8; T = 1: down_slice), and loads in flight cover a warp's whole range.
 constexpr int kQuantDownSlice = 512;
 
 // Gate/up in rounds of GU_U loads a lane, KSPLIT warps a row group, WARPS warps a block; down in rounds of 4.

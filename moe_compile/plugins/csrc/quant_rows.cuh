@@ -15,6 +15,7 @@ namespace moe {
 // U: 16-byte loads of codes in flight per lane per row (the caller's k-range decides what fills it).
 template <typename T, int BITS, int U>
 struct QuantRows {
+  static constexpr int kRoundK = 4 * (128 / BITS) * U;  // k of a warp's round of loads in mma_rows16
   const uint8_t* codes;
   const T* scales;
   int block;

@@ -15,8 +15,13 @@ __global__ void route_kernel(Problem p, const float* logits, const float* bias, 
   const int t = blockIdx.x * kRouteWarps + warp;
   if (t >= p.T) return;
   float* sel = scratch + warp * 2 * p.E;
-  route_token_warp(logits + (size_t)t * p.E, bias, p.routing, p.E, sel, sel + p.E,
-                   ids + (size_t)t * p.K, w + (size_t)t * p.K);
+  int id;
+  float weight;
+  route_token_warp(logits + (size_t)t * p.E, bias, p.routing, p.E, sel, sel + p.E, id, weight);
+  if (threadIdx.x % kWarp < p.K) {
+    ids[(size_t)t * p.K + threadIdx.x % kWarp] = id;
+    w[(size_t)t * p.K + threadIdx.x % kWarp] = weight;
+  }
 }
 
 void launch_route(const Problem& p, const float* logits, const float* bias, int32_t* ids,
@@ -36,9 +41,15 @@ __global__ void route_permute_small_kernel(Problem p, const float* logits, const
   float* sel = reinterpret_cast<float*>(tiles + p.E);
   const int warp = threadIdx.x / kWarp;
   float* my_sel = sel + warp * 2 * p.E;
-  for (int t = warp; t < p.T; t += blockDim.x / kWarp)
-    route_token_warp(logits + (size_t)t * p.E, bias, p.routing, p.E, my_sel, my_sel + p.E,
-                     ws.topk_ids + (size_t)t * p.K, ws.topk_w + (size_t)t * p.K);
+  for (int t = warp; t < p.T; t += blockDim.x / kWarp) {
+    int id;
+    float weight;
+    route_token_warp(logits + (size_t)t * p.E, bias, p.routing, p.E, my_sel, my_sel + p.E, id, weight);
+    if (threadIdx.x % kWarp < p.K) {
+      ws.topk_ids[(size_t)t * p.K + threadIdx.x % kWarp] = id;
+      ws.topk_w[(size_t)t * p.K + threadIdx.x % kWarp] = weight;
+    }
+  }
   __syncthreads();
   for (int i = threadIdx.x; i < p.P; i += blockDim.x) ids[i] = ws.topk_ids[i];
   __syncthreads();

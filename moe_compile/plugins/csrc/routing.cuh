@@ -16,32 +16,22 @@
 
 namespace moe {
 
-// Larger value wins, equal values go to the lower index. Lanes enter with real values or
-// (-inf, INT32_MAX), never NaN, so every lane ends with the same pair.
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
-  }
+// A float as a key whose unsigned order is the float's order (-0 taken as +0, so that they tie as floats do).
+__device__ __forceinline__ uint32_t ordered_key(float v) {
+  const uint32_t u = __float_as_uint(v + 0.f);
+  return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+__device__ __forceinline__ float from_ordered_key(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? k & 0x7fffffffu : ~k);
 }
 
-// Arg-max over sel[0..n), then marks the winner taken with NaN (which never compares greater).
-__device__ __forceinline__ int warp_take_max(float* sel, int n, float* value) {
-  const int lane = threadIdx.x % kWarp;
-  float v = -INFINITY;
-  int i = INT32_MAX;
-  for (int e = lane; e < n; e += kWarp) {
-    float c = sel[e];
-    if (c > v || (c == v && e < i)) { v = c; i = e; }
-  }
-  warp_argmax(v, i);
-  __syncwarp();
-  if (lane == 0) sel[i] = NAN;
-  __syncwarp();
-  *value = v;
-  return i;
+// Larger value wins, equal values go to the lower index. Lanes enter with real values or
+// (-inf, INT32_MAX), never NaN, so every lane ends with the same pair. Two warp-wide reductions (sm_80+), where
+// five rounds of shuffles took ~0.5 µs in a T = 1 launch beside streaming warps (docs/FUSED_MOE.md).
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+  const uint32_t key = ordered_key(v), top = __reduce_max_sync(0xffffffffu, key);
+  i = (int)__reduce_min_sync(0xffffffffu, key == top ? (uint32_t)i : 0xffffffffu);
+  v = from_ordered_key(top);
 }
 
 // Keeps the topk_group groups with the largest sum of their top-2 choices; masks the rest.
@@ -71,73 +61,100 @@ __device__ __forceinline__ void mask_weak_groups(float* choice, int E, int n_gro
   __syncwarp();
 }
 
-// sel and score: this warp's scratch, E floats each. Lane j < K writes the j-th choice.
+// sel and score: this warp's scratch, E floats each. Lane j < K ends with the j-th choice in (id, w); with
+// weights = false, w is left as it is (a launch that needs only the experts skips the softmax's sum).
+// The K choices are K rounds of a warp arg-max over each lane's best value not yet taken (a lane holds experts
+// lane, lane + 32, ...): after a round only the winner's lane looks at its own values again, so a round is one
+// shuffle reduction and no pass over E, no shared-memory write and no __syncwarp (the rounds over sel with a taken
+// mark there, which this replaced, took ~2 µs of a T = 1 launch: docs/FUSED_MOE.md). Selection treats a NaN as
+// -inf (a choice is always one of the E experts); the weights keep it, so a NaN logit still reaches the output.
 __device__ __forceinline__ void route_token_warp(const float* logits, const float* bias, const moe_routing& r,
-                                 int E, float* sel, float* score, int32_t* ids_out,
-                                 float* w_out) {
+                                                 int E, float* sel, float* score, int& id, float& w,
+                                                 bool weights = true) {
   const int lane = threadIdx.x % kWarp;
   const bool sigmoid_mode = r.kind == MOE_ROUTING_SIGMOID_GROUP_TOPK;
-  float row_max = -INFINITY, denom = 1.f;
   for (int e = lane; e < E; e += kWarp) {
-    float l = logits[e];
+    const float l = logits[e];
     if (sigmoid_mode) {
-      float s = 1.f / (1.f + expf(-l));
+      const float s = 1.f / (1.f + expf(-l));
       score[e] = s;
       sel[e] = s + (bias ? bias[e] : 0.f);
     } else {
       sel[e] = l;
-      row_max = fmaxf(row_max, l);
     }
   }
-  if (!sigmoid_mode) {
-    for (int o = kWarp / 2; o > 0; o >>= 1)
-      row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, o));
-    float s = 0.f;
-    for (int e = lane; e < E; e += kWarp) s += expf(logits[e] - row_max);
-    denom = warp_sum(s);
-  }
-  __syncwarp();
+  __syncwarp();  // mask_weak_groups and the sigmoid weights read other lanes' values
   ROUTE_STAMP(6);
   if (sigmoid_mode && r.n_group > 1) mask_weak_groups(sel, E, r.n_group, r.topk_group);
 
-  int my_id = 0;
-  float my_w = 0.f;
+  uint32_t taken = 0;  // bit m: expert lane + 32 m is chosen (E <= 1024)
+  float v;             // the lane's best value not taken, and its expert
+  int i;
+  const auto own_best = [&] {
+    v = -INFINITY, i = INT32_MAX;
+#pragma unroll 4
+    for (int m = 0, e = lane; e < E; ++m, e += kWarp) {
+      const float c = sel[e] == sel[e] ? sel[e] : -INFINITY;
+      if (!((taken >> m) & 1u) && (c > v || (c == v && e < i))) v = c, i = e;
+    }
+  };
+  own_best();
+  float top = 0.f, my_v = 0.f;
+  id = 0;
   for (int j = 0; j < r.top_k; ++j) {
-    float v;
-    int e = warp_take_max(sel, E, &v);
-    float w = sigmoid_mode ? score[e] : expf(v - row_max) / denom;
-    if (lane == j) { my_id = e; my_w = w; }
+    float wv = v;
+    int wi = i;
+    warp_argmax(wv, wi);  // K <= E: some lane always has one left
+    if (j == 0) top = wv;
+    if (lane == j) id = wi, my_v = wv;
+    if (wi == i) {  // this lane's: take it, find the next
+      taken |= 1u << (wi / kWarp);
+      own_best();
+    }
   }
   ROUTE_STAMP(7);
-  if (r.renormalize) {
-    float total = warp_sum(lane < r.top_k ? my_w : 0.f);
-    my_w /= sigmoid_mode ? total + 1e-20f : total;
+  if (!weights) return;
+  if (sigmoid_mode) {
+    w = lane < r.top_k ? score[id] : 0.f;
+  } else {
+    float s = 0.f;
+    for (int e = lane; e < E; e += kWarp) s += expf(sel[e] - top);
+    w = expf(my_v - top) / warp_sum(s);
   }
-  my_w *= r.routed_scaling_factor;
-  if (lane < r.top_k) { ids_out[lane] = my_id; w_out[lane] = my_w; }
+  if (r.renormalize) {
+    const float total = warp_sum(lane < r.top_k ? w : 0.f);
+    w /= sigmoid_mode ? total + 1e-20f : total;
+  }
+  w *= r.routed_scaling_factor;
 }
 
-// One token routed inside a decode kernel (T = 1: no routing launch of its own). Every block routes the token
-// with its warp 0 into shared memory; one block of the grid also writes the tables the down kernels read.
+// One token routed inside a decode kernel (T = 1: no routing launch of its own): warp 0 of each block routes it into
+// shared memory.
 struct TokenRoute {
-  int32_t pick[32];  // the k-th choice's expert
+  int pick[32];  // the k-th choice's expert
   float pick_w[32];
-  int by_row[32];    // experts in permuted-row order (ascending id, as the permutation)
-  float w_by_row[32];  // their weights
+  int by_row[32];  // experts in permuted-row order (ascending id, as the permutation): route_one_token_rows
 };
 
-// Warp 0 of the block; scratch: 2E floats of shared memory. `write`: this block writes the routing tables.
+// Warp 0 of the block; scratch: 2E floats of shared memory. weights = false: r.pick_w is not written.
 __device__ __forceinline__ void route_one_token_warp(const Problem& p, const float* logits, const float* bias,
-                                                     const Workspace& ws, float* scratch, TokenRoute& r, bool write) {
+                                                     float* scratch, TokenRoute& r, bool weights = true) {
   const int lane = threadIdx.x % kWarp;
-  route_token_warp(logits, bias, p.routing, p.E, scratch, scratch + p.E, r.pick, r.pick_w);
-  __syncwarp();
+  int e;
+  float w = 0.f;
+  route_token_warp(logits, bias, p.routing, p.E, scratch, scratch + p.E, e, w, weights);
+  if (lane < p.K) r.pick[lane] = e, r.pick_w[lane] = w;
+}
+
+// The same warp after route_one_token_warp: the choices in row order, and (write) the routing tables that a launch
+// which does not route reads.
+__device__ __forceinline__ void route_one_token_rows(const Problem& p, const Workspace& ws, TokenRoute& r, bool write) {
+  const int lane = threadIdx.x % kWarp;
+  const int e = lane < p.K ? r.pick[lane] : 0;
+  int row = 0;  // the K choices are distinct experts: row = the choices below e
+  for (int k = 0; k < p.K; ++k) row += __shfl_sync(0xffffffffu, e, k) < e;
   if (lane < p.K) {
-    const int e = r.pick[lane];
-    int row = 0;
-    for (int k = 0; k < p.K; ++k) row += r.pick[k] < e;  // the K choices are distinct experts
     r.by_row[row] = e;
-    r.w_by_row[row] = r.pick_w[lane];
     if (write) {
       ws.topk_ids[lane] = e;
       ws.topk_w[lane] = r.pick_w[lane];
