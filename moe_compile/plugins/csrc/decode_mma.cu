@@ -322,9 +322,9 @@ __global__ void __launch_bounds__(WARPS* kWarp)
 // The down launch's slice at T = 1: `slice` (kQuantDownSlice), or the shortest multiple of 128 (whole quantization
 // blocks) that gives each warp at most one item (K routed slices of I, the shared expert's of I_s) where that takes
 // fewer rounds of loads (round_k: k a round of a warp's loads) for the warp with the most. A warp's items and rounds
-// run one after another. H200, A2.7B with its shared expert, 16 warps: int8 at 512 gives 7 warps two items of two
-// rounds, at 768 every warp one of three (down 16.3 -> 15.0 us); int4 at 512 two of one, and at 768 one of two,
-// 12.1 -> 13.0 us, so int4 stays at 512 (docs/FUSED_MOE.md).
+// run one after another. A2.7B with its shared expert, 16 warps: int8 at 512 gives 7 warps two items of two rounds,
+// at 768 every warp one of three; int4 at 512 two of one, at 768 one of two. One item a warp for both (H200, the
+// down kernel alone, docs/BENCHMARKS.md twentieth run): int8 16.3 -> 15.0 us, int4 12.1 -> 13.0, so int4 stays.
 inline int down_slice(const Problem& p, const Shared& sh, int warps, int slice, int round_k) {
   const int I_s = sh.down ? sh.I : 0, longest = (int)ceil_div(max(p.I, I_s), 128) * 128;
   const auto items = [&](int s) { return (int)(p.K * ceil_div(p.I, s) + ceil_div(I_s, s)); };

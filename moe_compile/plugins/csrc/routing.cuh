@@ -26,8 +26,9 @@ __device__ __forceinline__ float from_ordered_key(uint32_t k) {
 }
 
 // Larger value wins, equal values go to the lower index. Lanes enter with real values or
-// (-inf, INT32_MAX), never NaN, so every lane ends with the same pair. Two warp-wide reductions (sm_80+), where
-// five rounds of shuffles took ~0.5 µs in a T = 1 launch beside streaming warps (docs/FUSED_MOE.md).
+// (-inf, INT32_MAX), never NaN, so every lane ends with the same pair. Two warp-wide reductions (sm_80+) instead of
+// five rounds of shuffles: A2.7B's four choices in a T = 1 launch beside streaming warps took 2.4 -> 1.7 µs
+// (docs/FUSED_MOE.md).
 __device__ __forceinline__ void warp_argmax(float& v, int& i) {
   const uint32_t key = ordered_key(v), top = __reduce_max_sync(0xffffffffu, key);
   i = (int)__reduce_min_sync(0xffffffffu, key == top ? (uint32_t)i : 0xffffffffu);
@@ -65,9 +66,8 @@ __device__ __forceinline__ void mask_weak_groups(float* choice, int E, int n_gro
 // weights = false, w is left as it is (a launch that needs only the experts skips the softmax's sum).
 // The K choices are K rounds of a warp arg-max over each lane's best value not yet taken (a lane holds experts
 // lane, lane + 32, ...): after a round only the winner's lane looks at its own values again, so a round is one
-// shuffle reduction and no pass over E, no shared-memory write and no __syncwarp (the rounds over sel with a taken
-// mark there, which this replaced, took ~2 µs of a T = 1 launch: docs/FUSED_MOE.md). Selection treats a NaN as
-// -inf (a choice is always one of the E experts); the weights keep it, so a NaN logit still reaches the output.
+// warp arg-max and no pass over E, no shared-memory write and no __syncwarp. Selection treats a NaN as -inf (a
+// choice is always one of the E experts); the weights keep it, so a NaN logit still reaches the output.
 __device__ __forceinline__ void route_token_warp(const float* logits, const float* bias, const moe_routing& r,
                                                  int E, float* sel, float* score, int& id, float& w,
                                                  bool weights = true) {
