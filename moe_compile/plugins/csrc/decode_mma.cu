@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(WARPS* kWarp)
   };
   if constexpr (ROUTE) {
     // Warp 0 routes the token while the others stream the shared expert's rows, which need no routing: a warp takes
-    // the shared items first and waits for the routing (the flag `routed`) only before its first routed item, and
+    // the shared items first and waits for the routing (`routed_flag`) only before its first routed item, and
     // warp 0 takes the last turn of the first round, so that routing delays only the routed items.
     extern __shared__ float route_scratch[];  // sel [E], score [E]
     if (warp == 0) {
