@@ -24,7 +24,8 @@
 #   NAME-ab  (fp16-ab, int4-head-ab, ...) build NAME's bench again under the settings in $AB (default: the router
 #            MatMul and the skip-norms on ONNX Runtime, MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort)
 #            twice, then without them once more: A B B A with NAME's own bench, as NAME-attn
-#   profile  bench/ort_step_kernels.py on the $PROFILE build (default int4; CUPTI: GPU µs a decode step by kernel)
+#   profile  bench/ort_step_kernels.py on each $PROFILE build (comma-separated, default int4; CUPTI: GPU µs a decode
+#            step by kernel, and the step's critical path by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
 # MEMORY lists builds made through bench/build_memory.py (the same build, with each stage's host memory and the
 # anonymous peak in its log and builds.json): the quantizer's memory at 24 layers, which the CPU machine cannot hold.
@@ -132,10 +133,13 @@ has int4-ort && bench_again int4-ort MOE_COMPILE_MOE_KERNELS=ort
 has int4-serial && bench_again int4-serial MOE_COMPILE_PROGRAMMATIC_LAUNCH=0
 has int4-ortmm && bench_again int4-ortmm MOE_COMPILE_MATMUL_KERNELS=ort
 
-if has profile && [ -f "$WORK/build-$PROFILE/manifest.json" ]; then
-  step "bench/ort_step_kernels.py $PROFILE on (CUDA graphs): GPU µs a decode step by kernel"
-  within 30 python3 bench/ort_step_kernels.py "$WORK/build-$PROFILE" on > "$OUT/profile-$PROFILE.txt" 2>&1; echo "rc=$?"
-  head -60 "$OUT/profile-$PROFILE.txt"
+if has profile; then
+  for name in ${PROFILE//,/ }; do
+    [ -f "$WORK/build-$name/manifest.json" ] || continue
+    step "bench/ort_step_kernels.py $name on (CUDA graphs): GPU µs a decode step by kernel, and its critical path"
+    within 30 python3 bench/ort_step_kernels.py "$WORK/build-$name" on > "$OUT/profile-$name.txt" 2>&1; echo "rc=$?"
+    head -70 "$OUT/profile-$name.txt"
+  done
 fi
 
 if has parity; then

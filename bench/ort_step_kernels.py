@@ -1,6 +1,11 @@
 """Per-kernel CUDA time of an ort-form build's batch-1 decode steps on ort-cuda (CUPTI, through
 torch.profiler, which sees ONNX Runtime's kernels): wall ms per step over 50 steps, then over 20 steps
-GPU us per step by kernel.
+GPU us per step by kernel, and the step's critical path by kernel.
+
+A kernel's own time overlaps its neighbours' where it starts early (programmatic launches), so those times do
+not add up to the step. The critical path does: kernels in start order, each is charged the time by which its
+end moves the latest end so far (the whole of it after an idle gap, which is charged to "idle"). In a chain
+of dependent launches that is the latency each kernel adds to the step. One step's kernels follow, in order.
 
     python bench/ort_step_kernels.py BUILD on|off        # on: CUDA graphs (GPU machine, onnxruntime-gpu)
 
@@ -47,6 +52,30 @@ def main(out: str, graph: bool) -> None:
                       "kernels_per_step": sum(count.values()) / PROFILED}))
     for name, us in time_us.most_common(30):
         print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name[:90]) for e in prof.events()
+                     if e.device_type.name == "CUDA")
+    added, idle = critical_path(kernels)
+    span = kernels[-1][1] - kernels[0][0]
+    print(f"\ncritical path: {span / PROFILED:.1f} us a step, of which idle {idle / PROFILED:.1f}")
+    for name, us in added.most_common(30):
+        print(f"{us / PROFILED:9.1f} us/step {100 * us / span:5.1f}%  {name}")
+    per_step = len(kernels) // PROFILED
+    one = kernels[-per_step:]
+    print(f"\nthe last step's {per_step} kernels: start, end and the critical path's gain, us from its first start")
+    frontier, t0 = one[0][0], one[0][0]
+    for start, end, name in one:
+        print(f"{start - t0:8.1f} {end - t0:8.1f} {max(0.0, end - max(frontier, start)):6.1f}  {name[:70]}")
+        frontier = max(frontier, end)
+
+
+def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[collections.Counter, float]:
+    """µs each kernel name adds to the latest end so far, kernels in start order; and the idle gaps' sum."""
+    added, idle, frontier = collections.Counter(), 0.0, kernels[0][0]
+    for start, end, name in kernels:
+        idle += max(0.0, start - frontier)
+        added[name] += max(0.0, end - max(frontier, start))
+        frontier = max(frontier, end)
+    return added, idle
 
 
 if __name__ == "__main__":
