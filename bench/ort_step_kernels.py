@@ -1,6 +1,8 @@
 """Per-kernel CUDA time of an ort-form build's batch-1 decode steps on ort-cuda (CUPTI, through
 torch.profiler, which sees ONNX Runtime's kernels): wall ms per step over 50 steps, then over 20 steps
-GPU us per step by kernel, and the step's critical path by kernel.
+GPU us per step by kernel, and the step's critical path by kernel. Where a step's wall time goes: the graph
+on the GPU (first kernel to last), ONNX Runtime's run around it (the binding replayed alone, minus the graph),
+and the decode loop's own host work (the rest: building and copying the inputs, reading the token).
 
 A kernel's own time overlaps its neighbours' where it starts early (programmatic launches), so those times do
 not add up to the step. The critical path does: kernels in start order, each is charged the time by which its
@@ -13,6 +15,7 @@ The file name must not be kernels.py: transformers imports a package of that nam
 
 import collections
 import json
+import statistics
 import sys
 import time
 
@@ -39,6 +42,7 @@ def main(out: str, graph: bool) -> None:
         token, mask = decode_one(backend, token, mask, chooser)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
+    run_ms = replay_ms(backend, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED):
             token, mask = decode_one(backend, token, mask, chooser)
@@ -48,24 +52,43 @@ def main(out: str, graph: bool) -> None:
         if event.device_type.name == "CUDA":
             time_us[event.name[:90]] += event.device_time_total
             count[event.name[:90]] += 1
-    print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "gpu_us_per_step": sum(time_us.values()) / PROFILED,
-                      "kernels_per_step": sum(count.values()) / PROFILED}))
-    for name, us in time_us.most_common(30):
-        print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
     kernels = sorted((e.time_range.start, e.time_range.end, e.name[:90]) for e in prof.events()
                      if e.device_type.name == "CUDA")
+    per_step = len(kernels) // PROFILED
+    graph_ms = statistics.mean(graph_span(kernels[i : i + per_step]) for i in range(0, len(kernels), per_step)) / 1e3
+    print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "run_ms_per_step": run_ms, "graph_ms_per_step": graph_ms,
+                      "gpu_us_per_step": sum(time_us.values()) / PROFILED, "kernels_per_step": per_step}))
+    print(f"a step's wall {wall_ms:.3f} ms: the graph on the GPU {graph_ms:.3f}, ONNX Runtime's run around it "
+          f"{run_ms - graph_ms:.3f}, the decode loop's own host work (inputs, the token's copy) {wall_ms - run_ms:.3f}")
+    for name, us in time_us.most_common(30):
+        print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
     added, idle = critical_path(kernels)
     span = kernels[-1][1] - kernels[0][0]
     print(f"\ncritical path: {span / PROFILED:.1f} us a step, of which idle {idle / PROFILED:.1f}")
     for name, us in added.most_common(30):
         print(f"{us / PROFILED:9.1f} us/step {100 * us / span:5.1f}%  {name}")
-    per_step = len(kernels) // PROFILED
     one = kernels[-per_step:]
     print(f"\nthe last step's {per_step} kernels: start, end and the critical path's gain, us from its first start")
     frontier, t0 = one[0][0], one[0][0]
     for start, end, name in one:
         print(f"{start - t0:8.1f} {end - t0:8.1f} {max(0.0, end - max(frontier, start)):6.1f}  {name[:70]}")
         frontier = max(frontier, end)
+
+
+def replay_ms(backend, steps: int) -> float:
+    """ms a run of the batch-1 decode binding takes alone, as bound by the last step (the same inputs again:
+    the cache slot is written with the same values): ONNX Runtime's run with the graph inside, no host work of ours."""
+    decode = backend.decodes[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        backend.session.run_with_iobinding(decode.binding, decode.options)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def graph_span(step: list[tuple[float, float, str]]) -> float:
+    """µs from a step's first kernel to its last, the copies of inputs and of the token left out."""
+    inside = [(start, end) for start, end, name in step if not name.startswith("Memcpy")]
+    return max(end for _, end in inside) - min(start for start, _ in inside)
 
 
 def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[collections.Counter, float]:
