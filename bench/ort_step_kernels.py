@@ -54,8 +54,9 @@ def main(out: str, graph: bool) -> None:
             count[event.name[:90]] += 1
     kernels = sorted((e.time_range.start, e.time_range.end, e.name[:90]) for e in prof.events()
                      if e.device_type.name == "CUDA")
-    per_step = len(kernels) // PROFILED
-    graph_ms = statistics.mean(graph_span(kernels[i : i + per_step]) for i in range(0, len(kernels), per_step)) / 1e3
+    steps_seen = split_steps(kernels)
+    per_step = len(steps_seen[-1])
+    graph_ms = statistics.mean(graph_span(step) for step in steps_seen) / 1e3
     print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "run_ms_per_step": run_ms, "graph_ms_per_step": graph_ms,
                       "gpu_us_per_step": sum(time_us.values()) / PROFILED, "kernels_per_step": per_step}))
     print(f"a step's wall {wall_ms:.3f} ms: the graph on the GPU {graph_ms:.3f}, ONNX Runtime's run around it "
@@ -67,7 +68,7 @@ def main(out: str, graph: bool) -> None:
     print(f"\ncritical path: {span / PROFILED:.1f} us a step, of which idle {idle / PROFILED:.1f}")
     for name, us in added.most_common(30):
         print(f"{us / PROFILED:9.1f} us/step {100 * us / span:5.1f}%  {name}")
-    one = kernels[-per_step:]
+    one = steps_seen[-1]
     print(f"\nthe last step's {per_step} kernels: start, end and the critical path's gain, us from its first start")
     frontier, t0 = one[0][0], one[0][0]
     for start, end, name in one:
@@ -83,6 +84,17 @@ def replay_ms(backend, steps: int) -> float:
     for _ in range(steps):
         backend.session.run_with_iobinding(decode.binding, decode.options)
     return (time.perf_counter() - start) / steps * 1e3
+
+
+def split_steps(kernels: list[tuple[float, float, str]]) -> list[list[tuple[float, float, str]]]:
+    """The profiled kernels cut into decode steps: each step ends with the token's copy to the host."""
+    steps, current = [], []
+    for kernel in kernels:
+        current.append(kernel)
+        if kernel[2].startswith("Memcpy DtoH"):
+            steps.append(current)
+            current = []
+    return steps
 
 
 def graph_span(step: list[tuple[float, float, str]]) -> float:
