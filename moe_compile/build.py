@@ -65,6 +65,7 @@ def build(
     quantize: str | None = None,
     block_size: int | None = None,
     quantize_lm_head: bool = False,
+    scales: str | None = None,
 ) -> Path:
     """`form`: "ort" is ONNX Runtime's in-place form (GroupQueryAttention over a preallocated cache, one
     MoE node per layer, token choice in the graph), "portable" the past/present form every runtime
@@ -76,7 +77,8 @@ def build(
     backends' input, portable form only), which holds a second copy of the weights.
     `max_seq` defaults to 2048 or the model's max_position_embeddings if smaller. `force` builds a model
     whose estimated memory exceeds what is available.
-    `quantize` ("int8"/"int4"; `block_size`, `quantize_lm_head`): weight-only quantization (moe_compile/quantize/)."""
+    `quantize` ("int8"/"int4"; `block_size`, `quantize_lm_head`, `scales` "absmax"/"mse"): weight-only quantization
+    (moe_compile/quantize/)."""
     out = check_out(out)
     check_request(dtype, lowering or "auto", max_batch, max_seq)
     if form not in FORMS:
@@ -87,7 +89,7 @@ def build(
     if form == "ort" and backend == "trt":
         raise RequestError("TensorRT engines are built from the portable form; build with --form portable")
     import_onnxruntime()  # the check stage runs the ONNX on ONNX Runtime: without one, refuse before any work
-    quantization = quantize_request(quantize, block_size, quantize_lm_head, form, lowering)
+    quantization = quantize_request(quantize, block_size, quantize_lm_head, form, lowering, scales)
     stages = _Stages(progress)
     if backend == "trt":  # refuse before any work: the engine needs TensorRT, and the portable form
         engine_builder(backend, lowering or "auto")

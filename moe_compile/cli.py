@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--block-size", type=int, default=None, help="--quantize: weights per scale along K (32, 64 or "
                                                                    "128; default 32)")
     build.add_argument("--quantize-lm-head", action="store_true", help="--quantize the LM head too")
+    build.add_argument("--scales", metavar="absmax|mse", default=None,
+                       help="--quantize: each block's scale from its largest weight (absmax, default) or the one that "
+                            "rebuilds the block with the least squared error (mse: closer to fp32 at int4, slower build)")
     build.add_argument("--no-torch-program", dest="torch_program", action="store_false",
                        help="leave out program.pt2, the torch backends' input (a second copy of the weights)")
 
@@ -166,7 +169,7 @@ def _build(args) -> None:
                 max_seq=args.max_seq, trust_remote_code=args.trust_remote_code, auto_threshold=args.auto_threshold,
                 backend=args.backend, timing_cache=args.timing_cache, torch_program=args.torch_program,
                 quantize=args.quantize, block_size=args.block_size, quantize_lm_head=args.quantize_lm_head,
-                force=args.force)
+                scales=args.scales, force=args.force)
     print(f"built {out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -155,16 +155,18 @@ def built(checkpoint, tmp_path_factory):
     # backend="onnx" by default: no engine.plan unless a test asks (tests/test_trt.py builds engines itself).
     # form="ort": ONNX Runtime's in-place form (its MoE lowering is always the fused node; `lowering` is ignored).
     def make(variant: str, lowering: str = "auto", dtype: str = "fp32", max_batch: int = 4, max_seq: int = 128,
-             backend: str = "onnx", form: str = "portable", quantize: str | None = None) -> Path:
+             backend: str = "onnx", form: str = "portable", quantize: str | None = None,
+             scales: str | None = None) -> Path:
         lowering = "fused" if form == "ort" else lowering
 
         def run(out: Path) -> None:
             build(str(checkpoint(variant)), out, dtype=dtype, lowering=lowering, max_batch=max_batch,
-                  max_seq=max_seq, progress=False, backend=backend, form=form, quantize=quantize)
+                  max_seq=max_seq, progress=False, backend=backend, form=form, quantize=quantize, scales=scales)
 
         engine = "" if backend == "onnx" else f"-{backend}"
         name = f"build-{variant}-{lowering}-{dtype}-b{max_batch}-s{max_seq}{engine}" + ("-ort" if form == "ort" else "")
         name += f"-{quantize}" if quantize else ""
+        name += f"-{scales}" if scales else ""
         return _once(root / name, run)
 
     return make

@@ -75,12 +75,13 @@ def measure(out, checkpoint: str, scheme: str) -> dict:
     activations (int8 ort) also runs on float activations: `float_*`, its graph and packing alone."""
     from moe_compile.quantize.exact import rounds_activations
 
+    compiled = load(out)
+    record = compiled.manifest.quantization
     reference = load_model(Path(checkpoint))
     dequantized = load_model(Path(checkpoint))
-    fake_quantize(dequantized, Quantization(scheme))
+    fake_quantize(dequantized, Quantization(scheme, record["block_size"], record["lm_head"], scales=record["scales"]))
     int8_weights = load_model(Path(checkpoint))  # a rounding of the size of int8 activations' (the shipped graph's bound)
     fake_quantize(int8_weights, Quantization("int8"))
-    compiled = load(out)
     backends = {"": compiled.backend}
     if rounds_activations(compiled.manifest.quantization):
         backends["float_"] = float_activations_backend(out)
@@ -155,6 +156,52 @@ def test_codes_scales_and_reference_dequantizer(bits):
     assert np.abs(q.dequantize() - w).max() <= (step / 2 + 1e-6).max()
     again = quantize_rows(q.dequantize(), bits, 32, np.float32)  # what the build relies on: idempotent
     assert (again.codes == q.codes).all() and (again.scales == q.scales).all()
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
+def test_mse_scales_rebuild_every_block_no_worse_and_quantize_again_to_themselves(stored):
+    w = torch.randn((4, 16, 256), generator=torch.Generator().manual_seed(0)).to(stored).float().numpy()
+    absmax = quantize_rows(w, 4, 32, np.float32)
+    mse = quantize_rows(w, 4, 32, np.float32, scales="mse", stored=stored)
+
+    def errors(q):
+        return ((q.dequantize() - w) ** 2).reshape(4, 16, 8, 32).sum(-1)
+
+    assert (errors(mse) <= errors(absmax)).all()
+    assert errors(mse).sum() < LESS_SQUARED_ERROR[stored] * errors(absmax).sum()
+    assert np.abs(mse.unpacked()).reshape(4, 16, 8, 32).max(-1).min() == 7  # every block keeps a ±7 code
+    # the build's premise: its ONNX rewrite quantizes the dequantized weight (stored in the build's dtype) again
+    # with the default scales, and must find the same codes and scales
+    again = quantize_rows(torch.from_numpy(mse.dequantize()).to(stored).float().numpy(), 4, 32, np.float32)
+    assert (again.codes == mse.codes).all() and (again.scales == mse.scales).all()
+
+
+# int4, Gaussian weights: the scale search's squared error against absmax's (measured 0.886 / 0.887 / 0.960); bf16
+# storage keeps fewer candidate scales, whose ±7 · scale must survive it
+LESS_SQUARED_ERROR = {torch.float32: 0.9, torch.float16: 0.9, torch.bfloat16: 0.98}
+
+
+def test_mse_scales_bring_int4_closer_to_fp32(checkpoint):
+    """The issue asks for a method beyond round-to-nearest only where it measurably improves agreement on the test
+    models: the scale search does at int4 (docs/QUANTIZATION.md has every family); held here on one."""
+    path = Path(checkpoint("qwen2_moe"))
+    reference, absmax, mse = load_model(path), load_model(path), load_model(path)
+    fake_quantize(absmax, Quantization("int4"))
+    fake_quantize(mse, Quantization("int4", scales="mse"))
+    fp32, logits = [], {"absmax": [], "mse": []}
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     eos_token_id=None)[0]
+            fp32.append(reference(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
+            for name, model in (("absmax", absmax), ("mse", mse)):
+                logits[name].append(model(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
+    fp32 = np.concatenate(fp32)
+    kl = {name: _kl(fp32, np.concatenate(values)) for name, values in logits.items()}
+    agreement = {name: _agreement(np.concatenate(values), fp32) for name, values in logits.items()}
+    print(kl, agreement)
+    assert kl["mse"] < 0.95 * kl["absmax"], kl
+    assert agreement["mse"] > agreement["absmax"], agreement
 
 
 def test_quantizing_in_slabs_of_rows_changes_no_code(monkeypatch):
@@ -346,6 +393,8 @@ def test_matmul_nbits_runs_the_packed_weight(bits):
     (dict(quantize="int4", block_size=128), "does not divide hidden_size = 64"),  # the tiny model's hidden size
     (dict(quantize="int8", form="portable", lowering="fused"), "no portable form of --lowering fused"),
     (dict(block_size=64), "need --quantize"),
+    (dict(scales="mse"), "need --quantize"),
+    (dict(quantize="int4", scales="l2"), "unknown --scales 'l2'"),
     (dict(quantize="int4", model="tiny-gpt-oss"), "gpt_oss: --quantize has no form for this family"),
 ])
 def test_bad_quantize_requests_fail_before_any_work(tmp_path, kwargs, message):
@@ -382,6 +431,14 @@ def test_ort_form_int4(built, checkpoint, variant):
     # int8 activations are held to nothing beyond the exact float-activation check (measured: 66.4% against the
     # dequantized reference, where the bound would ask 66.9%).
     check(measure(out, str(checkpoint(variant)), "int4"), "int4", EXACT, shipped_bound=variant != "phimoe")
+
+
+def test_ort_form_int4_with_mse_scales(built, checkpoint):
+    """The searched scales survive the ONNX rewrite (which quantizes the dequantized weights again): the build is
+    exact against its own dequantized reference, as the default's is."""
+    out = built("qwen2_moe", form="ort", quantize="int4", scales="mse")
+    assert load(out).manifest.quantization["scales"] == "mse"
+    check(measure(out, str(checkpoint("qwen2_moe")), "int4"), "int4")
 
 
 @pytest.mark.parametrize("variant", ["qwen2_moe"])  # int4 covers every family; int8 differs only in its bits (CI time)

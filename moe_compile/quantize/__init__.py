@@ -1,7 +1,8 @@
 """Weight-only int8/int4 quantization (`build --quantize int8|int4 [--block-size N] [--quantize-lm-head]`).
 
-One quantizer (round-to-nearest, symmetric, per block of K, fp16 scales: packing.py), applied twice to
-the same weights so that both sides agree bit for bit:
+One quantizer (round-to-nearest, symmetric, per block of K, fp16 scales: packing.py; each block's scale its
+largest magnitude's, or with `--scales mse` the one that rebuilds the block best), applied twice to the same
+weights so that both sides agree bit for bit:
 - torch_weights.py, before capture: each quantized weight of the loaded model is replaced by its
   dequantized value, one tensor at a time. The captured program (the build's check, program.pt2) is
   then the dequantized reference of the build.
@@ -21,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import RequestError
-from .packing import BITS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+from .packing import BITS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, SCALES
 
 QUANTIZED = ("experts", "mlp", "attention")  # classes always quantized; "lm_head" on request
 AGREEMENT = {"int8": 0.98, "int4": 0.85}  # top-1 agreement with fp32 transformers that verify asks of a build
@@ -41,6 +42,7 @@ class Quantization:
     block_size: int = DEFAULT_BLOCK_SIZE
     lm_head: bool = False
     scale_dtype: str = "fp16"
+    scales: str = "absmax"  # how a block's scale is chosen (packing.SCALES); the ONNX rewrite's absmax recovers either
 
     @property
     def bits(self) -> int:
@@ -52,7 +54,7 @@ class Quantization:
     def record(self) -> dict[str, Any]:
         """The manifest's `quantization` entry (onnx_rewrite adds the per-class bytes and ops)."""
         return {"scheme": self.scheme, "bits": self.bits, "block_size": self.block_size, "method": "rtn_symmetric",
-                "scale_dtype": self.scale_dtype, "lm_head": self.lm_head,
+                "scales": self.scales, "scale_dtype": self.scale_dtype, "lm_head": self.lm_head,
                 "quantized": [*QUANTIZED, *(["lm_head"] if self.lm_head else [])]}
 
 
@@ -82,21 +84,24 @@ def weight_class(module_path: str) -> str:
 
 
 def check_request(quantize: str | None, block_size: int | None, lm_head: bool, form: str,
-                  lowering: str | None) -> Quantization | None:
+                  lowering: str | None, scales: str | None = None) -> Quantization | None:
     """Refuse a bad --quantize request before any work (what the checkpoint's config is not needed for)."""
     if quantize is None:
-        if block_size is not None or lm_head:
-            raise RequestError("--block-size and --quantize-lm-head need --quantize int8|int4")
+        if block_size is not None or lm_head or scales is not None:
+            raise RequestError("--block-size, --scales and --quantize-lm-head need --quantize int8|int4")
         return None
     if quantize not in BITS:
         raise RequestError(f"unknown --quantize '{quantize}'; choose one of {', '.join(BITS)}")
+    scales = scales or SCALES[0]
+    if scales not in SCALES:
+        raise RequestError(f"unknown --scales '{scales}'; choose one of {', '.join(SCALES)}")
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if block_size not in BLOCK_SIZES:
         raise RequestError(f"--block-size {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     if lowering == "fused" and form == "portable":
         raise RequestError("--quantize has no portable form of --lowering fused (com.microsoft:MoE takes float "
                            "weights); build with --form ort (QMoE) or --lowering auto|gather|dense")
-    return Quantization(quantize, block_size, lm_head)
+    return Quantization(quantize, block_size, lm_head, scales=scales)
 
 
 def check_config(quantization: Quantization | None, checkpoint, model_type: str) -> None:
@@ -125,7 +130,8 @@ def check_config(quantization: Quantization | None, checkpoint, model_type: str)
 def bytes_table(record: dict[str, Any]) -> list[str]:
     """`inspect`'s lines: initializer bytes per weight class before and after quantization."""
     activations = f", int8 activations (accuracy_level {record['accuracy_level']})" if record.get("accuracy_level") else ""
-    lines = [f"quantization: {record['scheme']}, block {record['block_size']}, {record['scale_dtype']} scales, "
+    lines = [f"quantization: {record['scheme']}, block {record['block_size']}, {record['scale_dtype']} "
+             f"{record.get('scales', 'absmax')} scales, "
              f"{', '.join(f'{op} {n}' for op, n in record['ops'].items())}{activations}",
              f"{'weights':12} {'before':>14} {'after':>14}"]
     rows = record["bytes"]

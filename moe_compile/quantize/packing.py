@@ -2,7 +2,10 @@
 feature (K) axis; the packed layouts ONNX Runtime's ops read, and a reference dequantizer for each.
 
 Round-to-nearest with a positive scale per block, `scale = max|w| / (2^(bits−1) − 1)` rounded to
-fp16, codes `q = round(w / scale)` in [−7, 7] (int4) or [−127, 127] (int8). onnxruntime's MatMulNBits
+fp16, codes `q = round(w / scale)` in [−7, 7] (int4) or [−127, 127] (int8). `scales="mse"` searches each
+block's scale instead: `max|w| · r / (2^(bits−1) − 1)` for r in CLIP_RATIOS, the one whose codes (clamped)
+rebuild the block with the least squared error; its largest code is still ±qmax, so quantizing the
+dequantized block again with the default scale gives the same scale and codes (what the build relies on). onnxruntime's MatMulNBits
 quantizer (`quantize_matmul_{4,8}bits`, symmetric) is not used: it picks signed scales (max|w| / −8,
 one more level), and TensorRT's ONNX parser refuses a negative DequantizeLinear scale; one quantizer
 serves both forms. What it produces for a weight with rows `[N, K]` (nn.Linear's layout):
@@ -34,6 +37,9 @@ BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
 ROUND = 12582912.0  # 1.5·2^23: x + ROUND − ROUND rounds an fp32 |x| < 2^22 to the nearest integer, ties to even
+SCALES = ("absmax", "mse")
+# the scale search's candidates, as fractions of max|w|: 1 first, so that it wins ties (docs/QUANTIZATION.md)
+CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(21))
 
 
 @dataclasses.dataclass
@@ -64,30 +70,59 @@ class Blockwise:
         return self.codes.nbytes + self.scales.nbytes
 
 
-def quantize_rows(weight: np.ndarray, bits: int, block_size: int, dtype, scale_dtype=np.float16) -> Blockwise:
+def quantize_rows(weight: np.ndarray, bits: int, block_size: int, dtype, scale_dtype=np.float16,
+                  scales: str = "absmax", stored: torch.dtype = torch.float32) -> Blockwise:
     """Quantize `weight [..., N, K]` (any float dtype) per block of `block_size` along K, SLAB_ELEMENTS at a
     time (only that many fp32 values exist beside the codes: the LM head, 311 M weights at A2.7B's 151936 x
     2048, no longer passes through fp32 whole), in torch: its elementwise kernels use every core, which is what
-    a 14B-parameter build waits on (numpy's took ~5 minutes of it)."""
+    a 14B-parameter build waits on (numpy's took ~5 minutes of it). `scales`: "absmax" or "mse" (above);
+    `stored`: the dtype the dequantized weight is kept in before it is quantized again (the build's)."""
     *lead, n, k = weight.shape
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
     qmax = (1 << (bits - 1)) - 1
     flat = _torch(weight).reshape(-1, n, k)
     codes = torch.empty((flat.shape[0], n, k // block_size, block_size * bits // 8), dtype=torch.uint8)
-    scales = torch.empty((flat.shape[0], n, k // block_size), dtype=torch.float32)
+    block_scales = torch.empty((flat.shape[0], n, k // block_size), dtype=torch.float32)
     for i, r0, rows in row_slabs(flat):
         blocks = rows.float().reshape(len(rows), k // block_size, block_size)
-        scale = (blocks.abs().amax(dim=-1) / qmax).to(_torch_dtype(scale_dtype)).float()
-        safe = torch.where(scale == 0, 1.0, scale)
-        # round half to even by adding and taking away 1.5·2^23 (exact for |x| ≤ qmax; torch.round is 2x slower),
-        # the offset 2^(bits−1) folded into the taking away
-        q = torch.div(blocks, safe[..., None]).clamp_(-qmax, qmax).add_(ROUND).sub_(ROUND - (1 << (bits - 1)))
+        largest = blocks.abs().amax(dim=-1)
+        if scales == "mse":
+            scale = _least_squares_scale(blocks, largest, qmax, _torch_dtype(scale_dtype), stored)
+        else:
+            scale = (largest / qmax).to(_torch_dtype(scale_dtype)).float()
+        q = _codes(blocks, scale, qmax).add_(1 << (bits - 1))
         codes[i, r0:r0 + len(rows)] = pack(q.to(torch.uint8), bits)
-        scales[i, r0:r0 + len(rows)] = scale
-    scales = _numpy(scales, dtype)
-    return Blockwise(codes.reshape(*lead, *codes.shape[1:]).numpy(), scales.reshape(*lead, *scales.shape[1:]),
+        block_scales[i, r0:r0 + len(rows)] = scale
+    block_scales = _numpy(block_scales, dtype)
+    return Blockwise(codes.reshape(*lead, *codes.shape[1:]).numpy(), block_scales.reshape(*lead, *block_scales.shape[1:]),
                      bits, block_size)
+
+
+def _codes(blocks: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """round(blocks / scale) clamped to ±qmax, as fp32, by adding and taking away 1.5·2^23 (round half to even,
+    exact for |x| ≤ qmax; torch.round is 2x slower)."""
+    safe = torch.where(scale == 0, 1.0, scale)
+    return torch.div(blocks, safe[..., None]).clamp_(-qmax, qmax).add_(ROUND).sub_(ROUND)
+
+
+def _least_squares_scale(blocks: torch.Tensor, largest: torch.Tensor, qmax: int, scale_dtype: torch.dtype,
+                         stored: torch.dtype) -> torch.Tensor:
+    """Per block, the candidate scale (rounded to scale_dtype) whose codes rebuild it with the least squared error;
+    the first candidate (max|w| / qmax) wins ties. A candidate counts only where the default scale of the block
+    it rebuilds, stored as `stored` (±qmax · scale rounded to it), is that scale again: an fp16 build keeps
+    ~8% of int4 blocks' best scales from surviving otherwise."""
+    best = best_error = None
+    for ratio in CLIP_RATIOS:
+        scale = (largest * ratio / qmax).to(scale_dtype).float()
+        error = _codes(blocks, scale, qmax).mul_(scale[..., None]).sub_(blocks).square_().sum(dim=-1)
+        if best is None:
+            best, best_error = scale, error
+            continue
+        survives = ((scale * qmax).to(stored).float() / qmax).to(scale_dtype).float() == scale
+        better = survives & (error < best_error)
+        best, best_error = torch.where(better, scale, best), torch.where(better, error, best_error)
+    return best
 
 
 SLAB_ELEMENTS = 1 << 24  # weights quantized at once: 64 MB in fp32, whole rows (blocks run along a row)

@@ -46,7 +46,8 @@ def fake_quantize(model: torch.nn.Module, quantization: Quantization) -> dict[st
         seen.add(id(weight))
         rows = weight.detach().movedim(k_axis, -1)  # [..., N, K], a view
         for _, _, slab in row_slabs(rows if rows.dim() == 3 else rows.unsqueeze(0)):
-            q = quantize_rows(slab.float().numpy(), quantization.bits, quantization.block_size, "float32")
+            q = quantize_rows(slab.float().numpy(), quantization.bits, quantization.block_size, "float32",
+                              scales=quantization.scales, stored=slab.dtype)
             slab.copy_(torch.from_numpy(q.dequantize()))
         counts[weight_class(name.rsplit(".", 1)[0])] += 1
     log.info("[quantize] %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
