@@ -5,10 +5,11 @@ Round-to-nearest with a positive scale per block, `scale = max|w| / (2^(bits−1
 fp16, codes `q = round(w / scale)` in [−7, 7] (int4) or [−127, 127] (int8). `scales="mse"` searches each
 block's scale instead: `max|w| · r / (2^(bits−1) − 1)` for r in CLIP_RATIOS, the one whose codes (clamped)
 rebuild the block with the least squared error; its largest code is still ±qmax, so quantizing the
-dequantized block again with the default scale gives the same scale and codes (what the build relies on). onnxruntime's MatMulNBits
-quantizer (`quantize_matmul_{4,8}bits`, symmetric) is not used: it picks signed scales (max|w| / −8,
-one more level), and TensorRT's ONNX parser refuses a negative DequantizeLinear scale; one quantizer
-serves both forms. What it produces for a weight with rows `[N, K]` (nn.Linear's layout):
+dequantized block again with the default scale gives the same scale and codes (what the build relies on).
+
+onnxruntime's MatMulNBits quantizer (`quantize_matmul_{4,8}bits`, symmetric) is not used: it picks signed
+scales (max|w| / −8, one more level), and TensorRT's ONNX parser refuses a negative DequantizeLinear scale;
+one quantizer serves both forms. What it produces for a weight with rows `[N, K]` (nn.Linear's layout):
 
     packed [N, K/block, block·bits/8] uint8   u = q + 2^(bits−1); int4: two codes a byte, the lower nibble first
     scales [N, K/block]                      u dequantizes as (u − 2^(bits−1)) · scale
