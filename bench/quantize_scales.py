@@ -1,7 +1,8 @@
 """How close each way of choosing a block's scale (`--scales absmax|mse`) brings the tiny test models to fp32:
 top-1 agreement and mean KL of the next-token distribution over 256 teacher-forced positions (4 prompts x 64 of
 fp32 transformers' greedy continuation, as tests/test_quantize.py measures), the weights quantized and
-dequantized in torch (packing.quantize_rows, the build's own fake_quantize), int4 and int8.
+dequantized in torch (packing.quantize_rows, the build's own fake_quantize), int4 and int8; and how long that
+quantizing took (the build stage the choice of scales costs).
 
     python bench/quantize_scales.py [MODEL,...]     # embedded models; default: tiny-FAMILY for every family
                                                     # with a quantized form; qwen2-moe-bench: the CPU benchmark's
@@ -11,6 +12,7 @@ Prints one JSON line per (model, scheme, scales). CPU only; ~1 minute a tiny mod
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +48,17 @@ def measure(name: str, work: Path) -> None:
     for scheme in ("int4", "int8"):
         for scales in SCALES:
             model = load_model(path)
+            start = time.perf_counter()
             try:
                 fake_quantize(model, Quantization(scheme, scales=scales))
             except ValueError as exc:  # a projection whose K the block does not divide (the build refuses it too)
                 print(json.dumps({"model": name, "scheme": scheme, "scales": scales, "skipped": str(exc)}), flush=True)
                 continue
+            quantize_s = time.perf_counter() - start
             logits = np.concatenate([model(ids[None]).logits[0, n - 1:-1].numpy() for ids, n in sequences])
             print(json.dumps({"model": name, "scheme": scheme, "scales": scales, "positions": len(fp32),
                               "top1_agreement_fp32": float((logits.argmax(-1) == fp32.argmax(-1)).mean()),
-                              "kl_fp32": kl(fp32, logits)}), flush=True)
+                              "kl_fp32": kl(fp32, logits), "quantize_s": quantize_s}), flush=True)
 
 
 def main() -> None:

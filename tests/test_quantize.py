@@ -55,6 +55,19 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
 
 
+@torch.no_grad()
+def _greedy_continuations(reference) -> list[tuple[torch.Tensor, int]]:
+    """Each prompt followed by fp32 transformers' greedy continuation: (token ids, prompt length)."""
+    return [(reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                eos_token_id=None)[0], len(prompt)) for prompt in PROMPTS]
+
+
+@torch.no_grad()
+def _forced(model, sequences) -> np.ndarray:
+    """A transformers model's logits at each continuation position, teacher-forced, all sequences stacked."""
+    return np.concatenate([model(ids[None]).logits[0, n - 1:-1].numpy() for ids, n in sequences])
+
+
 def float_activations_backend(out):
     """The build's ort-form backend with its quantized ops on float activations (what the build's check runs)."""
     from moe_compile.export.manifest import ONNX_FILE
@@ -85,18 +98,10 @@ def measure(out, checkpoint: str, scheme: str) -> dict:
     backends = {"": compiled.backend}
     if rounds_activations(compiled.manifest.quantization):
         backends["float_"] = float_activations_backend(out)
-    ours, fp32, deq, int8 = {key: [] for key in backends}, [], [], []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     eos_token_id=None)[0]
-            cont = ids[len(prompt):].tolist()
-            fp32.append(reference(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-            deq.append(dequantized(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-            int8.append(int8_weights(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-            for key, backend in backends.items():
-                ours[key].append(teacher_forced_logits(backend, prompt, cont[:-1], compiled.manifest.pad_token_id))
-    fp32, deq, int8 = np.concatenate(fp32), np.concatenate(deq), np.concatenate(int8)
+    sequences = _greedy_continuations(reference)
+    fp32, deq, int8 = (_forced(model, sequences) for model in (reference, dequantized, int8_weights))
+    ours = {key: [teacher_forced_logits(backend, ids[:n].tolist(), ids[n:-1].tolist(), compiled.manifest.pad_token_id)
+                  for ids, n in sequences] for key, backend in backends.items()}
     report = {"positions": len(fp32), "reference_agreement_fp32": _agreement(deq, fp32),
               "reference_kl_fp32": _kl(fp32, deq), "int8_weights_agreement_fp32": _agreement(int8, fp32)}
     for key, logits in ours.items():
@@ -188,17 +193,11 @@ def test_mse_scales_bring_int4_closer_to_fp32(checkpoint):
     reference, absmax, mse = load_model(path), load_model(path), load_model(path)
     fake_quantize(absmax, Quantization("int4"))
     fake_quantize(mse, Quantization("int4", scales="mse"))
-    fp32, logits = [], {"absmax": [], "mse": []}
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     eos_token_id=None)[0]
-            fp32.append(reference(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-            for name, model in (("absmax", absmax), ("mse", mse)):
-                logits[name].append(model(ids[None]).logits[0, len(prompt) - 1:-1].numpy())
-    fp32 = np.concatenate(fp32)
-    kl = {name: _kl(fp32, np.concatenate(values)) for name, values in logits.items()}
-    agreement = {name: _agreement(np.concatenate(values), fp32) for name, values in logits.items()}
+    sequences = _greedy_continuations(reference)
+    fp32 = _forced(reference, sequences)
+    logits = {"absmax": _forced(absmax, sequences), "mse": _forced(mse, sequences)}
+    kl = {name: _kl(fp32, values) for name, values in logits.items()}
+    agreement = {name: _agreement(values, fp32) for name, values in logits.items()}
     print(kl, agreement)
     assert kl["mse"] < 0.95 * kl["absmax"], kl
     assert agreement["mse"] > agreement["absmax"], agreement
@@ -396,6 +395,7 @@ def test_matmul_nbits_runs_the_packed_weight(bits):
     (dict(scales="mse"), "need --quantize"),
     (dict(quantize="int4", scales="l2"), "unknown --scales 'l2'"),
     (dict(quantize="int4", model="tiny-gpt-oss"), "gpt_oss: --quantize has no form for this family"),
+    (dict(quantize="int4", model="tiny-deepseek-v3"), "does not divide kv_lora_rank = 16"),  # latent attention's K
 ])
 def test_bad_quantize_requests_fail_before_any_work(tmp_path, kwargs, message):
     from moe_compile import build
