@@ -33,7 +33,8 @@ NO_QUANTIZED_FORM = {
                "portable lowerings, which the block quantizer does not rewrite, and the ort form does not serve it",
 }
 # config fields that are the K (input features) of the quantized projections: each must divide by the block
-K_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+K_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "q_lora_rank", "kv_lora_rank")  # the last two: DeepSeek's latent attention (q_b_proj, kv_b_proj)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +118,10 @@ def check_config(quantization: Quantization | None, checkpoint, model_type: str)
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     text = config.get("text_config", config)
     sizes = {f: text[f] for f in K_FIELDS if isinstance(text.get(f), int) and text[f] > 0}
-    heads, head_dim = text.get("num_attention_heads"), text.get("head_dim")
-    if isinstance(heads, int) and isinstance(head_dim, int):
-        sizes["num_attention_heads x head_dim"] = heads * head_dim
+    heads = text.get("num_attention_heads")
+    for dim in ("head_dim", "v_head_dim"):  # o_proj's K: the heads' outputs (v_head_dim in latent attention)
+        if isinstance(heads, int) and isinstance(text.get(dim), int):
+            sizes[f"num_attention_heads x {dim}"] = heads * text[dim]
     bad = {f: n for f, n in sizes.items() if n % quantization.block_size}
     if bad:
         field, n = next(iter(bad.items()))
