@@ -24,6 +24,9 @@
 #   NAME-ab  (fp16-ab, int4-head-ab, ...) build NAME's bench again under the settings in $AB (default: the router
 #            MatMul and the skip-norms on ONNX Runtime, MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort)
 #            twice, then without them once more: A B B A with NAME's own bench, as NAME-attn
+#   NAME-old (fp16-old, int4-head-old, ...) build NAME's bench again with the runtime of another commit: the
+#            moe_compile package exported to $OLD (git archive COMMIT moe_compile | tar -x -C .dev/old), the same
+#            kernel libraries: what a runtime change gives a step, in the same lease
 #   profile  bench/ort_step_kernels.py on each $PROFILE build (comma-separated, default int4; CUPTI: GPU µs a decode
 #            step by kernel, and the step's critical path by kernel)
 #   parity   verify --backend ort-cuda of each quantized build (top-1 agreement with fp32 transformers)
@@ -52,6 +55,7 @@ NEW=${NEW:-128}
 KEEP=${KEEP:-fp16,int8,int4}
 PROFILE=${PROFILE:-int4}
 AB=${AB:-MOE_COMPILE_ROUTER_KERNELS=ort MOE_COMPILE_NORM_KERNELS=ort}
+OLD=${OLD:-$PWD/.dev/old}
 BACKEND=${BACKEND:-ort-cuda}  # ort: a CPU smoke test of this script (LAYERS=1)
 LOG=issue12.log
 source "$(dirname "$0")/gpu_common.sh"
@@ -98,6 +102,10 @@ EOF
   bench_as "$name" "$dir"
   if has "$name-attn"; then ab "$name" "$dir" -ortattn MOE_COMPILE_ATTENTION_KERNELS=ort; fi
   if has "$name-ab"; then ab "$name" "$dir" -A $AB; fi
+  if has "$name-old"; then  # python -m puts the working directory first on the path: run from $OLD
+    step "moe-compile bench $name with the runtime in $OLD"
+    (cd "$OLD" && export PYTHONPATH=/tmp/devsite:$OLD && bench_as "$name-old" "$dir")
+  fi
   [[ ",$KEEP," == *",$name,"* ]] || rm -rf "$dir"
 }
 

@@ -1,8 +1,9 @@
 """Per-kernel CUDA time of an ort-form build's batch-1 decode steps on ort-cuda (CUPTI, through
 torch.profiler, which sees ONNX Runtime's kernels): wall ms per step over 50 steps, then over 20 steps
 GPU us per step by kernel, and the step's critical path by kernel. Where a step's wall time goes: the graph
-on the GPU (first kernel to last), ONNX Runtime's run around it (the binding replayed alone, minus the graph),
-and the decode loop's own host work (the rest: building and copying the inputs, reading the token).
+on the GPU (first kernel to last), one launch of the step's graph waited for alone (runtime/cuda_step.py: the
+graph, its copies and the host's launch and wait), and the decode loop as it runs (greedy steps launched one
+ahead, so the host's work hides behind the GPU's).
 
 A kernel's own time overlaps its neighbours' where it starts early (programmatic launches), so those times do
 not add up to the step. The critical path does: kernels in start order, each is charged the time by which its
@@ -42,7 +43,7 @@ def main(out: str, graph: bool) -> None:
         token, mask = decode_one(backend, token, mask, chooser)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
-    run_ms = replay_ms(backend, steps)
+    run_ms = launch_ms(backend, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED):
             token, mask = decode_one(backend, token, mask, chooser)
@@ -57,10 +58,10 @@ def main(out: str, graph: bool) -> None:
     steps_seen = split_steps(kernels)
     per_step = len(steps_seen[-1])
     graph_ms = statistics.mean(graph_span(step) for step in steps_seen) / 1e3
-    print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "run_ms_per_step": run_ms, "graph_ms_per_step": graph_ms,
+    print(json.dumps({"graph": graph, "wall_ms_per_step": wall_ms, "launch_ms_per_step": run_ms, "graph_ms_per_step": graph_ms,
                       "gpu_us_per_step": sum(time_us.values()) / PROFILED, "kernels_per_step": per_step}))
-    print(f"a step's wall {wall_ms:.3f} ms: the graph on the GPU {graph_ms:.3f}, ONNX Runtime's run around it "
-          f"{run_ms - graph_ms:.3f}, the decode loop's own host work (inputs, the token's copy) {wall_ms - run_ms:.3f}")
+    print(f"a step's wall {wall_ms:.3f} ms in the decode loop; the graph on the GPU {graph_ms:.3f}; one launch waited "
+          f"for alone {run_ms:.3f} (the graph, its copies, the host's launch and wait)")
     for name, us in time_us.most_common(30):
         print(f"{us / PROFILED:9.1f} us/step {count[name] / PROFILED:6.1f}/step  {name}")
     added, idle = critical_path(kernels)
@@ -76,13 +77,16 @@ def main(out: str, graph: bool) -> None:
         frontier = max(frontier, end)
 
 
-def replay_ms(backend, steps: int) -> float:
-    """ms a run of the batch-1 decode binding takes alone, as bound by the last step (the same inputs again:
-    the cache slot is written with the same values): ONNX Runtime's run with the graph inside, no host work of ours."""
-    decode = backend.decodes[1]
+def launch_ms(backend, steps: int) -> float:
+    """ms one launch of the batch-1 decode graph takes when the host waits for it before the next (no step
+    launched ahead): the graph with its copies, and the host's launch and wait."""
+    if not backend.cuda_graph:
+        return float("nan")
+    backend._settle()
+    step = backend.decodes[1].step
     start = time.perf_counter()
-    for _ in range(steps):
-        backend.session.run_with_iobinding(decode.binding, decode.options)
+    for _ in range(steps):  # the argmax fed back, the cache slot of the last step written again
+        step.tokens(step.launch(None, step.mask_lengths))
     return (time.perf_counter() - start) / steps * 1e3
 
 

@@ -20,7 +20,8 @@ from moe_compile.export.manifest import ONNX_FILE, Manifest, io_signature, read_
 from moe_compile.runtime import BACKENDS, Chooser, Sampling, generate
 from moe_compile.runtime.generate import decode_one, prefill
 from moe_compile.runtime.ort_backend import MissingKernelError
-from moe_compile.runtime.ort_inplace import GRAPH_OPTION, OrtCudaInplaceBackend, OrtInplaceBackend
+from moe_compile.runtime.cuda_step import StepGraph
+from moe_compile.runtime.ort_inplace import OrtCudaInplaceBackend, OrtInplaceBackend
 
 VOCAB, HEADS, KV_HEADS, DIM, MAX_SEQ, CANDIDATES = 64, 4, 2, 16, 32, 8
 needs_cuda = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -219,20 +220,6 @@ def test_a_batch_gives_each_prompt_its_own_tokens(backend, greedy_reference):
     assert batched == [run(backend, [p], 12)[0] for p in PROMPTS] == greedy_reference(backend, PROMPTS, 12)
 
 
-def test_decode_steps_replay_one_graph_id_per_batch_size_after_warm_up(backend, monkeypatch):
-    runs = []
-    session_run = backend.session.run_with_iobinding
-    monkeypatch.setattr(backend.session, "run_with_iobinding",
-                        lambda binding, options: runs.append((binding, options.get_run_config_entry(GRAPH_OPTION)))
-                        or session_run(binding, options))
-    for batch in (2, 1, 2):
-        run(backend, PROMPTS[:batch], 5)
-    ids = [graph for _, graph in runs]
-    warm = ["-1"] * (1 + OrtInplaceBackend.WARMUP)
-    assert ids == [*warm, "1", "1", *warm, "2", "2", "-1", "1", "1", "1", "1"]
-    assert len({id(b) for b, graph in runs if graph == "1"}) == 1  # one binding per batch size, reused
-
-
 def test_every_position_and_the_limits_of_the_form(model_dir):
     backend = BACKENDS["ort"](model_dir, read_manifest(model_dir)).activate()
     prompt = PROMPTS[2]
@@ -275,9 +262,47 @@ def test_ort_cuda_graph_replays_give_the_uncaptured_tokens(tmp_path, monkeypatch
         assert run(graphs, PROMPTS[:batch], 12) == run(plain, PROMPTS[:batch], 12)
         kv = kv or [b.data_ptr() for b in graphs.kv]
         assert [b.data_ptr() for b in graphs.kv] == kv
-    assert set(reads) == {"next_token"}
+    assert set(reads) == {"next_token"} and len(reads) == 4  # the prompts' tokens; decode steps' come pinned
     for sampling in (dict(temperature=1.0, top_k=4, seed=3), dict(temperature=0.8, seed=1), dict(repetition_penalty=1.3)):
         assert run(graphs, PROMPTS, 12, **sampling) == run(plain, PROMPTS, 12, **sampling)
+
+
+@needs_cuda
+def test_greedy_steps_launch_the_next_step_ahead_and_drop_it_when_not_taken(tmp_path, monkeypatch):
+    """Greedy decode: one uncaptured warm-up per WARMUP, one capture, then each step launches the next one before
+    it reads its own token, and the next call takes it. A finished row fed padding, a sampled step or a new prompt
+    does not take it: the step runs again and the tokens stay those of the uncaptured backend."""
+    out = write_model(tmp_path, "fp16")
+    graphs, plain = (BACKENDS["ort-cuda"](out, read_manifest(out), cuda_graph=g).activate() for g in (True, False))
+    launches = []
+    launch = StepGraph.launch
+    monkeypatch.setattr(StepGraph, "launch", lambda self, ids, lengths, run=None: launches.append(
+        "warm" if run else "ahead" if ids is None else "step") or launch(self, ids, lengths, run))
+    assert run(graphs, PROMPTS[:1], 12) == run(plain, PROMPTS[:1], 12)
+    warm = OrtCudaInplaceBackend.WARMUP
+    assert launches == ["warm"] * warm + ["step"] + ["ahead"] * (11 - warm)  # 11 decode steps; the last ahead unused
+    launches.clear()
+    assert run(graphs, PROMPTS[:1], 12) == run(plain, PROMPTS[:1], 12)  # the new prompt ran over the unused step
+    assert launches == ["step"] + ["ahead"] * 10
+    # a row that finishes is fed padding: the steps after it are launched again, with the same tokens as uncaptured
+    full = run(plain, PROMPTS, 10)
+    eos = full[1][3]
+    finished = [generate(b, PROMPTS, 10, Sampling(), eos_ids=[eos], pad_id=0)[0] for b in (graphs, plain)]
+    assert finished[0] == finished[1]
+    assert len(finished[0][1]) <= 4
+    # after greedy steps, a sampled step and a step that wants the logits: the unused step is run over, or taken
+    picked, logits = [], []
+    for backend in (graphs, plain):
+        tokens, mask = prefill(backend, PROMPTS[:1], 0, Chooser())
+        for _ in range(3):
+            tokens, mask = decode_one(backend, tokens, mask, Chooser())
+        sampling = Chooser(Sampling(temperature=1.0, top_k=4), [[]], np.random.default_rng(5))
+        sampled, mask = decode_one(backend, tokens, mask, sampling)
+        tokens, mask = decode_one(backend, sampled, mask, Chooser())
+        logits.append(decode_one(backend, tokens, mask)[0])
+        picked.append((sampled.tolist(), tokens.tolist()))
+    assert picked[0] == picked[1]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-3, atol=1e-3)
 
 
 @needs_cuda
