@@ -108,7 +108,13 @@ class StepGraph:
         if ended != 0:
             text = cuda.lib.cudaGetErrorString(ended).decode(errors="replace")
             raise CudaError(f"ort-cuda: capturing the decode step failed: {text} (CUDA error {ended})")
-        self.graph = graph
+        nodes = ctypes.c_size_t()
+        cuda("cudaGraphGetNodes", graph, None, ctypes.byref(nodes))
+        if nodes.value <= 1:  # our copy alone: ONNX Runtime computed on a stream of its own, which a replay would skip
+            cuda("cudaGraphDestroy", graph)
+            raise CudaError("ort-cuda: the captured decode step holds none of ONNX Runtime's kernels (its CUDA provider "
+                            "did not compute on the user_compute_stream given to it)")
+        self.graph, self.nodes = graph, nodes.value
         self.exec = cuda.handle("cudaGraphInstantiateWithFlags", graph, ctypes.c_ulonglong(0))
 
     def launch(self, ids: np.ndarray | None, lengths: np.ndarray, run=None) -> int:
