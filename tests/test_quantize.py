@@ -198,7 +198,6 @@ def test_mse_scales_bring_int4_closer_to_fp32(checkpoint):
     logits = {"absmax": _forced(absmax, sequences), "mse": _forced(mse, sequences)}
     kl = {name: _kl(fp32, values) for name, values in logits.items()}
     agreement = {name: _agreement(values, fp32) for name, values in logits.items()}
-    print(kl, agreement)
     assert kl["mse"] < 0.95 * kl["absmax"], kl
     assert agreement["mse"] > agreement["absmax"], agreement
 

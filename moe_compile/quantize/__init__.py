@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 quantization (`build --quantize int8|int4 [--block-size N] [--quantize-lm-head]`).
+"""Weight-only int8/int4 quantization (`build --quantize int8|int4 [--block-size N] [--quantize-lm-head]
+[--scales absmax|mse]`).
 
 One quantizer (round-to-nearest, symmetric, per block of K, fp16 scales: packing.py; each block's scale its
 largest magnitude's, or with `--scales mse` the one that rebuilds the block best), applied twice to the same

@@ -71,23 +71,20 @@ class StepGraph:
         self.cuda, self.stream, self.rows, self.max_seq = cuda, stream, rows, max_seq
         self.input_ids, self.mask, self.next_token = input_ids, mask, next_token
         # per slot: ids [B], tokens [B], mask [B, max_seq]; then one constant 1 for the mask's new elements
-        self.slot_words = rows * (2 + max_seq)
-        words = 2 * self.slot_words + 1
+        slot_words = rows * (2 + max_seq)
+        words = 2 * slot_words + 1
         self.pinned_ptr = cuda.handle("cudaHostAlloc", ctypes.c_size_t(8 * words), ctypes.c_uint(0))
         self.pinned = np.ctypeslib.as_array(ctypes.cast(self.pinned_ptr, ctypes.POINTER(ctypes.c_int64)), (words,))
         self.pinned[-1] = 1
+        self.staging = [{"ids": self.pinned[base : base + rows], "tokens": self.pinned[base + rows : base + 2 * rows],
+                         "mask": self.pinned[base + 2 * rows : base + slot_words]}
+                        for base in (0, slot_words)]  # a slot's views of the pinned words
         self.events = [cuda.handle("cudaEventCreateWithFlags", ctypes.c_uint(_DISABLE_TIMING)) for _ in range(2)]
         for event in self.events:
             cuda("cudaEventRecord", event, stream)
         self.slot = 0  # the slot the next launch uses
         self.mask_lengths: np.ndarray | None = None  # each row's ones in the device mask, where known
         self.graph = self.exec = None
-
-    def _view(self, slot: int, part: str) -> np.ndarray:
-        base = slot * self.slot_words
-        start, size = {"ids": (0, self.rows), "tokens": (self.rows, self.rows),
-                       "mask": (2 * self.rows, self.rows * self.max_seq)}[part]
-        return self.pinned[base + start : base + start + size]
 
     @property
     def captured(self) -> bool:
@@ -114,7 +111,7 @@ class StepGraph:
             cuda("cudaGraphDestroy", graph)
             raise CudaError("ort-cuda: the captured decode step holds none of ONNX Runtime's kernels (its CUDA provider "
                             "did not compute on the user_compute_stream given to it)")
-        self.graph, self.nodes = graph, nodes.value
+        self.graph = graph
         self.exec = cuda.handle("cudaGraphInstantiateWithFlags", graph, ctypes.c_ulonglong(0))
 
     def launch(self, ids: np.ndarray | None, lengths: np.ndarray, run=None) -> int:
@@ -125,7 +122,7 @@ class StepGraph:
         self.slot ^= 1
         cuda("cudaEventSynchronize", self.events[slot])  # the slot's last launch has read its staging
         if ids is not None:
-            staged = self._view(slot, "ids")
+            staged = self.staging[slot]["ids"]
             staged[:] = ids
             cuda.copy(self.input_ids, staged.ctypes.data, 8 * self.rows, _HOST_TO_DEVICE, stream)
         self._update_mask(slot, lengths)
@@ -133,7 +130,7 @@ class StepGraph:
             run()
         else:
             cuda("cudaGraphLaunch", self.exec, stream)
-        tokens = self._view(slot, "tokens")
+        tokens = self.staging[slot]["tokens"]
         cuda.copy(tokens.ctypes.data, self.next_token, 8 * self.rows, _DEVICE_TO_HOST, stream)
         cuda("cudaEventRecord", self.events[slot], stream)
         return slot
@@ -149,7 +146,7 @@ class StepGraph:
                 self.cuda.copy(self.mask + 8 * (row * self.max_seq + filled), self.pinned[-1:].ctypes.data, 8,
                                _HOST_TO_DEVICE, self.stream)
         else:
-            staged = self._view(slot, "mask")
+            staged = self.staging[slot]["mask"]
             staged[:] = (np.arange(self.max_seq) < lengths[:, None]).reshape(-1)
             self.cuda.copy(self.mask, staged.ctypes.data, staged.nbytes, _HOST_TO_DEVICE, self.stream)
         self.mask_lengths = lengths.copy()
@@ -157,7 +154,7 @@ class StepGraph:
     def tokens(self, slot: int) -> np.ndarray:
         """The next_token [B] of the step launched in `slot`, once it is on the host."""
         self.cuda("cudaEventSynchronize", self.events[slot])
-        return self._view(slot, "tokens").copy()
+        return self.staging[slot]["tokens"].copy()
 
     def close(self) -> None:
         cuda = self.cuda

@@ -58,7 +58,7 @@ class _Decode:
     outputs: dict  # logits, next_token, top_logits, top_ids: OrtValues every step of this batch size writes
     runs: int = 0
     step: object = None  # ort-cuda with CUDA graphs: its cuda_step.StepGraph
-    slot: int | None = None  # the StepGraph slot of the last decode step the caller took (None: the prompt ran last)
+    tokens: np.ndarray | None = None  # next_token of the last decode step the caller took (None: the prompt ran last)
     ahead: _Ahead | None = None
 
 
@@ -252,17 +252,15 @@ class OrtCudaInplaceBackend(OrtInplaceBackend, OrtCudaBackend):
                 decode.ahead = None
 
     def _drop_decodes(self) -> None:
-        if self.cuda_graph:
-            self._settle()
-            for decode in self.decodes.values():
-                if decode.step is not None:
-                    decode.step.close()
+        self._settle()
+        for decode in self.decodes.values():
+            if decode.step is not None:
+                decode.step.close()
         super()._drop_decodes()
 
     def _prefill(self, decode: _Decode, input_ids, attention_mask, lengths) -> None:
-        if self.cuda_graph:
-            self._settle()
-        decode.slot = None
+        self._settle()
+        decode.tokens = None
         super()._prefill(decode, input_ids, attention_mask, lengths)
 
     def _decode(self, decode: _Decode, input_ids, lengths, ahead: bool) -> None:
@@ -271,19 +269,19 @@ class OrtCudaInplaceBackend(OrtInplaceBackend, OrtCudaBackend):
         step = decode.step = decode.step or self._step_graph(decode, len(lengths))
         ids, taken, decode.ahead = input_ids[:, 0], decode.ahead, None
         if taken is not None and np.array_equal(taken.lengths, lengths) and np.array_equal(taken.ids, ids):
-            decode.slot = taken.slot
+            slot = taken.slot
         elif decode.runs < self.WARMUP:
-            decode.slot = step.launch(ids, lengths, run=lambda: self._session_run(decode.binding, self.run_options))
+            slot = step.launch(ids, lengths, run=lambda: self._session_run(decode.binding, self.run_options))
         else:
             if not step.captured:
                 self._capture(decode)
-            decode.slot = step.launch(ids, lengths)
+            slot = step.launch(ids, lengths)
         decode.runs += 1
         if ahead and step.captured and lengths.max() < self.manifest.max_seq:  # room for one more token in every row
             decode.ahead = _Ahead(step.launch(None, lengths + 1), lengths + 1)
-        tokens = step.tokens(decode.slot)  # the step is done: its outputs are there to read
+        decode.tokens = step.tokens(slot)  # the step is done: its outputs are there to read
         if decode.ahead is not None:
-            decode.ahead.ids = tokens
+            decode.ahead.ids = decode.tokens
 
     def _step_graph(self, decode: _Decode, batch: int):
         from .cuda_step import StepGraph
@@ -299,6 +297,4 @@ class OrtCudaInplaceBackend(OrtInplaceBackend, OrtCudaBackend):
                                   f"{str(exc).splitlines()[0][:200]}{self._retry_hint()}") from None
 
     def _tokens(self, decode: _Decode) -> np.ndarray:
-        if decode.slot is None:
-            return super()._tokens(decode)
-        return decode.step.tokens(decode.slot)
+        return super()._tokens(decode) if decode.tokens is None else decode.tokens
